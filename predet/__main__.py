@@ -1,0 +1,5 @@
+import sys
+
+from predet.cli import main
+
+sys.exit(main())

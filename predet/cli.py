@@ -1,0 +1,191 @@
+"""The ``predet`` command line: argument parsing only; every verb calls ``run(args)`` of its module.
+
+A verb whose module is not installed is left out of ``--help``. User errors
+(:class:`predet.errors.UserError`) print one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+from predet.errors import UserError
+
+# (verb path, module with `run(args)`, one-line help, function adding the verb's arguments)
+_Verb = tuple[tuple[str, ...], str, str, Callable[[argparse.ArgumentParser], None]]
+
+
+def _synth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder of the world")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=None, help="image side in px (preset's default)")
+    p.add_argument("--drop", type=float, default=0.3, help="P(a present class's tags are dropped)")
+    p.add_argument("--add", type=float, default=0.1, help="P(a wrong class's tags are added)")
+    p.add_argument("--workers", type=int, default=None, help="generator processes")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing world")
+
+
+def _vocab_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--synonyms", required=True, help="JSON {class: [tag, ...]}")
+    p.add_argument("--min-images", type=int, default=1, help="drop classes with fewer images")
+    p.add_argument("--out", required=True)
+
+
+def _queries_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", default="edgeboxes", choices=["edgeboxes", "selective_search"])
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: cores)")
+    p.add_argument("--max-boxes", type=int, default=100, help="top M boxes kept per image")
+    p.add_argument("--max-side", type=int, default=500, help="long side for the computation")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per cache file")
+    p.add_argument("--edge-model", default=None, help="structured-edge model (.yml.gz)")
+
+
+def _shards_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--queries", default=None, help="query cache folder")
+    p.add_argument("--synonyms", default=None, help="tag -> class map (default: beside manifest)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--shard-size", type=int, default=1000)
+
+
+def _pretrain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", default=None, help="run folder (default: runs/pretrain-<config>)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="pre-training run folder (uses checkpoints/last.pt)")
+    src.add_argument("--ckpt", help="checkpoint file")
+    p.add_argument("--format", required=True, choices=["torchvision", "detectron2"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--box-head", action="store_true", help="also export fc6/fc7 (TwoMLPHead)")
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True)
+    p.add_argument("--init", required=True, help="torchvision-format backbone file, or 'scratch'")
+    p.add_argument("--out", default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", default=None, help="annotation JSON (default: the run's val split)")
+    p.add_argument("--images", default=None)
+    p.add_argument("--ckpt", default=None, help="checkpoint (default: RUN/checkpoints/last.pt)")
+
+
+def _correlation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", action="append", required=True, help="repeat for several models")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", default=None, help="manifest (default: the checkpoint's run data)")
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--out", default=None, help="markdown file (default: compare.md)")
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--preset", default="small", choices=["tiny", "small"])
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _bench_step_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="configs/pretrain/tiny_cpu.yaml")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def _bench_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=int, default=32, help="images to time")
+    p.add_argument("--size", type=int, default=480)
+    p.add_argument("--seed", type=int, default=0)
+
+
+VERBS: list[_Verb] = [
+    (("data", "synth"), "predet.data.synth", "generate the built-in synthetic world", _synth_args),
+    (("data", "vocab"), "predet.data.vocab", "map tags to classes, filter rare ones", _vocab_args),
+    (("data", "queries"), "predet.data.queries", "cache unsupervised query boxes", _queries_args),
+    (("data", "shards"), "predet.data.shards", "write WebDataset tar shards", _shards_args),
+    (("pretrain",), "predet.engine.pretrain", "PreDet pre-training", _pretrain_args),
+    (("export",), "predet.export", "export to torchvision / detectron2", _export_args),
+    (("finetune",), "predet.engine.finetune", "fine-tune a detector", _finetune_args),
+    (("evaluate",), "predet.engine.evaluate", "COCO-style AP of a run", _evaluate_args),
+    (("analyze", "correlation"), "predet.analysis.correlation", "IoU vs similarity", _correlation_args),
+    (("compare",), "predet.analysis.compare", "markdown table of results", _compare_args),
+    (("demo",), "predet.demo", "the whole pipeline on the built-in world", _demo_args),
+    (("bench", "step"), "predet.bench", "PreDet step vs cls-only step", _bench_step_args),
+    (("bench", "data"), "predet.data.bench", "query and two-view loader throughput", _bench_data_args),
+]
+
+
+def _available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="predet",
+        description="PreDet: weakly supervised pre-training for detection.",
+    )
+    top = parser.add_subparsers(dest="verb", metavar="<verb>")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for path, module, help_, add_args in VERBS:
+        if not _available(module):
+            continue
+        if len(path) == 1:
+            p = top.add_parser(path[0], help=help_, description=help_)
+        else:
+            if path[0] not in groups:
+                g = top.add_parser(path[0], help=f"{path[0]} commands")
+                groups[path[0]] = g.add_subparsers(dest="subverb", metavar="<command>")
+            p = groups[path[0]].add_parser(path[1], help=help_, description=help_)
+        add_args(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module = getattr(args, "_module", None)
+    if module is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return importlib.import_module(module).run(args) or 0
+    except UserError as e:
+        print(f"predet: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("predet: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

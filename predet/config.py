@@ -1,0 +1,327 @@
+"""Typed configs: defaults <- YAML file <- ``key=value`` overrides (OmegaConf structured configs).
+
+Every run writes its fully resolved config to ``RUN/config.yaml``. An unknown key, or a value of the
+wrong type, is a :class:`~predet.errors.UserError` naming the key (and the closest valid key).
+
+Example::
+
+    cfg = load_config(PretrainConfig, "configs/pretrain/tiny_cpu.yaml", ["train.steps=50"])
+    cfg.train.steps  # 50
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, TypeVar
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from predet.errors import UserError
+
+__all__ = [
+    "PretrainConfig",
+    "FinetuneConfig",
+    "load_config",
+    "save_config",
+    "to_dict",
+    "MISSING",
+]
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-training schema (DESIGN §2, §6)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class AugConfig:
+    """MoCo-v2 two-view augmentations; each one switchable."""
+
+    crop: bool = True
+    crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])
+    crop_ratio: List[float] = field(default_factory=lambda: [0.75, 1.3333])
+    flip_p: float = 0.5
+    color_jitter: bool = True
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])
+    min_visible: float = 0.5  # a query is valid if >= this fraction of its area is in both views
+
+
+@dataclass
+class PretrainDataConfig:
+    manifest: str = ""  # JSONL manifest (DESIGN §4); "" only when `shards` is given
+    synonyms: Optional[str] = None  # tag -> class map; default: synonyms.json beside the manifest
+    queries: Optional[str] = None  # query cache dir from `predet data queries`
+    shards: Optional[str] = None  # WebDataset shard pattern, e.g. "out/shard-{000000..000009}.tar"
+    format: str = "manifest"  # manifest | shards | coco (a COCO JSON used as weak labels)
+    images: Optional[str] = None  # image root for format=coco
+    min_images: int = 1  # classes with fewer images are dropped (as `predet data vocab`)
+    num_workers: int = 2
+    queries_per_image: int = 16  # Q
+    aug: AugConfig = field(default_factory=AugConfig)
+
+
+@dataclass
+class PretrainModelConfig:
+    backbone: str = "resnet50"  # resnet18|34|50|101, resnext50_32x4d, resnext101_32x8d, resnext101_32x16d
+    norm: str = "bn"  # bn | syncbn | gn | frozenbn
+    input_size: int = 480
+    fpn_channels: int = 256  # C
+    num_classes: Optional[int] = None  # taken from the data's vocabulary when None
+    anchor_sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    aspect_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    crpn_dim: int = 64  # D
+    crpn_batch_per_view: int = 256
+    crpn_positive_fraction: float = 0.5
+    crpn_fg_iou: float = 0.7
+    crpn_bg_iou: float = 0.3
+    pre_nms_top_n: int = 1000  # K, per level
+    post_nms_top_n: int = 256  # K_nms, per view
+    nms_thresh: float = 0.7
+    box_head_dim: int = 1024
+    croi_embed_dim: int = 256
+    croi_reg_dim: int = 64  # D'
+    num_negatives: int = 512
+    tau: float = 0.07
+    croi_fg_iou: float = 0.5
+    cls_loss: str = "softmax"  # softmax (multi-label softmax CE) | bce
+    # CRPN-off mode (paper Table 1): boxes jittered around each query train the CROI head
+    jitter_boxes_per_query: int = 16
+
+
+@dataclass
+class LossConfig:
+    cls: bool = True
+    crpn: bool = True
+    info: bool = True
+    croi_reg: bool = True
+    cls_weight: float = 1.0
+    crpn_weight: float = 1.0
+    info_weight: float = 1.0
+    croi_reg_weight: float = 1.0
+
+
+@dataclass
+class PretrainTrainConfig:
+    steps: int = 1000
+    batch_size: int = 8  # images per process per step; each gives two views
+    lr: Optional[float] = None  # None: base_lr * global_batch / base_batch (linear scaling)
+    base_lr: float = 0.2
+    base_batch: int = 1024
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    decay_steps: int = 4  # lr x0.1 at `decay_steps` uniform points of the schedule
+    clip_grad: Optional[float] = None
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True  # on CUDA
+    log_every: int = 10
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class CkptConfig:
+    every: int = 1000
+    keep_last: int = 0  # 0 keeps every periodic checkpoint
+
+
+@dataclass
+class PretrainConfig:
+    seed: int = 0
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning schema (DESIGN §6)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SplitConfig:
+    ann: str = ""
+    images: str = ""
+
+
+@dataclass
+class FinetuneDataConfig:
+    format: str = "coco"  # coco | lvis | voc
+    train: SplitConfig = field(default_factory=SplitConfig)
+    val: SplitConfig = field(default_factory=SplitConfig)
+    subset: Optional[int] = None  # number of training images, drawn with `seed`
+    num_workers: int = 2
+
+
+@dataclass
+class FinetuneModelConfig:
+    arch: str = "mask_rcnn"  # mask_rcnn | faster_rcnn | retinanet
+    backbone: str = "resnet50"
+    norm: str = "frozenbn"  # frozenbn | bn | syncbn | gn
+    trainable_layers: int = 5
+    num_classes: Optional[int] = None  # from the data when None (background excluded)
+    train_sizes: List[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
+    test_size: int = 800
+    max_size: int = 1333
+    mask_head_lr_mult: float = 4.0
+    detections_per_img: int = 100
+    score_thresh: float = 0.05
+
+
+@dataclass
+class FinetuneTrainConfig:
+    schedule: str = "1x"  # 1x, 2x, 3x, 6x, 9x ...
+    steps: Optional[int] = None  # overrides the schedule
+    iters_per_x: Optional[int] = None  # iterations of a 1x schedule; None: COCO's 90k scaled to data
+    batch_size: int = 16
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 1000
+    warmup_factor: float = 0.001
+    flip_p: float = 0.5
+    clip_grad: Optional[float] = None
+    amp: bool = True
+    channels_last: bool = False
+    log_every: int = 20
+    device: str = "auto"
+
+
+@dataclass
+class FinetuneConfig:
+    seed: int = 0
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def _valid_keys(schema: Any, prefix: str = "") -> list[str]:
+    """All dotted keys of a dataclass schema, e.g. ``["seed", "data", "data.manifest", ...]``."""
+    keys = []
+    for f in fields(schema):
+        name = f"{prefix}{f.name}"
+        keys.append(name)
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if is_dataclass(default):
+                keys.extend(_valid_keys(default, name + "."))
+    return keys
+
+
+def _closest(key: str, valid: Sequence[str]) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not match:  # try the leaf name against every leaf (`lr` under the wrong section)
+        leaves = {k.rsplit(".", 1)[-1]: k for k in valid}
+        m = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+        match = [leaves[m[0]]] if m else []
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            name = f"{prefix}{k}"
+            if isinstance(v, dict) and v:
+                out.update(_flatten(v, name + "."))
+            else:
+                out[name] = v
+    return out
+
+
+def _check_keys(given: dict[str, Any], valid: Sequence[str], source: str) -> None:
+    valid_set = set(valid)
+    for key in given:
+        if key not in valid_set:
+            # a dict given for a leaf, or a leaf given for a section, is also an unknown key
+            raise UserError(f"{source}: unknown config key '{key}'{_closest(key, valid)}")
+
+
+def _merge_one(base: DictConfig, update: dict, source: str, valid: Sequence[str]) -> DictConfig:
+    _check_keys(_flatten(update), valid, source)
+    try:
+        return OmegaConf.merge(base, update)  # type: ignore[return-value]
+    except (ValidationError, ConfigKeyError, OmegaConfBaseException) as e:
+        key = getattr(e, "full_key", None) or "?"
+        value = getattr(e, "value", None)
+        msg = str(e).splitlines()[0]
+        raise UserError(f"{source}: bad value {value!r} for config key '{key}': {msg}") from None
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise UserError(f"override '{item}' is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def load_config(
+    schema: type[T], path: Optional[str | Path] = None, overrides: Sequence[str] = ()
+) -> T:
+    """Build a config: ``schema`` defaults <- YAML at ``path`` <- ``key=value`` overrides.
+
+    Returns an OmegaConf structured config (attribute access, typed; readonly-safe to pass around).
+    Raises :class:`UserError` on a missing/unparsable file, an unknown key or a mistyped value.
+    """
+    valid = _valid_keys(schema)
+    cfg = OmegaConf.structured(schema)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{p}: expected a mapping of config keys at the top level")
+        cfg = _merge_one(cfg, data, str(p), valid)
+    for item in overrides:
+        key, value = _parse_override(item)
+        cfg = _merge_one(cfg, _nest(key, value), f"override '{item}'", valid)
+    return cfg  # type: ignore[return-value]
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the fully resolved config as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

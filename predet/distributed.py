@@ -1,0 +1,83 @@
+"""One place for torchrun / single-process handling.
+
+Single process when ``RANK`` is unset; under ``torchrun`` it reads ``RANK``, ``WORLD_SIZE`` and
+``LOCAL_RANK`` and initialises the default process group (nccl on CUDA, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def env_rank() -> tuple[int, int]:
+    """(rank, world_size) from the environment, without needing a process group."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init(device: str = "auto") -> torch.device:
+    """Initialise distributed mode if launched by torchrun; return this process's device."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return dev
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else env_rank()[0]
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over processes (a no-op in a single process)."""
+    if is_initialized():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= world_size()
+    return x
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def split_for_rank(items: Sequence[T], rank_: int | None = None, world: int | None = None) -> list[T]:
+    """The items this process handles: every ``world``-th one, starting at ``rank``."""
+    r, w = env_rank() if rank_ is None and world is None else (rank_ or 0, world or 1)
+    return list(items[r::w])
+
+
+def cleanup() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
