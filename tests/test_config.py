@@ -1,0 +1,91 @@
+"""Config merging (defaults <- YAML <- overrides) and its errors."""
+
+import pytest
+import yaml
+
+from predet.config import FinetuneConfig, PretrainConfig, load_config, save_config, to_dict
+from predet.errors import UserError
+
+
+def test_defaults_match_the_paper():
+    cfg = load_config(PretrainConfig)
+    assert cfg.model.tau == pytest.approx(0.07)
+    assert cfg.data.queries_per_image == 16
+    assert cfg.model.num_negatives == 512
+    assert cfg.train.momentum == pytest.approx(0.9)
+    assert cfg.train.weight_decay == pytest.approx(1e-4)
+    assert cfg.train.base_lr == pytest.approx(0.2) and cfg.train.base_batch == 1024
+    assert cfg.model.crpn_fg_iou == pytest.approx(0.7) and cfg.model.crpn_bg_iou == pytest.approx(0.3)
+
+
+def test_yaml_then_overrides_take_precedence(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"seed": 3, "train": {"steps": 7, "batch_size": 4}, "model": {"backbone": "resnet18"}}))
+    cfg = load_config(PretrainConfig, path, ["train.steps=11", "loss.crpn=false", "data.aug.crop_scale=[0.5,1.0]"])
+    assert cfg.seed == 3  # from YAML
+    assert cfg.train.steps == 11  # override beats YAML
+    assert cfg.train.batch_size == 4  # YAML beats default
+    assert cfg.train.warmup_steps == 100  # default untouched
+    assert cfg.model.backbone == "resnet18"
+    assert cfg.loss.crpn is False and cfg.loss.cls is True
+    assert list(cfg.data.aug.crop_scale) == [0.5, 1.0]
+
+
+def test_optional_values_accept_null_and_numbers():
+    cfg = load_config(PretrainConfig, None, ["train.lr=0.05", "train.clip_grad=null"])
+    assert cfg.train.lr == pytest.approx(0.05)
+    assert cfg.train.clip_grad is None
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.stesp=5", "did you mean 'train.steps'"),
+        ("lr=0.1", "did you mean 'train.lr'"),
+        ("model.backbon=resnet18", "did you mean 'model.backbone'"),
+        ("data.aug.flip=0.1", "did you mean 'data.aug.flip_p'"),
+    ],
+)
+def test_unknown_key_names_the_closest(override, needle):
+    with pytest.raises(UserError) as e:
+        load_config(PretrainConfig, None, [override])
+    msg = str(e.value)
+    assert override.split("=")[0] in msg and needle in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("override, key", [("train.steps=abc", "train.steps"), ("loss.cls=maybe", "loss.cls")])
+def test_mistyped_value_names_the_key(override, key):
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        load_config(PretrainConfig, None, [override])
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  batch_sise: 4\n")
+    with pytest.raises(UserError) as e:
+        load_config(PretrainConfig, path)
+    assert str(path) in str(e.value) and "train.batch_size" in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(PretrainConfig, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(PretrainConfig, bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_config(PretrainConfig, lst)
+    with pytest.raises(UserError, match="key=value"):
+        load_config(PretrainConfig, None, ["train.steps"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(FinetuneConfig, None, ["model.arch=retinanet", "data.subset=10", "train.steps=3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(FinetuneConfig, tmp_path / "config.yaml")
+    assert to_dict(again) == to_dict(cfg)
+    assert again.model.arch == "retinanet" and again.data.subset == 10
