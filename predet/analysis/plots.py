@@ -1,0 +1,83 @@
+"""Plots of run logs: loss and metric curves from ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from predet.errors import UserError  # noqa: E402
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of a ``metrics.jsonl`` (a run folder or the file itself); bad lines name the line."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"no metrics file at {path}")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{n}: not a JSON line") from None
+    return rows
+
+
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing moving average over ``window`` points (window 1 returns the values)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_curves(
+    runs: Mapping[str, str | Path],
+    keys: Sequence[str],
+    out: str | Path,
+    *,
+    window: int = 5,
+    title: str = "",
+) -> Path:
+    """One panel per key, one line per run: ``value`` against ``step``, smoothed over ``window`` rows.
+
+    Args:
+        runs: name -> run folder (or metrics.jsonl).
+        keys: metric names, e.g. ``["loss", "loss_cls", "lookup_top1"]``; a key a run lacks is skipped.
+        out: PNG path.
+    """
+    series = {name: read_metrics(path) for name, path in runs.items()}
+    keys = [k for k in keys if any(k in r for rows in series.values() for r in rows)]
+    if not keys:
+        raise UserError(f"none of the runs log any of the keys {list(keys)}")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, rows in series.items():
+            pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+            if pts:
+                steps, vals = zip(*pts)
+                ax.plot(steps, smooth(list(vals), window), label=name)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,34 @@
+import json
+
+import numpy as np
+import pytest
+
+from predet.analysis.plots import plot_curves, read_metrics, smooth
+from predet.errors import UserError
+
+
+def test_smooth_is_a_trailing_mean():
+    v = [1.0, 2.0, 3.0, 4.0, 10.0]
+    assert smooth(v, 1) == v
+    assert smooth(v, 2) == pytest.approx([1.0, 1.5, 2.5, 3.5, 7.0])
+    ref = [np.mean(v[max(0, i - 2): i + 1]) for i in range(len(v))]
+    assert smooth(v, 3) == pytest.approx(ref)
+
+
+def test_plot_curves_writes_png(tmp_path):
+    for name, slope in (("a", 1.0), ("b", 0.5)):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"step": s, "loss": 5 - slope * s / 10, "lookup_top1": s / 20} for s in range(20)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(read_metrics(tmp_path / "a")) == 20
+    png = plot_curves({"a": tmp_path / "a", "b": tmp_path / "b"}, ["loss", "lookup_top1", "absent"], tmp_path / "c.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_bad_metrics_line_names_the_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\nnot json\n')
+    with pytest.raises(UserError, match="metrics.jsonl:2"):
+        read_metrics(tmp_path)
+    with pytest.raises(UserError, match="no metrics"):
+        read_metrics(tmp_path / "missing")
