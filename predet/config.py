@@ -122,12 +122,16 @@ class PretrainTrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_steps: int = 100
+    warmup_factor: float = 0.001  # lr multiplier at step 0, rising linearly to 1 at warmup_steps
     decay_steps: int = 4  # lr x0.1 at `decay_steps` uniform points of the schedule
     clip_grad: Optional[float] = None
-    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    amp: bool = True  # autocast on CUDA (ignored on CPU)
+    amp_dtype: str = "bfloat16"  # bfloat16 | float16 (float16 uses a GradScaler; pre-Ampere GPUs)
     channels_last: bool = True  # on CUDA
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
+    stop_at: Optional[int] = None  # stop (with a checkpoint) after this step; schedule keeps `steps`
+    find_unused_parameters: Optional[bool] = None  # DDP; None: True when a loss is switched off
 
 
 @dataclass
