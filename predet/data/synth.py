@@ -168,10 +168,11 @@ def measure_tag_noise(
 # --------------------------------------------------------------------------------------------
 @dataclass
 class SceneObject:
-    """One painted object: its class index and its visible mask (H, W) bool."""
+    """One painted object: class index, visible mask (H, W) bool, and its whole area in px."""
 
     label: int
     mask: np.ndarray
+    full_area: int
 
 
 def _load_backgrounds() -> list[np.ndarray]:
@@ -230,16 +231,20 @@ def _polygon(shape: str) -> np.ndarray:
         return regular(10, -np.pi / 2) * radii
     if shape == "cross":
         a = 0.33
-        return np.array([[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a],
+        arms = np.array([[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a],
                          [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a]], dtype=np.float64)
+        return arms / math.hypot(1.0, a)  # arm corners on the unit circle
     raise ValueError(f"no polygon for shape {shape!r}")
 
 
 def _shape_mask(shape: str, rng: np.random.Generator, size: int, radius: float, center: np.ndarray) -> np.ndarray:
-    """Binary (size, size) uint8 mask of one randomly rotated, slightly stretched shape."""
+    """Binary (size, size) uint8 mask of one randomly rotated, slightly squashed shape.
+
+    The shape lies inside the disc of ``radius`` around ``center``, so its side is at most ``2 * radius``.
+    """
     mask = np.zeros((size, size), np.uint8)
     shift = 4  # cv2 sub-pixel bits
-    stretch = rng.uniform(0.85, 1.15, size=2)
+    stretch = rng.permutation([1.0, rng.uniform(0.75, 1.0)])  # squash one axis, never grow
     angle = rng.uniform(0, 2 * np.pi)
     if shape in ("circle", "ring"):
         axes = tuple(int(round(radius * s * 2**shift)) for s in stretch)
@@ -319,7 +324,9 @@ def render_scene(
         image[y0:y1, x0:x1][region] = tex[region]
     image += rng.normal(0, rng.uniform(0.01, 0.05), size=image.shape).astype(np.float32)
     image = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return image, [SceneObject(label=l, mask=v) for l, v in zip(labels, visible)]
+    return image, [
+        SceneObject(label=l, mask=v, full_area=int(f.sum())) for l, v, f in zip(labels, visible, full)
+    ]
 
 
 def _encode_jpeg(image: np.ndarray) -> bytes:
