@@ -1,0 +1,123 @@
+"""``predet data vocab``: the paper's IG-50M recipe (§4.1) for any tagged images.
+
+Tags are normalised (:func:`~predet.data.manifest.normalize_tag`), mapped to classes through a
+synonyms file ``{class: [tag, ...]}``, unique images are counted per class, and classes with fewer
+than ``min_images`` images are dropped. Writes ``OUT/vocab.json`` =
+``{"classes": [...], "counts": {class: images}, "dropped": {class: images}}`` and
+``OUT/manifest.jsonl`` with ``labels`` (images left without any class are not written).
+``predet pretrain`` applies exactly :func:`build_vocab` when its manifest carries only tags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from predet.data.manifest import ManifestEntry, load_synonyms, read_manifest, resolve_labels
+from predet.errors import UserError
+from predet.utils import atomic_write_text, write_json
+
+__all__ = ["Vocab", "build_vocab", "run"]
+
+
+@dataclass
+class Vocab:
+    """Result of the tag -> class mapping.
+
+    ``labels[i]`` are the kept classes of entry ``i`` (empty: the image has no class left);
+    ``unknown_tags`` counts normalised tags that no class lists.
+    """
+
+    classes: list[str]
+    counts: dict[str, int]
+    dropped: dict[str, int]
+    labels: list[list[str]]
+    unknown_tags: dict[str, int]
+
+    @property
+    def num_no_class(self) -> int:
+        return sum(1 for lab in self.labels if not lab)
+
+    def to_json(self) -> dict:
+        return {"classes": self.classes, "counts": self.counts, "dropped": self.dropped}
+
+
+def build_vocab(
+    entries: Sequence[ManifestEntry],
+    synonyms: Optional[dict[str, list[str]]],
+    min_images: int = 1,
+) -> Vocab:
+    """Map each entry's tags (or its ``labels``) to classes and drop rare classes.
+
+    Classes are sorted by name, so the class index of a name does not depend on the data order.
+    """
+    if min_images < 1:
+        raise UserError(f"--min-images / data.min_images must be >= 1, got {min_images}")
+    raw, unknown = resolve_labels(entries, synonyms)
+    counts: dict[str, int] = {}
+    for classes in raw:
+        for c in classes:  # `classes` is unique per image: counts are unique images
+            counts[c] = counts.get(c, 0) + 1
+    kept = sorted(c for c, n in counts.items() if n >= min_images)
+    dropped = {c: n for c, n in sorted(counts.items()) if n < min_images}
+    keep = set(kept)
+    labels = [[c for c in classes if c in keep] for classes in raw]
+    return Vocab(
+        classes=kept,
+        counts={c: counts[c] for c in kept},
+        dropped=dropped,
+        labels=labels,
+        unknown_tags=dict(sorted(unknown.items(), key=lambda kv: (-kv[1], kv[0]))),
+    )
+
+
+def _image_string(entry: ManifestEntry, out_dir: Path) -> str:
+    """The entry's path as seen from ``out_dir`` (relative when it can be, like the input)."""
+    if os.path.isabs(entry.image):
+        return entry.image
+    try:
+        return os.path.relpath(entry.path.resolve(), out_dir.resolve())
+    except ValueError:  # other drive on Windows
+        return str(entry.path.resolve())
+
+
+def write_labelled_manifest(entries: Sequence[ManifestEntry], vocab: Vocab, out_dir: Path) -> int:
+    """Write ``out_dir/manifest.jsonl`` (entries with at least one class); returns lines written."""
+    lines = []
+    for e, labels in zip(entries, vocab.labels):
+        if not labels:
+            continue
+        obj: dict = {"image": _image_string(e, out_dir), "labels": labels}
+        if e.tags:
+            obj["tags"] = e.tags
+        if e.queries is not None:
+            obj["queries"] = e.queries.round(2).tolist()
+        lines.append(json.dumps(obj))
+    atomic_write_text(out_dir / "manifest.jsonl", "\n".join(lines) + "\n")
+    return len(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = read_manifest(args.manifest)
+    synonyms = load_synonyms(args.synonyms)
+    vocab = build_vocab(manifest.entries, synonyms, args.min_images)
+    if not vocab.classes:
+        raise UserError(
+            f"no class has >= {args.min_images} images (--min-images); "
+            f"{len(vocab.dropped)} classes were seen"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "vocab.json", vocab.to_json())
+    kept = write_labelled_manifest(manifest.entries, vocab, out)
+    n = len(manifest.entries)
+    top = ", ".join(f"{t} ({c})" for t, c in list(vocab.unknown_tags.items())[:8])
+    print(f"images: {n} read, {kept} kept, {vocab.num_no_class} with no class left")
+    print(f"classes: {len(vocab.classes)} kept, {len(vocab.dropped)} dropped (< {args.min_images} images)")
+    print(f"tags never seen in the synonyms: {len(vocab.unknown_tags)} distinct" + (f": {top}" if top else ""))
+    print(f"wrote {out / 'vocab.json'} and {out / 'manifest.jsonl'}")
+    return 0
