@@ -1,0 +1,296 @@
+"""Pieces shared by the training loops: lr schedule, RNG state, metric logging, checkpoints.
+
+Everything here is plain PyTorch and works the same on CPU, one GPU and under ``torchrun``:
+only rank 0 writes files, but every rank can call these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from predet import distributed as dist_utils
+from predet.errors import UserError
+from predet.utils import load_checkpoint, save_checkpoint
+
+__all__ = [
+    "scaled_lr",
+    "uniform_milestones",
+    "WarmupStepSchedule",
+    "build_lr_scheduler",
+    "get_rng_state",
+    "set_rng_state",
+    "MetricLogger",
+    "checkpoint_path",
+    "save_training_checkpoint",
+    "load_training_checkpoint",
+    "NonFiniteLossError",
+    "check_finite",
+    "resolve_device",
+    "to_device",
+    "param_digest",
+    "gather_digests",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Learning rate
+# --------------------------------------------------------------------------------------------
+def scaled_lr(base_lr: float, base_batch: int, global_batch: int) -> float:
+    """Linear scaling rule (Goyal et al.): ``base_lr * global_batch / base_batch``."""
+    return base_lr * global_batch / base_batch
+
+
+def uniform_milestones(total_steps: int, num_decays: int) -> list[int]:
+    """``num_decays`` decay points splitting ``total_steps`` into ``num_decays + 1`` equal parts.
+
+    The paper's "reduce by 0.1 in four uniform steps" for 540k iterations gives
+    ``[108000, 216000, 324000, 432000]``.
+    """
+    return [round(total_steps * k / (num_decays + 1)) for k in range(1, num_decays + 1)]
+
+
+class WarmupStepSchedule:
+    """lr multiplier of step ``s`` (0-based): linear warm-up, then ``gamma`` at each milestone.
+
+    ``factor(s) = w(s) * gamma ** #{m in milestones : m <= s}`` with
+    ``w(s) = warmup_factor + (1 - warmup_factor) * s / warmup_steps`` for ``s < warmup_steps``
+    and 1 after. A plain object (ints/floats only) so ``LambdaLR.state_dict()`` stores it and
+    it loads with ``weights_only=True``.
+    """
+
+    def __init__(
+        self,
+        *,
+        warmup_steps: int,
+        milestones: Sequence[int],
+        gamma: float = 0.1,
+        warmup_factor: float = 0.001,
+    ) -> None:
+        self.warmup_steps = int(warmup_steps)
+        self.milestones = sorted(int(m) for m in milestones)
+        self.gamma = float(gamma)
+        self.warmup_factor = float(warmup_factor)
+
+    def __call__(self, step: int) -> float:
+        decay = self.gamma ** sum(step >= m for m in self.milestones)
+        if step >= self.warmup_steps:
+            return decay
+        alpha = step / self.warmup_steps
+        return decay * (self.warmup_factor * (1 - alpha) + alpha)
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    warmup_steps: int,
+    milestones: Sequence[int],
+    gamma: float = 0.1,
+    warmup_factor: float = 0.001,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step scheduler (call ``.step()`` after every optimizer step)."""
+    schedule = WarmupStepSchedule(
+        warmup_steps=warmup_steps, milestones=milestones, gamma=gamma, warmup_factor=warmup_factor
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state (python, numpy, torch, cuda), as tensors/ints so checkpoints load with weights_only
+# --------------------------------------------------------------------------------------------
+def get_rng_state() -> dict[str, Any]:
+    """This process's RNG states, in types ``torch.load(weights_only=True)`` accepts."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`get_rng_state` returned."""
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics: RUN/metrics.jsonl + TensorBoard (RUN/tb), rank 0 only
+# --------------------------------------------------------------------------------------------
+class MetricLogger:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors it to TensorBoard.
+
+    On a non-main rank every method is a no-op. ``resume_from(step)`` drops lines logged after
+    ``step`` (written after the checkpoint a resumed run restarts from), so the file never holds
+    two rows for the same step.
+    """
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self._tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
+
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+
+    def resume_from(self, step: int) -> None:
+        if not self.enabled or not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:  # a line cut by a crash mid-write
+                continue
+        self.path.write_text("".join(f"{line}\n" for line in keep))
+
+    def log(self, row: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(dict(row)) + "\n")
+        if self._tb is not None:
+            step = int(row["step"])
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: RUN/checkpoints/step_<step>.pt and last.pt, atomic, weights_only on load
+# --------------------------------------------------------------------------------------------
+REQUIRED_KEYS = ("model", "optimizer", "scheduler", "step")
+
+
+def checkpoint_path(run_dir: str | Path, step: Optional[int] = None) -> Path:
+    """``RUN/checkpoints/last.pt`` or, with ``step``, ``RUN/checkpoints/step_000400.pt``."""
+    name = "last.pt" if step is None else f"step_{step:06d}.pt"
+    return Path(run_dir) / "checkpoints" / name
+
+
+def save_training_checkpoint(
+    state: dict[str, Any], run_dir: str | Path, *, periodic: bool, keep_last: int = 0
+) -> Path:
+    """Write ``last.pt`` (and ``step_<step>.pt`` if ``periodic``), each atomically.
+
+    ``keep_last > 0`` deletes the oldest periodic checkpoints beyond that many.
+    Returns the path of ``last.pt``.
+    """
+    last = checkpoint_path(run_dir)
+    if periodic:
+        step_file = checkpoint_path(run_dir, state["step"])
+        save_checkpoint(state, step_file)
+        tmp = last.with_name(f".{last.name}.tmp{os.getpid()}")
+        shutil.copyfile(step_file, tmp)  # same bytes, no second serialisation
+        os.replace(tmp, last)
+        if keep_last > 0:
+            periodic_files = sorted(last.parent.glob("step_*.pt"))
+            for old in periodic_files[:-keep_last]:
+                old.unlink()
+    else:
+        save_checkpoint(state, last)
+    return last
+
+
+def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a training checkpoint (``weights_only=True``); a truncated/foreign file is a UserError."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path}: not a predet training checkpoint (got {type(ckpt).__name__})")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"{path}: not a predet training checkpoint (missing {', '.join(missing)})")
+    return ckpt
+
+
+# --------------------------------------------------------------------------------------------
+# Loss checks, devices
+# --------------------------------------------------------------------------------------------
+class NonFiniteLossError(UserError):
+    """A loss term became NaN/inf; the run stops before the optimizer step (weights stay good)."""
+
+
+def check_finite(names: Sequence[str], values: Sequence[float], *, step: int, hint: str = "") -> None:
+    """Raise :class:`NonFiniteLossError` naming ``step`` and the first non-finite term."""
+    for name, value in zip(names, values):
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"non-finite loss at step {step}: {name}={value}{hint}")
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` if available else ``cpu``; anything else must be cpu/cuda[:i]."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu" or name.startswith("cuda"):
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"train.device={name!r} but CUDA is not available here")
+        return name
+    raise UserError(f"train.device={name!r}: expected auto, cpu or cuda")
+
+
+def to_device(
+    batch: Mapping[str, Any], device: torch.device, *, channels_last_keys: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Move every tensor of a batch to ``device`` (non-blocking from pinned memory)."""
+    cl = set(channels_last_keys)
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if key in cl:
+                value = value.contiguous(memory_format=torch.channels_last)
+        out[key] = value
+    return out
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    """sha1 of every parameter's bytes, in ``named_parameters`` order (compares DDP ranks)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def gather_digests(model: torch.nn.Module) -> list[str]:
+    """Every rank's :func:`param_digest` (a one-element list in a single process)."""
+    digest = param_digest(model)
+    if not dist_utils.is_initialized():
+        return [digest]
+    out: list[Any] = [None] * dist_utils.world_size()
+    torch.distributed.all_gather_object(out, digest)
+    return out

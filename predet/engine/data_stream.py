@@ -1,0 +1,205 @@
+"""Resumable, rank-split batch streams for step-based training loops.
+
+A training run is a number of *steps*, not epochs, so the loop pulls batches from one endless
+stream. The stream's position (epoch, batches consumed in that epoch) is part of every
+checkpoint, and a resumed run continues with exactly the batches the interrupted one would have
+seen next:
+
+- map-style datasets: each epoch is a permutation drawn from ``(seed, epoch)`` alone; rank ``r``
+  of ``W`` takes every W-th item of it (as ``DistributedSampler``), cut to whole batches; resuming
+  skips consumed batches *without loading them*. Indices travel as ``(epoch, index)`` pairs, so
+  the dataset's ``set_epoch`` is applied inside the worker that loads the item and persistent
+  workers see the right epoch;
+- iterable datasets (WebDataset shards): ``set_epoch(epoch)`` before each pass and, on resume,
+  the consumed batches of the current epoch are read and dropped (shards cannot seek).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+
+from predet.errors import UserError
+
+__all__ = ["StreamPosition", "EpochIndexedDataset", "EpochBatchSampler", "BatchStream"]
+
+
+@dataclass
+class StreamPosition:
+    """Where a stream stands: ``batch`` batches of epoch ``epoch`` are consumed (per rank)."""
+
+    epoch: int = 0
+    batch: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+
+def epoch_permutation(num_items: int, *, seed: int, epoch: int) -> torch.Tensor:
+    """The item order of ``epoch``: a function of ``(seed, epoch)`` only. LongTensor[num_items]."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_items, generator=g)
+
+
+class EpochIndexedDataset(Dataset):
+    """Wraps a map-style dataset with ``set_epoch`` so that ``ds[(epoch, i)] == (set_epoch(epoch); ds[i])``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self._epoch: Optional[int] = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        if epoch != self._epoch and hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        self._epoch = epoch
+        return self.dataset[index]
+
+
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Endless batches of ``(epoch, index)`` for one rank, starting at ``start``.
+
+    Each epoch uses ``steps_per_epoch * batch_size * world_size`` items of the epoch's
+    permutation (the tail that does not fill a batch on every rank is dropped, so all ranks take
+    the same number of steps); rank ``r`` gets positions ``r, r + W, r + 2W, ...``.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_items: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start: StreamPosition = StreamPosition(),
+    ) -> None:
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.start = start
+        self.steps_per_epoch = (num_items // world_size) // batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"the dataset has {num_items} images, fewer than train.batch_size ({batch_size}) "
+                f"x world size ({world_size}); lower train.batch_size"
+            )
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, first = self.start.epoch, self.start.batch
+        used = self.steps_per_epoch * self.batch_size * self.world_size
+        while True:
+            perm = epoch_permutation(self.num_items, seed=self.seed, epoch=epoch)
+            mine = perm[self.rank : used : self.world_size].tolist()  # this rank's share, in order
+            for b in range(first, self.steps_per_epoch):
+                chunk = mine[b * self.batch_size : (b + 1) * self.batch_size]
+                yield [(epoch, i) for i in chunk]
+            epoch, first = epoch + 1, 0
+
+
+class BatchStream:
+    """Endless iterator of collated batches; ``position`` is updated as each batch is handed out.
+
+    Args:
+        dataset: map-style (with ``set_epoch``) or an ``IterableDataset``.
+        collate_fn: list of samples -> batch dict.
+        batch_size: images per rank per step.
+        seed: the run's seed (epoch permutations; worker base seeds, per rank).
+        rank, world_size: this process among all.
+        start: position to resume from.
+        num_workers, pin_memory: as ``DataLoader``; workers persist for map-style datasets.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        collate_fn: Callable[[list], Any],
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start: StreamPosition = StreamPosition(),
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        self.position = StreamPosition(start.epoch, start.batch)
+        self._iterable = isinstance(dataset, IterableDataset)
+        # the loader draws its workers' base seed from this generator, never from the global RNG,
+        # so creating the stream does not shift the training loop's random numbers
+        g = torch.Generator().manual_seed(seed * 7919 + rank)
+        common = dict(
+            collate_fn=collate_fn,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            generator=g,
+            worker_init_fn=_seed_worker,
+        )
+        if self._iterable:
+            self.steps_per_epoch = None
+            self._dataset = dataset
+            # re-created workers each epoch so that set_epoch reaches them
+            self._loader = DataLoader(dataset, batch_size=batch_size, drop_last=True, **common)
+        else:
+            sampler = EpochBatchSampler(
+                num_items=len(dataset),  # type: ignore[arg-type]
+                batch_size=batch_size,
+                seed=seed,
+                rank=rank,
+                world_size=world_size,
+                start=start,
+            )
+            self.steps_per_epoch = sampler.steps_per_epoch
+            self._loader = DataLoader(
+                EpochIndexedDataset(dataset),
+                batch_sampler=sampler,
+                persistent_workers=num_workers > 0,
+                **common,
+            )
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._iter_iterable() if self._iterable else self._iter_map()
+
+    def _iter_map(self) -> Iterator[Any]:
+        for batch in self._loader:
+            epoch, b = self.position.epoch, self.position.batch + 1
+            if b == self.steps_per_epoch:
+                epoch, b = epoch + 1, 0
+            self.position = StreamPosition(epoch, b)
+            yield batch
+
+    def _iter_iterable(self) -> Iterator[Any]:
+        epoch, skip = self.position.epoch, self.position.batch
+        while True:
+            if hasattr(self._dataset, "set_epoch"):
+                self._dataset.set_epoch(epoch)
+            n = 0
+            for batch in self._loader:
+                n += 1
+                if n <= skip:
+                    continue
+                self.position = StreamPosition(epoch, n)
+                yield batch
+            if n == 0:
+                raise UserError("the training shards yielded no complete batch")
+            epoch, skip = epoch + 1, 0
+            self.position = StreamPosition(epoch, 0)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed python/numpy in a loader worker from torch's per-worker seed (torch does only itself)."""
+    import random
+
+    import numpy as np
+
+    s = torch.initial_seed() % 2**32
+    random.seed(s)
+    np.random.seed(s)

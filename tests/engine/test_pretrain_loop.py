@@ -1,0 +1,166 @@
+"""The pre-training loop on stand-in model/data: schedule, exact resume, NaN stop, logging."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from predet.config import PretrainConfig, load_config
+from predet.engine.common import (
+    NonFiniteLossError,
+    WarmupStepSchedule,
+    build_lr_scheduler,
+    get_rng_state,
+    scaled_lr,
+    set_rng_state,
+    uniform_milestones,
+)
+from predet.engine.data_stream import BatchStream, EpochBatchSampler, StreamPosition
+from predet.engine.pretrain import pretrain
+from predet.utils import load_checkpoint
+
+
+def _cfg(*overrides: str):
+    base = [
+        "train.steps=8",
+        "train.batch_size=4",
+        "train.lr=0.05",
+        "train.warmup_steps=2",
+        "train.log_every=1",
+        "ckpt.every=4",
+        "data.num_workers=0",
+        "data.manifest=toy",
+    ]
+    return load_config(PretrainConfig, None, [*base, *overrides])
+
+
+def test_paper_schedule_numbers():
+    assert uniform_milestones(540_000, 4) == [108_000, 216_000, 324_000, 432_000]
+    assert scaled_lr(0.2, 1024, 1024) == pytest.approx(0.2)
+    assert scaled_lr(0.2, 1024, 16) == pytest.approx(0.003125)
+    s = WarmupStepSchedule(warmup_steps=10, milestones=[20, 40], warmup_factor=0.001)
+    assert s(0) == pytest.approx(0.001)
+    assert s(5) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert [s(10), s(19), s(20), s(39), s(40), s(1000)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_scheduler_state_roundtrip_weights_only():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.2)
+    sched = build_lr_scheduler(opt, warmup_steps=3, milestones=[5])
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    buf = io.BytesIO()
+    torch.save(sched.state_dict(), buf)
+    buf.seek(0)
+    opt2 = torch.optim.SGD([p], lr=0.2)
+    sched2 = build_lr_scheduler(opt2, warmup_steps=99, milestones=[])
+    sched2.load_state_dict(torch.load(buf, weights_only=True))
+    for _ in range(3):  # steps 4, 5, 6: the milestone at 5 must survive the round trip
+        opt.step(), sched.step(), opt2.step(), sched2.step()
+        assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.02)
+
+
+def test_rng_state_roundtrip_weights_only():
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    buf = io.BytesIO()
+    torch.save(get_rng_state(), buf)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    buf.seek(0)
+    set_rng_state(torch.load(buf, weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_epoch_batch_sampler_splits_ranks_and_resumes():
+    kw = dict(num_items=23, batch_size=3, seed=5, world_size=2)
+    streams = [iter(EpochBatchSampler(rank=r, **kw)) for r in range(2)]
+    epoch0 = [[next(s) for _ in range(3)] for s in streams]  # 23 // 2 // 3 = 3 steps per epoch
+    items = [i for rank in epoch0 for b in rank for (e, i) in b]
+    assert len(items) == 18 and len(set(items)) == 18  # disjoint across ranks, no repeats
+    assert {e for rank in epoch0 for b in rank for (e, _) in b} == {0}
+    assert {e for (e, _) in next(streams[0])} == {1}  # then epoch 1
+    resumed = iter(EpochBatchSampler(rank=1, start=StreamPosition(0, 2), **kw))
+    assert next(resumed) == epoch0[1][2]
+    assert {e for (e, _) in next(resumed)} == {1}
+
+
+def test_batch_stream_position_tracks_epochs(toy_engine):
+    from predet.engine.pretrain import _build_data
+
+    data = _build_data(_cfg())  # the stand-in: 24 items
+    stream = BatchStream(data.dataset, collate_fn=data.collate_fn, batch_size=5, seed=0)
+    it = iter(stream)
+    for _ in range(4):  # 4 steps per epoch
+        next(it)
+    assert stream.position == StreamPosition(1, 0)
+    next(it)
+    assert stream.position == StreamPosition(1, 1)
+
+
+def _weights(run):
+    return load_checkpoint(run / "checkpoints" / "last.pt")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_exact(toy_engine, tmp_path, workers):
+    """8 steps straight == 3 steps, stop, --resume to 8 (dropout + BN + momentum + lr decay)."""
+    straight = pretrain(_cfg(f"data.num_workers={workers}"), tmp_path / "straight")
+    split = tmp_path / "split"
+    pretrain(_cfg(f"data.num_workers={workers}", "train.stop_at=3"), split)
+    assert _weights(split)["step"] == 3
+    assert _weights(split)["data_position"]["batch"] == 3  # 24 // 4 = 6 batches per epoch
+    pretrain(_cfg(f"data.num_workers={workers}"), split, resume=True)
+    a, b = _weights(straight), _weights(split)
+    assert a["step"] == b["step"] == 8
+    assert a["data_position"] == b["data_position"] == {
+        "epoch": 1, "batch": 2, "batch_size": 4, "world_size": 1
+    }
+    diff = max((a["model"][k].float() - b["model"][k].float()).abs().max().item() for k in a["model"])
+    assert diff <= 1e-6
+    mom_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+    mom_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(mom_a, mom_b))
+    # the resumed run's metrics.jsonl has each step once, and the same values as the straight run
+    rows_a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(x) for x in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_b] == list(range(1, 9))
+    assert [r["loss"] for r in rows_b] == pytest.approx([r["loss"] for r in rows_a], abs=1e-6)
+
+
+def test_metrics_checkpoints_and_schedule(toy_engine, tmp_path):
+    run = pretrain(_cfg("train.log_every=2", "train.warmup_factor=0.5"), tmp_path / "run")
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    for key in ("lr", "loss", "loss_cls", "loss_info", "lookup_top1", "valid_queries",
+                "images_per_s", "world_size"):
+        assert key in rows[0], key
+    assert rows[0]["world_size"] == 1 and rows[0]["valid_queries"] == 4.0
+    assert rows[0]["loss"] == pytest.approx(rows[0]["loss_cls"] + rows[0]["loss_info"], rel=1e-5)
+    # lr of the step logged: 8 steps, milestones [2, 3, 5, 6] (rounded 8k/5), warm-up over 2 steps
+    sched = WarmupStepSchedule(warmup_steps=2, milestones=uniform_milestones(8, 4), warmup_factor=0.5)
+    assert [r["lr"] for r in rows] == pytest.approx([0.05 * sched(s - 1) for s in (2, 4, 6, 8)])
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["last.pt", "step_000004.pt", "step_000008.pt"]
+    assert (run / "config.yaml").is_file() and any((run / "tb").iterdir())
+    ckpt = load_checkpoint(run / "checkpoints" / "step_000004.pt")
+    assert ckpt["step"] == 4 and ckpt["classes"] == ["a", "b", "c"] and len(ckpt["rng"]) == 1
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_engine, tmp_path):
+    toy_engine["nan_at_call"] = 6
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError) as err:
+        pretrain(_cfg(), run)
+    assert "step 6: loss_info=nan" in str(err.value)
+    assert str(run / "checkpoints" / "last.pt") in str(err.value)
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert last["step"] == 4  # the good one; nothing written after the NaN
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "step_000004.pt"]
