@@ -11,16 +11,16 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from predet.cli import main
-from predet.data import synth
+from predet.data import synth_render
 from predet.data.synth import (
     DISTRACTOR_TAGS,
     class_names,
     generate_world,
     measure_tag_noise,
-    render_scene,
     sample_tags,
     synonyms_for,
 )
+from predet.data.synth_render import render_scene
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -90,13 +90,13 @@ def test_render_scene_occlusion_and_sizes() -> None:
         cover = np.zeros((size, size), np.int32)
         for o in objects:
             cover += o.mask
-            assert o.mask.sum() >= synth.MIN_VISIBLE * o.full_area > 0
+            assert o.mask.sum() >= synth_render.MIN_VISIBLE * o.full_area > 0
             ys, xs = np.nonzero(o.mask)
             sides.append(max(np.ptp(xs), np.ptp(ys)) + 1)
         assert cover.max() <= 1  # visible masks are disjoint
     assert 1 <= min(n_objects) and max(n_objects) <= 8 and np.mean(n_objects) > 3
     sides = np.array(sides) / size
-    assert sides.max() <= synth.MAX_SIDE + 1 / size
+    assert sides.max() <= synth_render.MAX_SIDE + 1 / size
     assert np.quantile(sides, 0.1) < 0.1 and np.quantile(sides, 0.9) > 0.3  # small and large objects
 
 
