@@ -11,7 +11,7 @@ from predet.data.synth import generate_world
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Path ``W`` of ``predet data synth --out W --preset tiny --seed 0`` (read-only: do not modify).
+    """Path ``W`` of ``predet data synth --out W --preset tiny --seed 0`` (read-only: don't modify).
 
     Holds ``W/pretrain/{manifest.jsonl,synonyms.json,truth.jsonl,meta.json,images/}`` and
     ``W/det/{train.json,val.json,images/}`` (DESIGN §6).

@@ -1,4 +1,4 @@
-"""The built-in synthetic world: files, COCO validity, mask/box agreement, tag noise, determinism."""
+"""The built-in synthetic world: files, COCO, mask/box agreement, tag noise, determinism."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from predet.cli import main
 from predet.data import synth_render
@@ -58,15 +59,20 @@ def test_tag_noise_rates_match_configured(drop: float, add: float) -> None:
     classes = class_names("small")
     syn = synonyms_for(classes)
     rng = np.random.default_rng(0)
-    labels = [sorted(rng.choice(classes, size=rng.integers(1, 6), replace=False)) for _ in range(3000)]
-    tags = [sample_tags(l, synonyms=syn, rng=rng, drop=drop, add=add) for l in labels]
+    labels = [
+        sorted(rng.choice(classes, size=rng.integers(1, 6), replace=False)) for _ in range(3000)
+    ]
+    tags = [sample_tags(lab, synonyms=syn, rng=rng, drop=drop, add=add) for lab in labels]
     m = measure_tag_noise(labels, tags, syn)
     assert m["present_pairs"] > 8000 and m["absent_pairs"] > 60000
     assert abs(m["drop"] - drop) < 0.015
     assert abs(m["add"] - add) < 0.005
     if drop == add == 0.0:  # no noise: the tags name exactly the true classes
         t2c = {t: c for c, ts in syn.items() for t in ts}
-        assert all({t2c[t] for t in ts if t in t2c} == set(l) for l, ts in zip(labels, tags))
+        assert all(
+            {t2c[t] for t in ts if t in t2c} == set(lab)
+            for lab, ts in zip(labels, tags, strict=True)
+        )
 
 
 def test_measure_tag_noise_counts_pairs() -> None:
@@ -97,14 +103,18 @@ def test_render_scene_occlusion_and_sizes() -> None:
     assert 1 <= min(n_objects) and max(n_objects) <= 8 and np.mean(n_objects) > 3
     sides = np.array(sides) / size
     assert sides.max() <= synth_render.MAX_SIDE + 1 / size
-    assert np.quantile(sides, 0.1) < 0.1 and np.quantile(sides, 0.9) > 0.3  # small and large objects
+    assert (
+        np.quantile(sides, 0.1) < 0.1 and np.quantile(sides, 0.9) > 0.3
+    )  # small and large objects
 
 
 def test_backgrounds_are_not_flat() -> None:
     # mean per-channel std of the background (object-free pixels) well above the sensor noise
     stds = []
     for i in range(20):
-        image, objects = render_scene(np.random.default_rng([3, i]), size=96, classes=class_names("tiny"))
+        image, objects = render_scene(
+            np.random.default_rng([3, i]), size=96, classes=class_names("tiny")
+        )
         bg = ~np.any([o.mask for o in objects], axis=0)
         stds.append(image[bg].astype(np.float32).std(axis=0).mean() / 255)
     assert np.median(stds) > 0.08
@@ -117,12 +127,24 @@ def test_tiny_world_layout(tiny_world: Path) -> None:
     p = tiny_world / "pretrain"
     meta = json.loads((p / "meta.json").read_text())
     assert meta["counts"] == {"pretrain": 200, "det_train": 64, "det_val": 32}
-    assert (meta["preset"], meta["seed"], meta["size"], meta["drop"], meta["add"]) == ("tiny", 0, 96, 0.3, 0.1)
+    assert (meta["preset"], meta["seed"], meta["size"], meta["drop"], meta["add"]) == (
+        "tiny",
+        0,
+        96,
+        0.3,
+        0.1,
+    )
     assert meta["classes"] == class_names("tiny")
     manifest, truth = _jsonl(p / "manifest.jsonl"), _jsonl(p / "truth.jsonl")
     assert len(manifest) == len(truth) == 200
-    assert all(set(line) == {"image", "tags"} for line in manifest)  # tags only: no labels, no boxes
-    assert [m["image"] for m in manifest] == [t["image"] for t in truth] == [f"images/{i:06d}.jpg" for i in range(200)]
+    assert all(
+        set(line) == {"image", "tags"} for line in manifest
+    )  # tags only: no labels, no boxes
+    assert (
+        [m["image"] for m in manifest]
+        == [t["image"] for t in truth]
+        == [f"images/{i:06d}.jpg" for i in range(200)]
+    )
     assert all((p / m["image"]).is_file() for m in manifest)
     assert len(list((tiny_world / "det" / "images").iterdir())) == 96
 
@@ -154,15 +176,26 @@ def test_tiny_world_truth_boxes(tiny_world: Path) -> None:
 def test_tiny_world_coco(tiny_world: Path, split: str, n_images: int) -> None:
     coco = COCO(str(tiny_world / "det" / f"{split}.json"))
     classes = class_names("tiny")
-    assert [coco.cats[k]["name"] for k in sorted(coco.cats)] == classes and sorted(coco.cats) == list(range(1, 7))
+    assert [coco.cats[k]["name"] for k in sorted(coco.cats)] == classes and sorted(
+        coco.cats
+    ) == list(range(1, 7))
     assert len(coco.imgs) == n_images
-    assert all((tiny_world / "det" / "images" / im["file_name"]).is_file() for im in coco.imgs.values())
+    assert all(
+        (tiny_world / "det" / "images" / im["file_name"]).is_file() for im in coco.imgs.values()
+    )
     per_image = [len(coco.getAnnIds(imgIds=i)) for i in coco.imgs]
     assert min(per_image) >= 1 and max(per_image) <= 8
     for ann in coco.anns.values():
         img = coco.imgs[ann["image_id"]]
         x, y, w, h = ann["bbox"]
-        assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= img["width"] and y + h <= img["height"]
+        assert (
+            w > 0
+            and h > 0
+            and x >= 0
+            and y >= 0
+            and x + w <= img["width"]
+            and y + h <= img["height"]
+        )
         assert ann["iscrowd"] == 0 and 1 <= ann["category_id"] <= 6
         m = coco.annToMask(ann)
         assert m.shape == (img["height"], img["width"])
@@ -176,11 +209,28 @@ def test_tiny_world_coco(tiny_world: Path, split: str, n_images: int) -> None:
         np.testing.assert_allclose(mask_utils.toBbox(ann["segmentation"]), ann["bbox"], atol=1)
 
 
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_tiny_world_ground_truth_scores_full_ap(tiny_world: Path, iou_type: str) -> None:
+    # the evaluator reads the files as intended: ground truth submitted as detections gives AP 1
+    gt = COCO(str(tiny_world / "det" / "val.json"))
+    dets = [
+        {k: a[k] for k in ("image_id", "category_id", "bbox", "segmentation")} | {"score": 1.0}
+        for a in gt.anns.values()
+    ]
+    ev = COCOeval(gt, gt.loadRes(dets), iou_type)
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert ev.stats[0] == pytest.approx(1.0) and ev.stats[1] == pytest.approx(1.0)
+
+
 # --------------------------------------------------------------------------------------------
 # Determinism, noise on a bigger world, CLI
 # --------------------------------------------------------------------------------------------
 def _files(folder: Path) -> dict[str, bytes]:
-    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+    return {
+        str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()
+    }
 
 
 @pytest.mark.slow
@@ -209,7 +259,9 @@ def test_other_seed_differs(tiny_world: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_small_like_world_noise_rates(tmp_path: Path) -> None:
     counts = {"pretrain": 600, "det_train": 0, "det_val": 0}
-    s = generate_world(tmp_path / "w", "small", seed=0, drop=0.3, add=0.1, counts=counts, workers=1, progress=False)
+    s = generate_world(
+        tmp_path / "w", "small", seed=0, drop=0.3, add=0.1, counts=counts, workers=1, progress=False
+    )
     assert len(s["classes"]) == 24
     m = s["measured"]
     assert m["present_pairs"] > 1500
@@ -218,7 +270,9 @@ def test_small_like_world_noise_rates(tmp_path: Path) -> None:
     assert np.mean([len(t["boxes"]) for t in truth]) > 3
 
 
-def test_cli_refuses_existing_world_and_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_refuses_existing_world_and_bad_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "w"
     out.mkdir()
     (out / "keep.txt").write_text("user file")
@@ -236,9 +290,14 @@ def test_cli_overwrite_with_size(tmp_path: Path, capsys: pytest.CaptureFixture) 
     out = tmp_path / "w"
     out.mkdir()
     (out / "keep.txt").write_text("user file")
-    assert main(["data", "synth", "--out", str(out), "--size", "64", "--seed", "3", "--overwrite"]) == 0
+    assert (
+        main(["data", "synth", "--out", str(out), "--size", "64", "--seed", "3", "--overwrite"])
+        == 0
+    )
     assert "6 classes" in capsys.readouterr().out
-    assert (out / "keep.txt").read_text() == "user file"  # --overwrite replaces only pretrain/ and det/
+    assert (
+        out / "keep.txt"
+    ).read_text() == "user file"  # --overwrite replaces only pretrain/ and det/
     coco = COCO(str(out / "det" / "val.json"))
     assert {(im["width"], im["height"]) for im in coco.imgs.values()} == {(64, 64)}
     assert json.loads((out / "pretrain" / "meta.json").read_text())["size"] == 64

@@ -4,7 +4,7 @@
 
     W/pretrain/manifest.jsonl   {"image": "images/000000.jpg", "tags": ["#redcircle", ...]}
     W/pretrain/synonyms.json    {class: [tag, ...]}
-    W/pretrain/truth.jsonl      {"image", "labels", "boxes" (XYXY px), "box_labels"}  (analysis only)
+    W/pretrain/truth.jsonl      {"image", "labels", "boxes" (XYXY px), "box_labels"} (analysis)
     W/pretrain/meta.json        preset, seed, size, drop, add, counts, classes, measured noise rates
     W/pretrain/images/          JPEG, quality 90
     W/det/train.json, val.json  COCO: bbox (XYWH), RLE segmentation, area, iscrowd, categories 1..K
@@ -33,8 +33,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -55,9 +56,30 @@ __all__ = [
 
 # Preset: image side, image counts per split, and how many shapes/appearances make the classes.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"size": 96, "pretrain": 200, "det_train": 64, "det_val": 32, "shapes": 3, "appearances": 2},
-    "small": {"size": 128, "pretrain": 4000, "det_train": 800, "det_val": 200, "shapes": 8, "appearances": 3},
-    "base": {"size": 256, "pretrain": 50000, "det_train": 5000, "det_val": 1000, "shapes": 8, "appearances": 3},
+    "tiny": {
+        "size": 96,
+        "pretrain": 200,
+        "det_train": 64,
+        "det_val": 32,
+        "shapes": 3,
+        "appearances": 2,
+    },
+    "small": {
+        "size": 128,
+        "pretrain": 4000,
+        "det_train": 800,
+        "det_val": 200,
+        "shapes": 8,
+        "appearances": 3,
+    },
+    "base": {
+        "size": 256,
+        "pretrain": 50000,
+        "det_train": 5000,
+        "det_val": 1000,
+        "shapes": 8,
+        "appearances": 3,
+    },
 }
 SPLITS = ("pretrain", "det_train", "det_val")
 _SPLIT_ID = {name: i for i, name in enumerate(SPLITS)}
@@ -80,11 +102,12 @@ APPEARANCE_WORDS: dict[str, tuple[str, str]] = {
 }
 DISTRACTOR_TAGS = ("#love", "#instagood", "#photooftheday", "#nofilter", "#tbt", "#art")
 
+
 # --------------------------------------------------------------------------------------------
 # Classes, synonyms and tag noise (cheap: no rendering)
 # --------------------------------------------------------------------------------------------
 def class_names(preset: str = "tiny") -> list[str]:
-    """``appearance_shape`` names of a preset, appearance-major (``red_circle``, ``red_square``...)."""
+    """``appearance_shape`` class names of a preset, appearance-major (``red_circle``, ...)."""
     spec = _preset(preset)
     shapes = list(SHAPE_WORDS)[: spec["shapes"]]
     appearances = list(APPEARANCE_WORDS)[: spec["appearances"]]
@@ -124,17 +147,24 @@ def sample_tags(
         if keep:
             tags.extend(words[j] for j in sorted(chosen))
     n_distract = int(rng.choice(3, p=[0.5, 0.35, 0.15]))
-    tags.extend(DISTRACTOR_TAGS[j] for j in rng.choice(len(DISTRACTOR_TAGS), n_distract, replace=False))
+    tags.extend(
+        DISTRACTOR_TAGS[j] for j in rng.choice(len(DISTRACTOR_TAGS), n_distract, replace=False)
+    )
     return [tags[j] for j in rng.permutation(len(tags))]
 
 
 def measure_tag_noise(
-    labels: Sequence[Sequence[str]], tags: Sequence[Sequence[str]], synonyms: Mapping[str, Sequence[str]]
-) -> dict[str, float]:
-    """Measured drop rate (present classes without a tag) and add rate (absent classes with one)."""
+    labels: Sequence[Sequence[str]],
+    tags: Sequence[Sequence[str]],
+    synonyms: Mapping[str, Sequence[str]],
+) -> dict[str, float | int]:
+    """Measured drop rate (present classes without a tag) and add rate (absent classes with one).
+
+    Returns ``{"drop", "add", "present_pairs", "absent_pairs"}``; a pair is (image, class).
+    """
     tag_to_class = {t: c for c, ts in synonyms.items() for t in ts}
     present_n = dropped = absent_n = added = 0
-    for true, image_tags in zip(labels, tags):
+    for true, image_tags in zip(labels, tags, strict=True):
         tagged = {tag_to_class[t] for t in image_tags if t in tag_to_class}
         true = set(true)
         present_n += len(true)
@@ -147,8 +177,6 @@ def measure_tag_noise(
         "present_pairs": present_n,
         "absent_pairs": absent_n,
     }
-
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,18 +219,31 @@ def _make_image(job: tuple[str, int]) -> dict[str, Any]:
         box_labels = [s["classes"][o.label] for o in objects]
         labels = sorted(set(box_labels))
         tag_rng = np.random.default_rng([s["seed"], _SPLIT_ID[split], index, 1])  # own stream
-        tags = sample_tags(labels, synonyms=s["synonyms"], rng=tag_rng, drop=s["drop"], add=s["add"])
-        return {"image": name, "tags": tags, "labels": labels, "boxes": boxes, "box_labels": box_labels}
+        tags = sample_tags(
+            labels, synonyms=s["synonyms"], rng=tag_rng, drop=s["drop"], add=s["add"]
+        )
+        return {
+            "image": name,
+            "tags": tags,
+            "labels": labels,
+            "boxes": boxes,
+            "box_labels": box_labels,
+        }
     anns = []
-    for o, (x1, y1, x2, y2) in zip(objects, boxes):
+    for o, (x1, y1, x2, y2) in zip(objects, boxes, strict=True):
         rle = mask_utils.encode(np.asfortranarray(o.mask.astype(np.uint8)))
-        anns.append({
-            "category_id": o.label + 1,
-            "bbox": [x1, y1, x2 - x1, y2 - y1],
-            "area": int(o.mask.sum()),
-            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
-            "iscrowd": 0,
-        })
+        anns.append(
+            {
+                "category_id": o.label + 1,
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "area": int(o.mask.sum()),
+                "segmentation": {
+                    "size": [int(v) for v in rle["size"]],
+                    "counts": rle["counts"].decode("ascii"),
+                },
+                "iscrowd": 0,
+            }
+        )
     return {"file_name": name, "height": s["size"], "width": s["size"], "annotations": anns}
 
 
@@ -228,17 +269,33 @@ def _write_text(path: Path, text: str) -> None:
 def _coco(records: list[dict], classes: Sequence[str], info: dict) -> dict:
     images, annotations = [], []
     for image_id, rec in enumerate(records, start=1):
-        images.append({"id": image_id, "file_name": rec["file_name"], "height": rec["height"], "width": rec["width"]})
+        images.append(
+            {
+                "id": image_id,
+                "file_name": rec["file_name"],
+                "height": rec["height"],
+                "width": rec["width"],
+            }
+        )
         for ann in rec["annotations"]:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, **ann})
     categories = [
-        {"id": k, "name": name, "supercategory": name.split("_")[1]} for k, name in enumerate(classes, start=1)
+        {"id": k, "name": name, "supercategory": name.split("_")[1]}
+        for k, name in enumerate(classes, start=1)
     ]
     return {"info": info, "images": images, "annotations": annotations, "categories": categories}
 
 
-def _check_args(out: Path, preset: str, seed: int, size: Optional[int], drop: float, add: float,
-                workers: Optional[int], counts: Optional[Mapping[str, int]]) -> None:
+def _check_args(
+    out: Path,
+    preset: str,
+    seed: int,
+    size: int | None,
+    drop: float,
+    add: float,
+    workers: int | None,
+    counts: Mapping[str, int] | None,
+) -> None:
     _preset(preset)
     if seed < 0:
         raise UserError(f"--seed {seed} must be >= 0")
@@ -261,13 +318,13 @@ def generate_world(
     preset: str = "tiny",
     seed: int = 0,
     *,
-    size: Optional[int] = None,
+    size: int | None = None,
     drop: float = 0.3,
     add: float = 0.1,
-    workers: Optional[int] = None,
+    workers: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    counts: Optional[Mapping[str, int]] = None,
+    counts: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Generate the synthetic world into ``out`` (layout in the module docstring).
 
@@ -279,42 +336,75 @@ def generate_world(
         size: image side in px (default: the preset's).
         drop, add: tag-noise probabilities of the pre-training set.
         workers: processes (default: cores, at most one per 500 images).
-        counts: override images per split, e.g. ``{"pretrain": 1000, "det_train": 0, "det_val": 0}``.
+        counts: images per split over the preset's, e.g. ``{"pretrain": 1000, "det_val": 0}``.
 
     Returns:
-        summary dict: ``out``, ``paths``, ``counts``, ``classes``, ``measured`` noise rates, ``seconds``.
+        ``{"out", "paths", "counts", "classes", "measured" (tag-noise rates), "seconds"}``.
     """
     out = Path(out)
     _check_args(out, preset, seed, size, drop, add, workers, counts)
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise UserError(f"--out {out} exists and is not empty; pass --overwrite to replace the world")
+            raise UserError(
+                f"--out {out} exists and is not empty; pass --overwrite to replace the world"
+            )
         for sub in ("pretrain", "det"):
             shutil.rmtree(out / sub, ignore_errors=True)
     start = time.perf_counter()
     spec = _preset(preset)
     size = int(size or spec["size"])
-    n = {split: int(spec[split]) for split in SPLITS} | {k: int(v) for k, v in (counts or {}).items()}
+    n = {split: int(spec[split]) for split in SPLITS} | {
+        k: int(v) for k, v in (counts or {}).items()
+    }
     classes = class_names(preset)
     synonyms = synonyms_for(classes)
-    (out / "pretrain" / "images").mkdir(parents=True, exist_ok=True)
-    (out / "det" / "images").mkdir(parents=True, exist_ok=True)
+    try:
+        (out / "pretrain" / "images").mkdir(parents=True, exist_ok=True)
+        (out / "det" / "images").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the world folder ({e.strerror})") from None
 
-    state = {"out": str(out), "seed": seed, "size": size, "classes": classes, "synonyms": synonyms,
-             "drop": drop, "add": add}
+    state = {
+        "out": str(out),
+        "seed": seed,
+        "size": size,
+        "classes": classes,
+        "synonyms": synonyms,
+        "drop": drop,
+        "add": add,
+    }
     jobs = [(split, i) for split in SPLITS for i in range(n[split])]
     records = _run_jobs(jobs, state, workers, progress)
-    by_split = {split: [r for (s, _), r in zip(jobs, records) if s == split] for split in SPLITS}
+    by_split = {
+        split: [r for (s, _), r in zip(jobs, records, strict=True) if s == split]
+        for split in SPLITS
+    }
 
     pre = by_split["pretrain"]
     measured = measure_tag_noise([r["labels"] for r in pre], [r["tags"] for r in pre], synonyms)
     p = out / "pretrain"
-    _write_text(p / "manifest.jsonl", "".join(_dump({"image": r["image"], "tags": r["tags"]}) + "\n" for r in pre))
-    _write_text(p / "truth.jsonl", "".join(
-        _dump({k: r[k] for k in ("image", "labels", "boxes", "box_labels")}) + "\n" for r in pre))
+    _write_text(
+        p / "manifest.jsonl",
+        "".join(_dump({"image": r["image"], "tags": r["tags"]}) + "\n" for r in pre),
+    )
+    _write_text(
+        p / "truth.jsonl",
+        "".join(
+            _dump({k: r[k] for k in ("image", "labels", "boxes", "box_labels")}) + "\n" for r in pre
+        ),
+    )
     _write_text(p / "synonyms.json", json.dumps(synonyms, indent=2, sort_keys=True) + "\n")
-    meta = {"preset": preset, "seed": seed, "size": size, "drop": drop, "add": add, "counts": n,
-            "classes": classes, "distractor_tags": list(DISTRACTOR_TAGS), "measured": measured}
+    meta = {
+        "preset": preset,
+        "seed": seed,
+        "size": size,
+        "drop": drop,
+        "add": add,
+        "counts": n,
+        "classes": classes,
+        "distractor_tags": list(DISTRACTOR_TAGS),
+        "measured": measured,
+    }
     _write_text(p / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
     info = {"description": "predet synthetic world", "preset": preset, "seed": seed, "size": size}
     for split, fname in (("det_train", "train.json"), ("det_val", "val.json")):
@@ -323,9 +413,12 @@ def generate_world(
     return {
         "out": str(out),
         "paths": {
-            "manifest": str(p / "manifest.jsonl"), "synonyms": str(p / "synonyms.json"),
-            "truth": str(p / "truth.jsonl"), "meta": str(p / "meta.json"),
-            "det_train": str(out / "det" / "train.json"), "det_val": str(out / "det" / "val.json"),
+            "manifest": str(p / "manifest.jsonl"),
+            "synonyms": str(p / "synonyms.json"),
+            "truth": str(p / "truth.jsonl"),
+            "meta": str(p / "meta.json"),
+            "det_train": str(out / "det" / "train.json"),
+            "det_val": str(out / "det" / "val.json"),
             "det_images": str(out / "det" / "images"),
         },
         "counts": n,
@@ -335,8 +428,9 @@ def generate_world(
     }
 
 
-def _run_jobs(jobs: list[tuple[str, int]], state: dict[str, Any], workers: Optional[int],
-              progress: bool) -> list[dict[str, Any]]:
+def _run_jobs(
+    jobs: list[tuple[str, int]], state: dict[str, Any], workers: int | None, progress: bool
+) -> list[dict[str, Any]]:
     """Records of all jobs, in job order, from ``workers`` processes (inline when 1)."""
     if workers is None:
         workers = max(1, min(os.cpu_count() or 1, len(jobs) // 500))
@@ -354,7 +448,9 @@ def _run_jobs(jobs: list[tuple[str, int]], state: dict[str, Any], workers: Optio
         import multiprocessing as mp
 
         # spawn: no fork of a parent that may hold torch/OpenCV threads; same on Linux and macOS
-        pool = mp.get_context("spawn").Pool(workers, initializer=_init_pool_worker, initargs=(state,))
+        pool = mp.get_context("spawn").Pool(
+            workers, initializer=_init_pool_worker, initargs=(state,)
+        )
         results = pool.imap(_make_image, jobs, chunksize=32)
     try:
         for rec in results:
@@ -373,13 +469,21 @@ def _run_jobs(jobs: list[tuple[str, int]], state: dict[str, Any], workers: Optio
 def run(args: argparse.Namespace) -> int:
     """``predet data synth``: generate the world, print one summary line."""
     summary = generate_world(
-        args.out, args.preset, args.seed, size=args.size, drop=args.drop, add=args.add,
-        workers=args.workers, overwrite=args.overwrite, progress=sys.stderr.isatty(),
+        args.out,
+        args.preset,
+        args.seed,
+        size=args.size,
+        drop=args.drop,
+        add=args.add,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        progress=sys.stderr.isatty(),
     )
     c, m = summary["counts"], summary["measured"]
     print(
-        f"wrote {summary['out']}: {len(summary['classes'])} classes, {c['pretrain']} pre-training images "
-        f"(tags: measured drop {m['drop']:.3f}, add {m['add']:.3f}), detection {c['det_train']} train / "
-        f"{c['det_val']} val, in {summary['seconds']:.1f} s"
+        f"wrote {summary['out']}: {len(summary['classes'])} classes, "
+        f"{c['pretrain']} pre-training images (tags: measured drop {m['drop']:.3f}, "
+        f"add {m['add']:.3f}), detection {c['det_train']} train / {c['det_val']} val, "
+        f"in {summary['seconds']:.1f} s"
     )
     return 0

@@ -12,8 +12,8 @@ Shapes lie inside a disc of radius ``side / 2``; ``side`` is log-uniform in
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -27,8 +27,18 @@ JPEG_QUALITY = 90
 
 # scikit-image sample images shipped with the wheel (no download): photographs and textures.
 _BACKGROUND_SOURCES = (
-    "astronaut", "camera", "coffee", "chelsea", "rocket", "hubble_deep_field",
-    "immunohistochemistry", "moon", "coins", "brick", "grass", "gravel",
+    "astronaut",
+    "camera",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "moon",
+    "coins",
+    "brick",
+    "grass",
+    "gravel",
 )
 _BACKGROUND_CACHE: list[np.ndarray] = []
 
@@ -59,7 +69,7 @@ def load_backgrounds() -> list[np.ndarray]:
 
 
 def _photo_crop(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A random square crop of a random sample image, resized to (size, size, 3), tinted, maybe flipped."""
+    """Random square crop of a sample image, resized to (size, size, 3), tinted, maybe flipped."""
     sources = load_backgrounds()
     src = sources[int(rng.integers(len(sources)))]
     h, w = src.shape[:2]
@@ -72,18 +82,21 @@ def _photo_crop(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """(size, size, 3) float32: one or two photo/texture crops blended with low-frequency colour noise."""
+    """(size, size, 3) float32: one or two photo/texture crops blended with smooth colour noise."""
     photo = _photo_crop(rng, size)
     if rng.random() < 0.3:
         photo = 0.5 * (photo + _photo_crop(rng, size))
     grid = int(rng.integers(2, 9))
-    blobs = cv2.resize(rng.random((grid, grid, 3), dtype=np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
+    blobs = cv2.resize(
+        rng.random((grid, grid, 3), dtype=np.float32), (size, size), interpolation=cv2.INTER_CUBIC
+    )
     alpha = np.float32(rng.uniform(0.45, 0.9))
     return alpha * photo + (1 - alpha) * blobs
 
 
 def _polygon(shape: str) -> np.ndarray:
     """Unit-radius outline of a polygonal shape, (V, 2) xy."""
+
     def regular(n: int, phase: float) -> np.ndarray:
         t = phase + 2 * np.pi * np.arange(n) / n
         return np.stack([np.cos(t), np.sin(t)], 1)
@@ -101,16 +114,33 @@ def _polygon(shape: str) -> np.ndarray:
         return regular(10, -np.pi / 2) * radii
     if shape == "cross":
         a = 0.33
-        arms = np.array([[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a],
-                         [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a]], dtype=np.float64)
+        arms = np.array(
+            [
+                [-a, -1],
+                [a, -1],
+                [a, -a],
+                [1, -a],
+                [1, a],
+                [a, a],
+                [a, 1],
+                [-a, 1],
+                [-a, a],
+                [-1, a],
+                [-1, -a],
+                [-a, -a],
+            ],
+            dtype=np.float64,
+        )
         return arms / math.hypot(1.0, a)  # arm corners on the unit circle
     raise ValueError(f"no polygon for shape {shape!r}")
 
 
-def _shape_mask(shape: str, rng: np.random.Generator, size: int, radius: float, center: np.ndarray) -> np.ndarray:
+def _shape_mask(
+    shape: str, rng: np.random.Generator, size: int, radius: float, center: np.ndarray
+) -> np.ndarray:
     """Binary (size, size) uint8 mask of one randomly rotated, slightly squashed shape.
 
-    The shape lies inside the disc of ``radius`` around ``center``, so its side is at most ``2 * radius``.
+    The shape lies inside the disc of ``radius`` around ``center``: its side is <= ``2 * radius``.
     """
     mask = np.zeros((size, size), np.uint8)
     shift = 4  # cv2 sub-pixel bits
@@ -175,7 +205,10 @@ def render_scene(
             mask = _shape_mask(shape, rng, size, radius, center).astype(bool)
             if mask.sum() < 4:
                 continue
-            if all((v & ~mask).sum() >= MIN_VISIBLE * f.sum() for v, f in zip(visible, full)):
+            if all(
+                (v & ~mask).sum() >= MIN_VISIBLE * f.sum()
+                for v, f in zip(visible, full, strict=True)
+            ):
                 break
         else:
             continue
@@ -189,13 +222,16 @@ def render_scene(
         # shading: a linear light gradient across the object's box, so fills are not flat colours
         gy, gx = np.mgrid[0 : y1 - y0, 0 : x1 - x0].astype(np.float32) / max(side, 1.0)
         g = rng.uniform(-0.35, 0.35, 2).astype(np.float32)
-        tex *= (np.float32(rng.uniform(0.8, 1.1)) + g[0] * (gy - 0.5) + g[1] * (gx - 0.5))[..., None]
+        tex *= (np.float32(rng.uniform(0.8, 1.1)) + g[0] * (gy - 0.5) + g[1] * (gx - 0.5))[
+            ..., None
+        ]
         region = mask[y0:y1, x0:x1]
         image[y0:y1, x0:x1][region] = tex[region]
     image += rng.normal(0, rng.uniform(0.01, 0.05), size=image.shape).astype(np.float32)
     image = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
     return image, [
-        SceneObject(label=l, mask=v, full_area=int(f.sum())) for l, v, f in zip(labels, visible, full)
+        SceneObject(label=k, mask=v, full_area=int(f.sum()))
+        for k, v, f in zip(labels, visible, full, strict=True)
     ]
 
 
