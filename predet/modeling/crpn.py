@@ -1,0 +1,217 @@
+"""Contrastive RPN (paper §3.2.1): query-conditioned anchor scores and regressions.
+
+Shape legend:
+    B: searched views, Q: query slots per view, C: FPN channels, A: anchors per location,
+    D: CRPN embedding width, Hl/Wl: size of level l, T = sum_l Hl*Wl*A anchors per view
+    (ordered level, y, x, anchor as torchvision's ``AnchorGenerator``), G = sum_l Hl*Wl locations,
+    M: selected (view, anchor, query) triples.
+
+The score of query q for anchor a at location (y, x) is the dot product of two D-vectors: one
+from a 1x1 conv over the image features (``A*D`` channels) and one from a linear map of the
+query's box-head feature. All views, queries, anchors and locations go through one einsum per
+level (a 1x1 grouped conv with A groups). Regressions use ``4*A*D`` channels the same way; since
+only (anchor, query) pairs that are sampled or kept as proposals are ever used, the 1x1
+regression conv is evaluated at those locations only (``CRPNHead.regression``), which is the
+same arithmetic as the full map (``CRPNHead.full_regression``) at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import box_iou
+
+from predet.modeling.losses import box_regression_loss
+
+__all__ = ["CRPNHead", "match_anchors", "sample_anchors", "crpn_losses"]
+
+
+class CRPNHead(nn.Module):
+    """Shared 3x3 conv + 1x1 embedding convs on the image side, linear maps on the query side."""
+
+    def __init__(self, *, in_channels: int, num_anchors: int, query_dim: int, embed_dim: int):
+        super().__init__()
+        self.num_anchors, self.embed_dim = num_anchors, embed_dim
+        A, D = num_anchors, embed_dim
+        self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1)
+        self.cls_embed = nn.Conv2d(in_channels, A * D, kernel_size=1)  # f_I^cls
+        self.reg_embed = nn.Conv2d(in_channels, 4 * A * D, kernel_size=1)  # f_I^reg
+        self.query_cls = nn.Linear(query_dim, A * D)  # f_q^cls
+        self.query_reg = nn.Linear(query_dim, 4 * A * D)  # f_q^reg
+        for conv in (self.conv, self.cls_embed, self.reg_embed):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+        for fc in (self.query_cls, self.query_reg):
+            nn.init.normal_(fc.weight, std=0.01)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, features: list[Tensor], query_feats: Tensor) -> tuple[Tensor, Tensor]:
+        """Scores of every (query, anchor) pair of every view.
+
+        Args:
+            features: L maps ``[B, C, Hl, Wl]`` of the searched views.
+            query_feats: ``[B, Q, E]`` box-head features of the queries (from the other view).
+        Returns:
+            scores ``[B, Q, T]`` (logits) and hidden ``[B, G, C]``, the 3x3-conv output of every
+            location (level-major) for ``regression``.
+        """
+        B, Q = query_feats.shape[:2]
+        A, D = self.num_anchors, self.embed_dim
+        q_cls = self.query_cls(query_feats).view(B, Q, A, D)
+        scores, hidden = [], []
+        for x in features:  # a loop over the L levels, never over views or queries
+            h = F.relu(self.conv(x))  # [B, C, Hl, Wl]
+            f_cls = self.cls_embed(h)
+            f_cls = f_cls.view(B, A, D, *f_cls.shape[-2:])  # [B, A*D, Hl, Wl] -> [B, A, D, Hl, Wl]
+            s = torch.einsum("bqad,badyx->bqyxa", q_cls, f_cls)  # [B, Q, Hl, Wl, A]
+            scores.append(s.flatten(2))  # [B, Q, Hl, Wl, A] -> [B, Q, Hl*Wl*A]
+            hidden.append(h.flatten(2).transpose(1, 2))  # [B, C, Hl, Wl] -> [B, Hl*Wl, C]
+        return torch.cat(scores, dim=2), torch.cat(hidden, dim=1)
+
+    def query_regression(self, query_feats: Tensor) -> Tensor:
+        """``[B, Q, E]`` -> f_q^reg ``[B, Q, A, 4, D]``."""
+        B, Q = query_feats.shape[:2]
+        return self.query_reg(query_feats).view(B, Q, self.num_anchors, 4, self.embed_dim)
+
+    def regression(
+        self, hidden: Tensor, q_reg: Tensor, view: Tensor, anchor: Tensor, query: Tensor
+    ) -> Tensor:
+        """Deltas of M selected (view, anchor, query) triples.
+
+        Args:
+            hidden: ``[B, G, C]`` from ``forward``.
+            q_reg: ``[B, Q, A, 4, D]`` from ``query_regression``.
+            view, anchor, query: ``[M]`` int64 indices into B, T and Q.
+        Returns:
+            ``[M, 4]`` deltas (dx, dy, dw, dh) regressing the anchor onto the query's box.
+        """
+        A, D = self.num_anchors, self.embed_dim
+        loc, a = anchor // A, anchor % A  # anchors are ordered (location, anchor)
+        h = hidden[view, loc]  # [M, C]
+        weight = self.reg_embed.weight.flatten(1)  # [4*A*D, C, 1, 1] -> [4*A*D, C]
+        f_reg = F.linear(h, weight, self.reg_embed.bias).view(-1, A, 4, D)  # 1x1 conv at M points
+        f_reg = f_reg[torch.arange(len(a), device=a.device), a]  # [M, A, 4, D] -> [M, 4, D]
+        return (f_reg * q_reg[view, query, a]).sum(dim=2)  # [M, 4]
+
+    def full_regression(self, features: list[Tensor], query_feats: Tensor) -> Tensor:
+        """Deltas for every (query, anchor) pair, ``[B, Q, T, 4]`` (grouped conv with 4A groups).
+
+        Used for analysis and to check ``regression``; training uses the gathered form.
+        """
+        B, Q = query_feats.shape[:2]
+        A, D = self.num_anchors, self.embed_dim
+        q_reg = self.query_regression(query_feats)  # [B, Q, A, 4, D]
+        out = []
+        for x in features:
+            f_reg = self.reg_embed(F.relu(self.conv(x)))
+            f_reg = f_reg.view(B, A, 4, D, *f_reg.shape[-2:])  # [B, 4AD, H, W] -> [B, A, 4, D, H, W]
+            r = torch.einsum("bqakd,bakdyx->bqyxak", q_reg, f_reg)  # [B, Q, Hl, Wl, A, 4]
+            out.append(r.flatten(2, 4))  # -> [B, Q, Hl*Wl*A, 4]
+        return torch.cat(out, dim=2)
+
+
+def match_anchors(
+    anchors: Tensor,
+    boxes: Tensor,
+    mask: Tensor,
+    *,
+    fg_iou: float,
+    bg_iou: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Assign every anchor of every view to a query and a label (DESIGN §2, CRPN).
+
+    Each anchor takes the valid query of max IoU (a random valid query when all its IoUs are
+    0); it is positive if that IoU > ``fg_iou``, negative if < ``bg_iou``, ignored in between.
+    As in Faster R-CNN the best anchor(s) of each valid query (ties included, IoU > 0) are also
+    positives, keeping their own best query. A view without valid queries is all ignored.
+
+    Args:
+        anchors: ``[T, 4]`` XYXY, the same for every view.
+        boxes: ``[B, Q, 4]`` query boxes in the searched view. mask: ``[B, Q]`` bool.
+    Returns:
+        labels ``[B, T]`` int64 in {1, 0, -1} and matched query ``[B, T]`` int64.
+    """
+    B, Q = mask.shape
+    T = anchors.shape[0]
+    iou = box_iou(boxes.reshape(B * Q, 4), anchors).view(B, Q, T)  # [B*Q, T] -> [B, Q, T]
+    iou = iou.masked_fill(~mask.unsqueeze(2), -1.0)
+    best_iou, matched = iou.max(dim=1)  # [B, T]
+
+    has_query = mask.any(dim=1)  # [B]
+    weights = mask.float() + (~has_query).float().unsqueeze(1)  # a row of ones keeps multinomial legal
+    random_query = torch.multinomial(weights, T, replacement=True, generator=generator)  # [B, T]
+    matched = torch.where(best_iou <= 0, random_query, matched)
+
+    labels = torch.full_like(matched, -1)
+    labels[best_iou < bg_iou] = 0
+    labels[best_iou > fg_iou] = 1
+    best_per_query = iou.max(dim=2, keepdim=True).values  # [B, Q, 1]
+    is_best = (iou == best_per_query) & (best_per_query > 0)  # invalid queries have -1
+    labels[is_best.any(dim=1)] = 1
+    labels[~has_query] = -1
+    return labels, matched
+
+
+def sample_anchors(
+    labels: Tensor,
+    *,
+    batch_per_view: int,
+    positive_fraction: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per view, up to ``batch_per_view * positive_fraction`` random positives, negatives fill
+    the rest (torchvision's ``BalancedPositiveNegativeSampler``, batched over views).
+
+    ``labels [B, T]`` -> (positive ``[B, T]`` bool, negative ``[B, T]`` bool).
+    """
+    pos, neg = labels == 1, labels == 0
+    num_pos = pos.sum(dim=1).clamp(max=int(batch_per_view * positive_fraction))  # [B]
+    num_neg = neg.sum(dim=1).clamp(max=batch_per_view - num_pos)  # [B]
+    key = torch.rand(labels.shape, generator=generator, device=labels.device)  # [B, T]
+    return _random_subset(pos, num_pos, key), _random_subset(neg, num_neg, key)
+
+
+def _random_subset(candidates: Tensor, count: Tensor, key: Tensor) -> Tensor:
+    """Per row, the ``count`` candidates of smallest random ``key``: ``[B, T]`` bool."""
+    key = key.masked_fill(~candidates, 2.0)  # keys are in [0, 1): non-candidates sort last
+    rank = key.argsort(dim=1).argsort(dim=1)  # [B, T]: position of each entry in its row's order
+    return candidates & (rank < count.unsqueeze(1))
+
+
+def crpn_losses(
+    head: CRPNHead,
+    scores: Tensor,
+    hidden: Tensor,
+    q_reg: Tensor,
+    anchors: Tensor,
+    boxes: Tensor,
+    matched: Tensor,
+    positive: Tensor,
+    negative: Tensor,
+    box_coder: BoxCoder,
+) -> tuple[Tensor, Tensor]:
+    """BCE on the sampled (anchor, matched query) scores; smooth-L1 on the positives' deltas.
+
+    Both are normalised by the number of sampled anchors over all views (torchvision's RPN).
+    Args: ``scores [B, Q, T]``, ``hidden``/``q_reg`` from the head, ``anchors [T, 4]``,
+    ``boxes [B, Q, 4]``, ``matched [B, T]``, ``positive``/``negative`` ``[B, T]`` bool.
+    """
+    view, anchor = (positive | negative).nonzero(as_tuple=True)  # [M] each
+    query = matched[view, anchor]
+    logits = scores[view, query, anchor]  # [M]
+    target = positive[view, anchor].to(logits.dtype)
+    num_sampled = view.numel()
+    loss_cls = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / max(
+        num_sampled, 1
+    )
+
+    pview, panchor = positive.nonzero(as_tuple=True)  # [M+]
+    pquery = matched[pview, panchor]
+    deltas = head.regression(hidden, q_reg, pview, panchor, pquery)  # [M+, 4]
+    target_deltas = box_coder.encode_single(boxes[pview, pquery], anchors[panchor])  # [M+, 4]
+    loss_reg = box_regression_loss(deltas, target_deltas, num_sampled)
+    return loss_cls, loss_reg

@@ -1,0 +1,145 @@
+"""Proposal construction from CRPN outputs (paper §3.2.1), and jittered boxes for CRPN-off mode.
+
+Shape legend:
+    B: views, Q: query slots, T: anchors per view, L: FPN levels, Kl: top-K kept on level l,
+    K = sum_l Kl, P: proposals kept per view after NMS (K_nms), J: jittered boxes per query.
+
+Nothing here carries gradient: proposal boxes are detached (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import batched_nms, box_area, clip_boxes_to_image
+
+__all__ = ["build_proposals", "jitter_boxes", "box_recall", "batched_box_iou"]
+
+
+def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of ``[B, n, 4]`` with ``[B, m, 4]`` per view: ``[B, n, m]``.
+
+    ``torchvision.ops.box_iou`` has no batch dimension, and running it on the flattened boxes
+    would cost B times more (every view against every view); this is its formula, broadcast.
+    """
+    area1, area2 = box_area(boxes1.flatten(0, 1)), box_area(boxes2.flatten(0, 1))
+    area1, area2 = area1.view(boxes1.shape[:2]), area2.view(boxes2.shape[:2])  # [B, n], [B, m]
+    lt = torch.max(boxes1[:, :, None, :2], boxes2[:, None, :, :2])  # [B, n, m, 2]
+    rb = torch.min(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=3)  # [B, n, m]
+    union = area1[:, :, None] + area2[:, None, :] - inter
+    return inter / union.clamp(min=1e-9)  # two empty (padding) boxes: IoU 0, not NaN
+
+
+@torch.no_grad()
+def build_proposals(
+    scores: Tensor,
+    query_mask: Tensor,
+    anchors: Tensor,
+    anchors_per_level: list[int],
+    regress: Callable[[Tensor, Tensor, Tensor], Tensor],
+    box_coder: BoxCoder,
+    *,
+    image_size: tuple[int, int],
+    pre_nms_top_n: int,
+    post_nms_top_n: int,
+    nms_thresh: float,
+) -> tuple[Tensor, Tensor]:
+    """Max over queries, decode with the argmax query's deltas, top-K per level, NMS, keep K_nms.
+
+    Args:
+        scores: ``[B, Q, T]`` CRPN logits. query_mask: ``[B, Q]`` bool.
+        anchors: ``[T, 4]``; ``anchors_per_level`` splits T over the L levels.
+        regress: ``(view [M], anchor [M], query [M]) -> deltas [M, 4]``.
+        image_size: (H, W) of the views, for clipping.
+    Returns:
+        boxes ``[B, P, 4]`` (zero-padded) and valid ``[B, P]`` bool, each view's proposals in
+        decreasing score order, P = ``post_nms_top_n``.
+    """
+    B = scores.shape[0]
+    objectness, best_query = (
+        scores.masked_fill(~query_mask.unsqueeze(2), float("-inf")).max(dim=1)  # [B, T] each
+    )
+    # top-K per level (a loop over the L levels, batched over views)
+    top, levels, start = [], [], 0
+    for level, n in enumerate(anchors_per_level):
+        k = min(pre_nms_top_n, n)
+        top.append(objectness[:, start : start + n].topk(k, dim=1).indices + start)  # [B, Kl]
+        levels.append(torch.full((k,), level, device=scores.device))
+        start += n
+    anchor = torch.cat(top, dim=1)  # [B, K]
+    K = anchor.shape[1]
+    view = torch.arange(B, device=scores.device).repeat_interleave(K)  # [B*K]
+    anchor = anchor.flatten()  # [B, K] -> [B*K]
+    query = best_query[view, anchor]
+    score = objectness[view, anchor]
+    deltas = regress(view, anchor, query)  # [B*K, 4]
+    boxes = box_coder.decode_single(deltas.float(), anchors[anchor].float())
+    boxes = clip_boxes_to_image(boxes, image_size)
+
+    wh = boxes[:, 2:] - boxes[:, :2]
+    keep = torch.isfinite(score) & (wh > 1e-3).all(dim=1)  # views without queries score -inf
+    idx = keep.nonzero().squeeze(1)
+    group = view[idx] * len(anchors_per_level) + torch.cat(levels).repeat(B)[idx]
+    idx = idx[batched_nms(boxes[idx], score[idx], group, nms_thresh)]  # NMS per (view, level)
+    return _first_per_view(boxes[idx], view[idx], B, post_nms_top_n)
+
+
+def _first_per_view(boxes: Tensor, view: Tensor, num_views: int, k: int) -> tuple[Tensor, Tensor]:
+    """Scatter ``boxes [M, 4]`` (sorted by score) into ``[B, k, 4]`` keeping each view's first k."""
+    order = torch.argsort(view, stable=True)  # group by view, keep score order inside a group
+    boxes, view = boxes[order], view[order]
+    count = torch.bincount(view, minlength=num_views)  # [B]
+    first = torch.cumsum(count, 0) - count  # [B] start of each view's run
+    rank = torch.arange(len(view), device=view.device) - first[view]  # [M]
+    sel = rank < k
+    out = boxes.new_zeros(num_views, k, 4)
+    valid = torch.zeros(num_views, k, dtype=torch.bool, device=boxes.device)
+    out[view[sel], rank[sel]] = boxes[sel]
+    valid[view[sel], rank[sel]] = True
+    return out, valid
+
+
+@torch.no_grad()
+def jitter_boxes(
+    boxes: Tensor,
+    mask: Tensor,
+    *,
+    num_per_query: int,
+    image_size: tuple[int, int],
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Random boxes around each query for CRPN-off training (paper Table 1).
+
+    Centres move by up to 0.6 of the box size and sides scale by exp(+-0.7), so about half of
+    the boxes overlap their query with IoU > 0.5 and the rest are negatives.
+    ``boxes [B, Q, 4]``, ``mask [B, Q]`` -> boxes ``[B, Q*J, 4]``, valid ``[B, Q*J]``.
+    """
+    B, Q = mask.shape
+    J = num_per_query
+    noise = torch.rand((B, Q, J, 4), generator=generator, device=boxes.device) * 2 - 1
+    wh = (boxes[..., 2:] - boxes[..., :2]).unsqueeze(2)  # [B, Q, 1, 2]
+    ctr = (boxes[..., :2] + boxes[..., 2:]).unsqueeze(2) / 2 + noise[..., :2] * 0.6 * wh
+    half = wh * torch.exp(noise[..., 2:] * 0.7) / 2  # [B, Q, J, 2]
+    out = torch.cat([ctr - half, ctr + half], dim=3)  # [B, Q, J, 4]
+    out = clip_boxes_to_image(out.flatten(1, 2), image_size)  # [B, Q, J, 4] -> [B, Q*J, 4]
+    size = out[..., 2:] - out[..., :2]
+    valid = mask.repeat_interleave(J, dim=1) & (size > 1e-3).all(dim=2)
+    return out, valid
+
+
+@torch.no_grad()
+def box_recall(
+    proposals: Tensor, valid: Tensor, queries: Tensor, query_mask: Tensor, thresh: float = 0.5
+) -> Tensor:
+    """Fraction of valid queries covered by a valid proposal with IoU > ``thresh`` (a scalar).
+
+    ``proposals [B, P, 4]``, ``valid [B, P]``, ``queries [B, Q, 4]``, ``query_mask [B, Q]``.
+    """
+    iou = batched_box_iou(queries, proposals)  # [B, Q, P]
+    best = iou.masked_fill(~valid.unsqueeze(1), 0).amax(dim=2)  # [B, Q]
+    covered = (best > thresh) & query_mask
+    return covered.sum() / query_mask.sum().clamp(min=1)
