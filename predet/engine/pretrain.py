@@ -79,7 +79,7 @@ def _resolve_builtin(cfg: Any) -> Any:
         return cfg
     from predet.data.builtin import resolve_builtin
 
-    world = resolve_builtin(cfg.data.manifest)
+    world = resolve_builtin(cfg.data.manifest, progress=dist_utils.is_main())
     cfg = copy.deepcopy(cfg)
     cfg.data.manifest = str(world.manifest)
     if cfg.data.queries is None:
