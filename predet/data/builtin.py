@@ -90,6 +90,8 @@ def ensure_world(
     with open(root / f".{world.root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not (world.root / MARKER).is_file():  # another process may have finished meanwhile
+            if world.root.exists():  # left by an interrupted generation
+                shutil.rmtree(world.root)
             _generate(world, progress=progress)
     return world
 
@@ -99,8 +101,6 @@ def _generate(world: BuiltinWorld, *, progress: bool) -> None:
     from predet.data.queries import cache_queries
     from predet.data.synth import generate_world
 
-    if world.root.exists():  # left by an interrupted generation
-        shutil.rmtree(world.root)
     if progress:
         print(f"predet: generating the built-in world '{world.preset}' (seed {world.seed}) "
               f"in {world.root} (once)", flush=True)

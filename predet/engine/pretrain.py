@@ -230,6 +230,12 @@ def _train(
     else:
         seed_everything(cfg.seed * 1000 + rank + 1)
 
+    stop = min(t.steps, t.stop_at or t.steps)
+    if step >= stop:
+        if is_main:
+            print(f"predet pretrain: {out} is already at step {step} (stop {stop}); nothing to do")
+        return
+
     stream = BatchStream(
         data.dataset,
         collate_fn=data.collate_fn,
@@ -243,7 +249,6 @@ def _train(
     )
     logger = MetricLogger(out, enabled=is_main)
     logger.resume_from(step)
-    stop = min(t.steps, t.stop_at or t.steps)
     if is_main:
         print(
             f"predet pretrain: {len(classes)} classes, device {device}, world size {world}, "
