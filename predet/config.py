@@ -98,6 +98,7 @@ class PretrainModelConfig:
     cls_loss: str = "softmax"  # softmax (multi-label softmax CE) | bce
     # CRPN-off mode (paper Table 1): boxes jittered around each query train the CROI head
     jitter_boxes_per_query: int = 16
+    roi_sampling_ratio: int = 2  # RoIAlign sampling points per bin side (torchvision: 2)
 
 
 @dataclass

@@ -72,7 +72,9 @@ class PreDet(nn.Module):
         self.crpn: CRPNHead | None = None
         self.croi_head: CROIHead | None = None
         if self.use_crpn or self.use_croi:  # the cls-only baseline holds no detection modules
-            self.roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+            self.roi_pool = MultiScaleRoIAlign(
+                ["0", "1", "2", "3"], output_size=7, sampling_ratio=model.roi_sampling_ratio
+            )
             self.box_head = TwoMLPHead(C * 7 * 7, model.box_head_dim)  # fc6, fc7
         if self.use_crpn:
             A = len(model.aspect_ratios)
@@ -228,7 +230,7 @@ def build_predet(cfg: PretrainConfig, num_classes: int) -> PreDet:
     if not m.aspect_ratios or min(m.aspect_ratios) <= 0:
         raise UserError(f"model.aspect_ratios: need positive ratios, got {list(m.aspect_ratios)}")
     for key in ("crpn_dim", "box_head_dim", "croi_embed_dim", "croi_reg_dim", "input_size",
-                "crpn_batch_per_view", "pre_nms_top_n", "post_nms_top_n", "jitter_boxes_per_query"):  # fmt: skip
+                "crpn_batch_per_view", "pre_nms_top_n", "roi_sampling_ratio", "post_nms_top_n", "jitter_boxes_per_query"):  # fmt: skip
         if getattr(m, key) <= 0:
             raise UserError(f"model.{key}: must be positive, got {getattr(m, key)}")
     if not 0 < m.tau:
