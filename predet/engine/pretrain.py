@@ -48,7 +48,13 @@ from predet.utils import prepare_run_dir, seed_everything, write_json
 
 __all__ = ["run", "pretrain"]
 
-METRIC_KEYS = ("lookup_top1", "crpn_recall", "valid_queries")
+# What metrics.jsonl logs (DESIGN §6), in a fixed order so every rank reduces the same vector;
+# a key the model did not return this step (a switched-off loss, a batch without valid queries)
+# is averaged over the (rank, step) pairs that had it.
+LOGGED_KEYS = (
+    "loss", "loss_cls", "loss_crpn_cls", "loss_crpn_reg", "loss_info", "loss_croi_reg",
+    "lookup_top1", "crpn_recall", "valid_queries",
+)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,8 +142,10 @@ def _wrap_model(model: torch.nn.Module, cfg: Any, device: torch.device) -> torch
     if cfg.model.norm == "syncbn" and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     find_unused = cfg.train.find_unused_parameters
-    if find_unused is None:  # a switched-off loss leaves its head's parameters without gradient
-        find_unused = not all((cfg.loss.cls, cfg.loss.crpn, cfg.loss.info, cfg.loss.croi_reg))
+    if find_unused is None:
+        # the detection heads sit idle on a batch without valid queries (and for good when a
+        # loss is switched off): DDP must not wait for their gradients
+        find_unused = True
     return torch.nn.parallel.DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
@@ -173,6 +181,75 @@ def pretrain(cfg: Any, out: str | Path, *, resume: bool = False, overwrite: bool
     return out
 
 
+def _build_optimization(
+    model: torch.nn.Module, cfg: Any, global_batch: int, use_amp: bool
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, torch.amp.GradScaler, float]:
+    """SGD (momentum, weight decay), the per-step lr schedule, the grad scaler; and the base lr."""
+    t = cfg.train
+    lr = t.lr if t.lr is not None else scaled_lr(t.base_lr, t.base_batch, global_batch)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay
+    )
+    scheduler = build_lr_scheduler(
+        optimizer,
+        warmup_steps=t.warmup_steps,
+        milestones=uniform_milestones(t.steps, t.decay_steps),
+        warmup_factor=t.warmup_factor,
+    )
+    device_type = "cuda" if use_amp else "cpu"
+    scaler = torch.amp.GradScaler(device_type, enabled=use_amp and t.amp_dtype == "float16")
+    return optimizer, scheduler, scaler, lr
+
+
+def _restore(ckpt: dict, model, optimizer, scheduler, scaler, *, cfg: Any, world: int) -> StreamPosition:
+    """Load a checkpoint's training state; returns where the data stream resumes."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    # the step count comes from the checkpoint, lr and schedule from the (possibly edited) config
+    schedule = scheduler.lr_lambdas[0]
+    base_lrs = scheduler.base_lrs
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scheduler.lr_lambdas[0], scheduler.base_lrs = schedule, base_lrs
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["initial_lr"], group["lr"] = base, base * schedule(scheduler.last_epoch)
+    scaler.load_state_dict(ckpt.get("scaler", {}))
+    pos = ckpt.get("data_position", {})
+    epoch = int(pos.get("epoch", 0))
+    if pos.get("world_size") == world and pos.get("batch_size") == cfg.train.batch_size:
+        return StreamPosition(epoch, int(pos.get("batch", 0)))
+    return StreamPosition(epoch + 1, 0)  # the data is split differently now: next epoch afresh
+
+
+def _step_values(outputs: dict[str, torch.Tensor], loss: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``[2, len(LOGGED_KEYS)]``: this step's values and presence flags, summed over ranks.
+
+    A NaN on any rank makes the sum NaN on every rank, so all ranks stop together.
+    """
+    values = {"loss": loss, **outputs}
+    zero = torch.zeros((), device=device)
+    vec = torch.stack(
+        [
+            torch.stack([values[k].detach().float() if k in values else zero for k in LOGGED_KEYS]),
+            torch.tensor([k in values for k in LOGGED_KEYS], dtype=torch.float32, device=device),
+        ]
+    )  # [2, K]: values, presence
+    if dist_utils.is_initialized():
+        torch.distributed.all_reduce(vec)
+    return vec
+
+
+def _check_losses(vec: torch.Tensor, *, step: int, last_good: Optional[Path]) -> None:
+    """Stop on a NaN/inf loss, naming the step and the term (terms first, then their sum)."""
+    hint = f" (last good checkpoint: {last_good})" if last_good else " (no checkpoint written yet)"
+    order = [*range(1, 6), 0]  # loss_* terms, then "loss"
+    values, present = vec[0, order].tolist(), vec[1, order].tolist()
+    names = [LOGGED_KEYS[i] for i in order]
+    check_finite(
+        [n for n, c in zip(names, present) if c], [v for v, c in zip(values, present) if c],
+        step=step, hint=hint,
+    )  # fmt: skip
+
+
 def _train(
     cfg: Any,
     data_cfg: Any,
@@ -188,6 +265,7 @@ def _train(
     t = cfg.train
     is_main = rank == 0
     on_cuda = device.type == "cuda"
+    use_amp = on_cuda and t.amp
 
     # model: identical initialisation on every rank, then per-rank randomness for training
     seed_everything(cfg.seed)
@@ -196,37 +274,16 @@ def _train(
         model = model.to(memory_format=torch.channels_last)
     model_ddp = _wrap_model(model, cfg, device)
     model = model_ddp.module if hasattr(model_ddp, "module") else model_ddp
-
     global_batch = t.batch_size * world
-    lr = t.lr if t.lr is not None else scaled_lr(t.base_lr, t.base_batch, global_batch)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay
-    )
-    scheduler = build_lr_scheduler(
-        optimizer,
-        warmup_steps=t.warmup_steps,
-        milestones=uniform_milestones(t.steps, t.decay_steps),
-        warmup_factor=t.warmup_factor,
-    )
-    amp_dtype = torch.bfloat16 if t.amp_dtype == "bfloat16" else torch.float16
-    use_amp = on_cuda and t.amp
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+    optimizer, scheduler, scaler, lr = _build_optimization(model, cfg, global_batch, use_amp)
 
     step, position = 0, StreamPosition()
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt.get("scaler", {}))
+        position = _restore(ckpt, model, optimizer, scheduler, scaler, cfg=cfg, world=world)
         step = int(ckpt["step"])
-        pos = ckpt.get("data_position", {})
-        if pos.get("world_size", world) == world and pos.get("batch_size", t.batch_size) == t.batch_size:
-            position = StreamPosition(int(pos.get("epoch", 0)), int(pos.get("batch", 0)))
-        else:  # a different split of the data: start the next epoch fresh
-            position = StreamPosition(int(pos.get("epoch", 0)) + 1, 0)
-    rng = ckpt.get("rng") if ckpt is not None else None
-    if rng is not None and len(rng) == world:
-        set_rng_state(rng[rank])
+    rngs = ckpt.get("rng") if ckpt is not None else None
+    if rngs is not None and len(rngs) == world:
+        set_rng_state(rngs[rank])
     else:
         seed_everything(cfg.seed * 1000 + rank + 1)
 
@@ -235,7 +292,6 @@ def _train(
         if is_main:
             print(f"predet pretrain: {out} is already at step {step} (stop {stop}); nothing to do")
         return
-
     stream = BatchStream(
         data.dataset,
         collate_fn=data.collate_fn,
@@ -257,65 +313,42 @@ def _train(
         )
 
     def state() -> dict[str, Any]:
-        rngs = [get_rng_state()]
-        if dist_utils.is_initialized():
-            rngs = [None] * world
-            torch.distributed.all_gather_object(rngs, get_rng_state())
+        rng_states: list[Any] = [get_rng_state()]
+        if dist_utils.is_initialized():  # every rank's RNG, so each resumes its own stream
+            rng_states = [None] * world
+            torch.distributed.all_gather_object(rng_states, get_rng_state())
         return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
             "step": step,
-            "data_position": {
-                **stream.position.state_dict(),
-                "batch_size": t.batch_size,
-                "world_size": world,
-            },
-            "rng": rngs,
+            "data_position": {**stream.position.state_dict(), "batch_size": t.batch_size, "world_size": world},
+            "rng": rng_states,
             "classes": classes,
             "config": to_dict(cfg),
             "world_size": world,
         }
 
+    amp_dtype = torch.bfloat16 if t.amp_dtype == "bfloat16" else torch.float16
+    autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+    views_cl = ("view1", "view2") if on_cuda and t.channels_last else ()
     last_good = checkpoint_path(out) if ckpt is not None else None
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
-    )
-    keys: Optional[list[str]] = None  # logged values, fixed at the first step
-    sums: Optional[torch.Tensor] = None  # [2, K]: sum of values, number of (rank, step) present
+    sums: Optional[torch.Tensor] = None  # [2, K]: sums of values, number of (rank, step) present
     window_start, window_steps = time.perf_counter(), 0
     bar = tqdm(total=stop, initial=step, disable=not is_main, unit="step", dynamic_ncols=True)
     batches = iter(stream)
-    views_cl = ("view1", "view2") if on_cuda and t.channels_last else ()
     model_ddp.train()
     while step < stop:
         batch = to_device(next(batches), device, channels_last_keys=views_cl)
         with autocast:
             outputs = model_ddp(batch)
-        losses = {k: v for k, v in outputs.items() if k.startswith("loss_")}
+        losses = [v for k, v in outputs.items() if k.startswith("loss_")]
         if not losses:
             raise UserError("every loss is switched off (loss.cls/crpn/info/croi_reg): nothing to train")
-        loss = sum(losses.values())
-
-        if keys is None:
-            keys = ["loss", *sorted(losses), *[k for k in METRIC_KEYS if k in outputs]]
-        values = {"loss": loss, **outputs}
-        present = [k in values for k in keys]
-        zero = torch.zeros((), device=device)
-        vec = torch.stack(
-            [
-                torch.stack([values[k].detach().float() if p else zero for k, p in zip(keys, present)]),
-                torch.tensor(present, dtype=torch.float32, device=device),
-            ]
-        )  # [2, K]: values, presence
-        if dist_utils.is_initialized():  # a NaN on any rank makes the sum NaN on every rank
-            torch.distributed.all_reduce(vec)
-        n_loss = 1 + len(losses)
-        hint = f" (last good checkpoint: {last_good})" if last_good else " (no checkpoint was written yet)"
-        # the terms first, so the message names the culprit; then their sum (it may overflow)
-        order = [*range(1, n_loss), 0]
-        check_finite([keys[i] for i in order], vec[0, order].tolist(), step=step + 1, hint=hint)
+        loss = sum(losses)
+        vec = _step_values(outputs, loss, device)
+        _check_losses(vec, step=step + 1, last_good=last_good)  # before the weights change
 
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -332,10 +365,10 @@ def _train(
         sums = vec if sums is None else sums + vec
         window_steps += 1
         if step % t.log_every == 0 or step == stop:
-            means = (sums[0] / sums[1].clamp(min=1)).tolist()
             elapsed = time.perf_counter() - window_start
+            means, counts = (sums[0] / sums[1].clamp(min=1)).tolist(), sums[1].tolist()
             row = {"step": step, "epoch": stream.position.epoch, "lr": step_lr}
-            row.update({k: m for k, m, c in zip(keys, means, sums[1].tolist()) if c > 0})
+            row.update({k: m for k, m, c in zip(LOGGED_KEYS, means, counts) if c > 0})
             row["images_per_s"] = window_steps * global_batch / max(elapsed, 1e-9)
             row["world_size"] = world
             logger.log(row)
@@ -352,10 +385,15 @@ def _train(
             dist_utils.barrier()
     bar.close()
     logger.close()
+    _check_ranks_agree(model, out, world=world, is_main=is_main)
 
-    if dist_utils.is_initialized():
-        digests = gather_digests(model)
-        if is_main:
-            write_json(out / "ranks.json", {"world_size": world, "param_sha1": digests})
-        if len(set(digests)) != 1:
-            raise RuntimeError(f"DDP ranks ended with different weights: {digests}")
+
+def _check_ranks_agree(model: torch.nn.Module, out: Path, *, world: int, is_main: bool) -> None:
+    """Under DDP: write every rank's parameter digest to ``ranks.json``; they must be equal."""
+    if not dist_utils.is_initialized():
+        return
+    digests = gather_digests(model)
+    if is_main:
+        write_json(out / "ranks.json", {"world_size": world, "param_sha1": digests})
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"DDP ranks ended with different weights: {digests}")
