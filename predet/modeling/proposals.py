@@ -114,16 +114,16 @@ def jitter_boxes(
 ) -> tuple[Tensor, Tensor]:
     """Random boxes around each query for CRPN-off training (paper Table 1).
 
-    Centres move by up to 0.6 of the box size and sides scale by exp(+-0.7), so about half of
-    the boxes overlap their query with IoU > 0.5 and the rest are negatives.
+    Centres move by up to 0.3 of the box size and sides scale by up to exp(+-0.5), so about
+    half of the boxes overlap their query with IoU > 0.5 and the rest are negatives.
     ``boxes [B, Q, 4]``, ``mask [B, Q]`` -> boxes ``[B, Q*J, 4]``, valid ``[B, Q*J]``.
     """
     B, Q = mask.shape
     J = num_per_query
     noise = torch.rand((B, Q, J, 4), generator=generator, device=boxes.device) * 2 - 1
     wh = (boxes[..., 2:] - boxes[..., :2]).unsqueeze(2)  # [B, Q, 1, 2]
-    ctr = (boxes[..., :2] + boxes[..., 2:]).unsqueeze(2) / 2 + noise[..., :2] * 0.6 * wh
-    half = wh * torch.exp(noise[..., 2:] * 0.7) / 2  # [B, Q, J, 2]
+    ctr = (boxes[..., :2] + boxes[..., 2:]).unsqueeze(2) / 2 + noise[..., :2] * 0.3 * wh
+    half = wh * torch.exp(noise[..., 2:] * 0.5) / 2  # [B, Q, J, 2]
     out = torch.cat([ctr - half, ctr + half], dim=3)  # [B, Q, J, 4]
     out = clip_boxes_to_image(out.flatten(1, 2), image_size)  # [B, Q, J, 4] -> [B, Q*J, 4]
     size = out[..., 2:] - out[..., :2]

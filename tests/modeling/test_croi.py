@@ -1,0 +1,110 @@
+"""CROI head: InfoNCE vs the paper's formula, candidate assignment, similarity and regression."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import box_iou
+
+from predet.modeling.croi_head import CROIHead, assign_candidates
+from predet.modeling.losses import info_nce, multilabel_softmax_ce
+
+
+def test_info_nce_equals_paper_formula_with_masked_negatives():
+    g = torch.Generator().manual_seed(0)
+    B, Q, P, tau = 3, 4, 9, 0.07
+    sim = torch.rand(B, Q, P, generator=g) * 2 - 1
+    pos = torch.randint(0, P, (B, Q), generator=g)
+    neg = torch.rand(B, P, generator=g) < 0.5
+    valid = torch.tensor([[1, 1, 0, 1], [0, 0, 0, 0], [1, 0, 1, 1]], dtype=torch.bool)
+    got = info_nce(sim, pos, neg, valid, tau)
+    terms = []
+    for b in range(B):
+        for q in range(Q):
+            if not valid[b, q]:
+                continue
+            e_pos = math.exp(sim[b, q, pos[b, q]].item() / tau)
+            e_neg = sum(math.exp(sim[b, q, p].item() / tau) for p in range(P) if neg[b, p])
+            terms.append(-math.log(e_pos / (e_pos + e_neg)))
+    assert abs(got.item() - sum(terms) / len(terms)) < 1e-4
+    # no negative at all: the loss is 0 (log 1), no NaN
+    zero = info_nce(sim, pos, torch.zeros_like(neg), valid, tau)
+    assert zero.item() == 0.0
+
+
+def test_assign_candidates():
+    g = torch.Generator().manual_seed(0)
+    queries = torch.tensor([[[10.0, 10, 30, 30], [40, 40, 60, 60], [0, 0, 0, 0]]])  # [1, 3, 4]
+    mask = torch.tensor([[True, True, False]])
+    proposals = torch.tensor(
+        [[[11.0, 11, 31, 31], [9, 9, 29, 29], [41, 41, 59, 61], [0, 30, 20, 60], [50, 0, 64, 20],
+          [12, 12, 28, 28], [0, 0, 0, 0]]]
+    )  # fmt: skip
+    prop_valid = torch.tensor([[True] * 6 + [False]])
+    cands = torch.cat([proposals, queries], 1)  # queries appended: P = 7 + 3
+    cvalid = torch.cat([prop_valid, mask], 1)
+    picks = []
+    for _ in range(40):
+        iou, pos, neg = assign_candidates(
+            cands, cvalid, queries, mask, fg_iou=0.5, num_negatives=5, generator=g
+        )
+        picks.append(pos[0, :2].tolist())
+        ref = box_iou(queries[0], cands[0])
+        ref[2] = 0
+        ref[:, ~cvalid[0]] = 0
+        torch.testing.assert_close(iou[0], ref)
+        for q in (0, 1):  # a positive has IoU > 0.5 with its query
+            assert iou[0, q, pos[0, q]] > 0.5
+        assert neg[0].tolist() == [False, False, False, True, True, False, False, False, False, False]
+    firsts = {p[0] for p in picks}
+    assert firsts == {0, 1, 5, 7}  # every IoU>0.5 candidate of query 0 is drawn, its own box too
+    # a degenerate query box: only its appended self can be its positive, and always is
+    queries2 = torch.tensor([[[5.0, 5, 5, 9]]])
+    c2 = torch.cat([torch.tensor([[[5.0, 5, 9, 9]]]), queries2], 1)
+    _, pos2, neg2 = assign_candidates(
+        c2, torch.ones(1, 2, dtype=torch.bool), queries2, torch.ones(1, 1, dtype=torch.bool),
+        fg_iou=0.5, num_negatives=5,
+    )  # fmt: skip
+    assert pos2.tolist() == [[1]] and neg2.tolist() == [[True, False]]
+
+
+def test_negatives_are_capped_at_random():
+    g = torch.Generator().manual_seed(0)
+    queries = torch.tensor([[[0.0, 0, 4, 4]]])
+    far = torch.tensor([50.0, 50, 60, 60]).repeat(1, 30, 1)
+    cands = torch.cat([far, queries], 1)
+    _, _, neg = assign_candidates(
+        cands, torch.ones(1, 31, dtype=torch.bool), queries, torch.ones(1, 1, dtype=torch.bool),
+        fg_iou=0.5, num_negatives=12, generator=g,
+    )  # fmt: skip
+    assert int(neg.sum()) == 12 and not neg[0, 30]
+
+
+def test_similarity_and_regression_formulas():
+    torch.manual_seed(0)
+    head = CROIHead(in_dim=10, embed_dim=6, reg_dim=3)
+    b_q, b_p = torch.randn(2, 4, 10), torch.randn(2, 5, 10)
+    sim = head.similarity(b_q, b_p)
+    ref = F.cosine_similarity(head.embed(b_q)[:, :, None], head.embed(b_p)[:, None], dim=-1)
+    torch.testing.assert_close(sim, ref, atol=1e-6, rtol=1e-5)
+    d = head.regression(b_q[0], b_p[0, :4])
+    rq = head.query_reg(b_q[0]).view(4, 4, 3)
+    rp = head.proposal_reg(b_p[0, :4])
+    torch.testing.assert_close(d, torch.einsum("mkd,md->mk", rq, rp))
+    # regression targets of the ROI box coder round-trip, and a query's own box has target 0
+    coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
+    q = torch.tensor([[10.0, 12, 30, 40]])
+    p = torch.tensor([[8.0, 15, 33, 38]])
+    torch.testing.assert_close(coder.decode_single(coder.encode_single(q, p), p), q)
+    assert coder.encode_single(q, q).abs().max() < 1e-6
+
+
+def test_multilabel_softmax_ce():
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]]])  # [L=1, B=2, K=3]
+    labels = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])  # second image: no label
+    lse = math.log(math.exp(2) + 1 + math.exp(-1))
+    want = 0.5 * (lse - 2) + 0.5 * (lse - 0)
+    assert abs(multilabel_softmax_ce(logits, labels).item() - want) < 1e-6
