@@ -167,6 +167,8 @@ class FinetuneDataConfig:
     val: SplitConfig = field(default_factory=SplitConfig)
     subset: Optional[int] = None  # number of training images, drawn with `seed`
     num_workers: int = 2
+    classes: Optional[List[str]] = None  # VOC: class names in label order (default: VOC's 20, else sorted)
+    eval_batch_size: int = 2  # images per inference batch
 
 
 @dataclass
@@ -182,6 +184,11 @@ class FinetuneModelConfig:
     mask_head_lr_mult: float = 4.0
     detections_per_img: int = 100
     score_thresh: float = 0.05
+    anchor_sizes: Optional[List[int]] = None  # one per FPN level; None: torchvision's 32..512
+    proposals_train: int = 2000  # RPN proposals kept per image (pre- and post-NMS), training
+    proposals_test: int = 1000  # same, inference
+    roi_batch_size_per_image: int = 512  # RoIs sampled per image for the box head
+    mask_head_dim: int = 256  # channels of the mask head's 4 convs (torchvision: 256)
 
 
 @dataclass
@@ -189,6 +196,7 @@ class FinetuneTrainConfig:
     schedule: str = "1x"  # 1x, 2x, 3x, 6x, 9x ...
     steps: Optional[int] = None  # overrides the schedule
     iters_per_x: Optional[int] = None  # iterations of a 1x schedule; None: COCO's 90k scaled to data
+    lr_steps: Optional[List[int]] = None  # lr x0.1 at these steps; None: at 2/3 and 8/9 of the run
     batch_size: int = 16
     lr: float = 0.02
     momentum: float = 0.9
@@ -206,6 +214,7 @@ class FinetuneTrainConfig:
 @dataclass
 class FinetuneConfig:
     seed: int = 0
+    name: Optional[str] = None  # row name in `predet compare`; None: 'scratch' or the init file's stem
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)

@@ -1,0 +1,337 @@
+"""Detection data for fine-tuning: COCO JSON, LVIS-style JSON and Pascal VOC XML folders.
+
+Every format is read into one in-memory COCO-format dict (``gt``: ``images``, ``annotations``,
+``categories``), so training and evaluation (pycocotools) see the same boxes. A
+:class:`DetectionDataset` item is what torchvision's detectors take::
+
+    image:  float Tensor[3, H, W] in [0, 1]
+    target: boxes    float Tensor[M, 4]  XYXY in pixels
+            labels   int64 Tensor[M]     1..K (0 is the background)
+            masks    uint8 Tensor[M, H, W] (only with ``with_masks``)
+            image_id int
+
+Format notes:
+
+- LVIS-style JSON: images carry ``neg_category_ids`` / ``not_exhaustive_category_ids`` (kept for
+  the LVIS evaluation rules); a missing ``file_name`` is taken from ``coco_url`` (as in LVIS v1).
+- VOC: ``ann`` is a folder of XML files or an ``ImageSets/Main/<split>.txt`` list (XMLs read from
+  ``<VOC root>/Annotations``); ``images`` is ``JPEGImages``. Boxes are converted from VOC's 1-based
+  inclusive pixels to XYXY as detectron2 does (``xmin - 1``, ``ymin - 1``, ``xmax``, ``ymax``).
+  ``difficult`` objects become ``iscrowd=1``: never trained on, and ignored by COCO-style
+  evaluation (a detection on them is neither a true nor a false positive).
+- Crowd annotations are not trained on. For training, images with no usable box are left out, as
+  torchvision's reference scripts do (``_coco_remove_images_without_annotations``).
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from torch.utils.data import Dataset
+
+from predet.errors import UserError
+
+__all__ = [
+    "VOC_CLASSES",
+    "DetectionDataset",
+    "load_gt",
+    "load_coco_json",
+    "load_lvis_json",
+    "load_voc",
+    "is_lvis",
+    "infer_format",
+    "segm_to_mask",
+    "collate_detection",
+    "item_seed",
+]
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Reading annotations into a COCO-format dict
+# --------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"annotation file not found: {path}")
+    try:
+        gt = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON: {e}") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(gt, dict) or key not in gt:
+            raise UserError(f"{path}: not a COCO-format file (no '{key}' list)")
+    return gt
+
+
+def load_coco_json(path: str | Path) -> dict:
+    """A COCO JSON file as a dict (``iscrowd`` and ``area`` filled in where absent)."""
+    gt = _read_json(Path(path))
+    for ann in gt["annotations"]:
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann:
+            ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
+    return gt
+
+
+def load_lvis_json(path: str | Path) -> dict:
+    """An LVIS-style JSON as a COCO-format dict keeping the federated-annotation fields."""
+    gt = load_coco_json(path)
+    for img in gt["images"]:
+        img.setdefault("neg_category_ids", [])
+        img.setdefault("not_exhaustive_category_ids", [])
+        if "file_name" not in img:
+            if "coco_url" not in img:
+                raise UserError(f"{path}: image {img.get('id')} has neither file_name nor coco_url")
+            img["file_name"] = img["coco_url"].rsplit("/", 1)[-1]
+    return gt
+
+
+def is_lvis(gt: dict) -> bool:
+    """Whether a COCO-format dict carries LVIS's federated-annotation fields."""
+    return any("neg_category_ids" in img for img in gt["images"])
+
+
+def _voc_xml_files(ann: Path) -> list[Path]:
+    if ann.is_dir():
+        files = sorted(ann.glob("*.xml"))
+        if not files:
+            raise UserError(f"VOC annotation folder {ann} holds no .xml files")
+        return files
+    if ann.suffix == ".txt" and ann.is_file():
+        root = ann.parents[2]  # VOC2007/ImageSets/Main/<split>.txt -> VOC2007
+        ids = [line.split()[0] for line in ann.read_text().splitlines() if line.strip()]
+        files = [root / "Annotations" / f"{i}.xml" for i in ids]
+        for f in files:
+            if not f.is_file():
+                raise UserError(f"{ann}: listed image's annotation not found: {f}")
+        return files
+    raise UserError(f"VOC annotations must be a folder of XML files or an ImageSets .txt: {ann}")
+
+
+def _voc_text(node: ET.Element, tag: str, path: Path) -> str:
+    child = node.find(tag)
+    if child is None or child.text is None:
+        raise UserError(f"{path}: missing <{tag}>")
+    return child.text.strip()
+
+
+def load_voc(ann: str | Path, classes: Optional[Sequence[str]] = None) -> dict:
+    """Pascal VOC XML annotations as a COCO-format dict (no masks).
+
+    Categories get ids 1..K in the order of ``classes``; by default VOC's 20 classes when every name
+    is one of them, else the names found, sorted.
+    """
+    files = _voc_xml_files(Path(ann))
+    images, objects = [], []  # objects: (image id, name, [x, y, w, h], difficult)
+    for img_id, path in enumerate(files, start=1):
+        try:
+            root = ET.parse(path).getroot()
+        except ET.ParseError as e:
+            raise UserError(f"{path}: not valid XML: {e}") from None
+        size = root.find("size")
+        if size is None:
+            raise UserError(f"{path}: missing <size>")
+        w, h = int(float(_voc_text(size, "width", path))), int(float(_voc_text(size, "height", path)))
+        images.append({"id": img_id, "file_name": _voc_text(root, "filename", path), "width": w, "height": h})
+        for obj in root.iter("object"):
+            bb = obj.find("bndbox")
+            if bb is None:
+                raise UserError(f"{path}: <object> without <bndbox>")
+            x1, y1, x2, y2 = (float(_voc_text(bb, k, path)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            difficult = obj.find("difficult")
+            is_difficult = difficult is not None and (difficult.text or "0").strip() == "1"
+            box = [x1 - 1.0, y1 - 1.0, x2 - x1 + 1.0, y2 - y1 + 1.0]
+            objects.append((img_id, _voc_text(obj, "name", path), box, is_difficult, path))
+    names = sorted({o[1] for o in objects})
+    if classes is None:
+        classes = VOC_CLASSES if set(names) <= set(VOC_CLASSES) else names
+    cat_id = {name: i for i, name in enumerate(classes, start=1)}
+    annotations = []
+    for ann_id, (img_id, name, box, difficult, path) in enumerate(objects, start=1):
+        if name not in cat_id:
+            raise UserError(f"{path}: object class '{name}' is not in data.classes")
+        annotations.append({
+            "id": ann_id, "image_id": img_id, "category_id": cat_id[name], "bbox": box,
+            "area": box[2] * box[3], "iscrowd": int(difficult),
+        })  # fmt: skip
+    categories = [{"id": i, "name": n} for n, i in cat_id.items()]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def infer_format(ann: str | Path) -> str:
+    """``voc`` for a folder or ``.txt`` list, ``lvis`` for a JSON with LVIS's fields, else ``coco``."""
+    ann = Path(ann)
+    if ann.is_dir() or ann.suffix == ".txt":
+        return "voc"
+    return "lvis" if is_lvis(_read_json(ann)) else "coco"
+
+
+def load_gt(fmt: str, ann: str | Path, classes: Optional[Sequence[str]] = None) -> dict:
+    """Annotations of any supported format (``coco`` | ``lvis`` | ``voc``) as a COCO-format dict."""
+    if not ann:
+        raise UserError(f"no annotation path given for data.format={fmt}")
+    if fmt == "coco":
+        return load_coco_json(ann)
+    if fmt == "lvis":
+        return load_lvis_json(ann)
+    if fmt == "voc":
+        return load_voc(ann, classes)
+    raise UserError(f"data.format: unknown format '{fmt}' (choose coco, lvis or voc)")
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------
+def segm_to_mask(segm: Any, height: int, width: int) -> np.ndarray:
+    """A COCO segmentation (polygons, uncompressed or compressed RLE) as a uint8 [H, W] mask."""
+    if isinstance(segm, list):
+        polygons = [p for p in segm if len(p) >= 6]  # pycocotools needs >= 3 points
+        if not polygons:
+            return np.zeros((height, width), dtype=np.uint8)
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    elif isinstance(segm.get("counts"), list):
+        rle = mask_utils.frPyObjects(segm, height, width)
+    else:
+        rle = segm
+    return mask_utils.decode(rle)
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of item ``index`` at ``epoch``: augmentations do not depend on worker processes."""
+    return ((seed * 1_000_003 + epoch) * 1_000_003 + index) % (2**63)
+
+
+def _has_usable_box(anns: list[dict]) -> bool:
+    return any(not a.get("iscrowd", 0) and a["bbox"][2] > 1 and a["bbox"][3] > 1 for a in anns)
+
+
+class DetectionDataset(Dataset):
+    """Images and torchvision targets from a COCO-format ``gt`` dict.
+
+    Args:
+        gt: COCO-format dict (:func:`load_gt`).
+        images: folder the images' ``file_name`` are relative to.
+        train: training mode: images without a usable box are left out, flip augmentation is on.
+        with_masks: add ``masks`` to targets (every non-crowd annotation needs a segmentation).
+        flip_p: horizontal-flip probability (training).
+        seed: seed of the flips (item ``i`` at epoch ``e`` flips with a generator seeded by
+            :func:`item_seed`) and of the subset draw.
+        subset: keep this many training images, drawn with ``seed`` (paper Table 7).
+        classes: class names in label order (label ``l`` is ``classes[l - 1]``); default: the gt's
+            categories sorted by id. Annotations of other categories are left out.
+
+    Items are indexed by ``i`` or ``(epoch, i)``.
+    """
+
+    def __init__(
+        self,
+        gt: dict,
+        images: str | Path,
+        *,
+        train: bool,
+        with_masks: bool = False,
+        flip_p: float = 0.5,
+        seed: int = 0,
+        subset: Optional[int] = None,
+        classes: Optional[Sequence[str]] = None,
+    ) -> None:
+        self.root = Path(images)
+        if not self.root.is_dir():
+            raise UserError(f"image folder not found: {self.root}")
+        self.train, self.with_masks, self.flip_p, self.seed = train, with_masks, flip_p, seed
+        cats = sorted(gt["categories"], key=lambda c: c["id"])
+        self.classes = list(classes) if classes is not None else [c["name"] for c in cats]
+        label_of_name = {n: i for i, n in enumerate(self.classes, start=1)}
+        self.label_of_cat = {c["id"]: label_of_name[c["name"]] for c in cats if c["name"] in label_of_name}
+        self.images = {img["id"]: img for img in gt["images"]}
+        self.anns: dict[int, list[dict]] = defaultdict(list)
+        for a in gt["annotations"]:
+            if a["category_id"] in self.label_of_cat:
+                self.anns[a["image_id"]].append(a)
+        ids = sorted(self.images)
+        if train:
+            ids = [i for i in ids if _has_usable_box(self.anns[i])]
+            self.num_without_boxes = len(self.images) - len(ids)
+        if subset is not None:
+            if not 0 < subset <= len(ids):
+                raise UserError(f"data.subset={subset} but the training set has {len(ids)} usable images")
+            pick = np.random.default_rng(seed).permutation(len(ids))[:subset]
+            ids = [ids[i] for i in sorted(pick)]
+        if with_masks:
+            for i in ids:
+                for a in self.anns[i]:
+                    if not a.get("iscrowd", 0) and "segmentation" not in a:
+                        raise UserError(
+                            f"annotation {a.get('id')} (image {i}) has no segmentation: masks are "
+                            "needed by model.arch=mask_rcnn (use faster_rcnn or retinanet)"
+                        )
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _load_image(self, info: dict) -> torch.Tensor:
+        path = self.root / info["file_name"]
+        if not path.is_file():
+            raise UserError(f"image not found: {path}")
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+        h, w = arr.shape[:2]
+        if "height" in info and (info["height"], info["width"]) != (h, w):
+            raise UserError(f"{path}: image is {w}x{h} but the annotations say {info['width']}x{info['height']}")
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)  # HWC -> CHW
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        img_id = self.ids[index]
+        info = self.images[img_id]
+        image = self._load_image(info)
+        _, h, w = image.shape
+        anns = [a for a in self.anns[img_id] if not a.get("iscrowd", 0)]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # XYWH -> XYXY
+        boxes[:, 0::2].clamp_(0, w)
+        boxes[:, 1::2].clamp_(0, h)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        labels = torch.tensor([self.label_of_cat[a["category_id"]] for a in anns], dtype=torch.int64)
+        target: dict[str, Any] = {"boxes": boxes[keep], "labels": labels[keep], "image_id": img_id}
+        if self.with_masks:
+            masks = np.zeros((len(anns), h, w), dtype=np.uint8)
+            for j, a in enumerate(anns):
+                masks[j] = segm_to_mask(a["segmentation"], h, w)
+            target["masks"] = torch.from_numpy(masks)[keep]
+        if self.train and self.flip_p > 0:
+            g = torch.Generator().manual_seed(item_seed(self.seed, epoch, index))
+            if torch.rand((), generator=g).item() < self.flip_p:
+                image, target = _hflip(image, target)
+        return image, target
+
+
+def _hflip(image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    w = image.shape[-1]
+    target = dict(target)
+    boxes = target["boxes"].clone()
+    boxes[:, [0, 2]] = w - target["boxes"][:, [2, 0]]  # x1' = W - x2, x2' = W - x1
+    target["boxes"] = boxes
+    if "masks" in target:
+        target["masks"] = target["masks"].flip(-1)
+    return image.flip(-1), target
+
+
+def collate_detection(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
+    """Lists of images and targets (torchvision detectors take lists of different sizes)."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)

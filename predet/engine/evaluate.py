@@ -1,0 +1,255 @@
+"""COCO-style evaluation of a fine-tuned detector: ``predet evaluate --run RUN [--data ANN --images DIR]``.
+
+Writes ``RUN/predictions.json`` (COCO results format: ``image_id``, ``category_id``, ``bbox`` XYWH,
+``score``, and for Mask R-CNN ``segmentation`` as compressed RLE) and ``RUN/results.json``::
+
+    {"bbox": {"AP": .., "AP50": .., "AP75": .., "APs": .., "APm": .., "APl": ..}, "segm": {...}}
+
+AP in 0-100, ``null`` where COCO's AP is undefined (-1, e.g. no small objects in the set).
+
+Metrics are pycocotools' ``COCOeval`` (bbox; segm with a Mask R-CNN). A segm evaluation drops the
+detections' ``bbox`` so that their area comes from the mask (as detectron2 does). LVIS-style JSON is
+scored with the LVIS rules on top of COCOeval (:class:`LVISStyleEval`): at most 300 detections per
+image, detections of a category neither annotated in the image nor in its ``neg_category_ids`` are
+dropped, unmatched detections of an image's ``not_exhaustive_category_ids`` are ignored, and AP is
+also reported per frequency group (``APr``, ``APc``, ``APf``). VOC XML is converted to COCO in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DataLoader
+
+from predet import distributed
+from predet.config import FinetuneConfig, load_config
+from predet.data.detection import DetectionDataset, collate_detection, infer_format, is_lvis, load_gt
+from predet.engine.detectors import build_detector
+from predet.errors import UserError
+from predet.utils import load_checkpoint, write_json
+
+__all__ = ["LVISStyleEval", "evaluate_predictions", "evaluate_run", "predict", "run"]
+
+log = logging.getLogger("predet.evaluate")
+_AREAS = {"all": 0, "small": 1, "medium": 2, "large": 3}
+LVIS_MAX_DETS = 300
+
+
+class LVISStyleEval(COCOeval):
+    """COCOeval with LVIS's rule for not-exhaustively annotated categories.
+
+    Unmatched detections of a category listed in the image's ``not_exhaustive_category_ids`` are
+    ignored (not false positives). The other LVIS rules act on the detections before they get here
+    (:func:`_lvis_filter`); ``params.maxDets`` is ``[300]``.
+    """
+
+    def __init__(self, coco_gt: COCO, coco_dt: COCO, iou_type: str) -> None:
+        super().__init__(coco_gt, coco_dt, iou_type)
+        self.params.maxDets = [LVIS_MAX_DETS]
+        self.not_exhaustive = {
+            img["id"]: set(img.get("not_exhaustive_category_ids", [])) for img in coco_gt.dataset["images"]
+        }
+
+    def evaluateImg(self, imgId: int, catId: int, aRng: list, maxDet: int) -> Optional[dict]:  # noqa: N803
+        r = super().evaluateImg(imgId, catId, aRng, maxDet)
+        if r is not None and catId in self.not_exhaustive.get(imgId, ()):
+            r["dtIgnore"] = np.logical_or(r["dtIgnore"], r["dtMatches"] == 0)  # [T, D]
+        return r
+
+
+def _lvis_filter(gt: dict, dets: list[dict]) -> list[dict]:
+    """The top 300 detections per image, of categories annotated in it or in its negative list."""
+    positive = defaultdict(set)
+    for a in gt["annotations"]:
+        positive[a["image_id"]].add(a["category_id"])
+    evaluable = {img["id"]: positive[img["id"]] | set(img.get("neg_category_ids", [])) for img in gt["images"]}
+    per_image = defaultdict(list)
+    for d in dets:
+        per_image[d["image_id"]].append(d)
+    out = []
+    for img_id, ds in per_image.items():
+        ds = sorted(ds, key=lambda d: -d["score"])[:LVIS_MAX_DETS]
+        out.extend(d for d in ds if d["category_id"] in evaluable.get(img_id, ()))
+    return out
+
+
+def _summarize(E: COCOeval, *, iou: Optional[float] = None, area: str = "all", cats: Optional[np.ndarray] = None) -> float:
+    """Mean precision over IoUs/recalls/categories as pycocotools' ``summarize`` (-1: undefined)."""
+    s = E.eval["precision"]  # [T, R, K, A, M]
+    if iou is not None:
+        s = s[np.isclose(E.params.iouThrs, iou)]
+    if cats is not None:
+        s = s[:, :, cats]
+    s = s[:, :, :, _AREAS[area], -1]  # the largest maxDets (100 for COCO, 300 for LVIS)
+    valid = s[s > -1]
+    return float(np.mean(valid)) if valid.size else -1.0
+
+
+def _coco_from_dict(gt: dict) -> COCO:
+    coco = COCO()
+    coco.dataset = copy.deepcopy(gt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _to_percent(x: float) -> Optional[float]:
+    return None if x < 0 else 100.0 * x
+
+
+def evaluate_predictions(gt: dict, predictions: Sequence[dict], iou_types: Sequence[str] = ("bbox",)) -> dict:
+    """AP, AP50, AP75, APs, APm, APl (0-100; ``None`` if undefined) per IoU type.
+
+    ``gt`` is a COCO-format dict (LVIS-style when :func:`~predet.data.detection.is_lvis`; then
+    ``APr``, ``APc``, ``APf`` too). ``predictions`` are COCO results; with no prediction every AP
+    is 0 (or ``None`` where the ground truth makes it undefined).
+    """
+    lvis = is_lvis(gt)
+    coco_gt = _coco_from_dict(gt)
+    results = {}
+    for iou_type in iou_types:
+        dets = [copy.deepcopy(d) for d in predictions]
+        if iou_type == "segm":
+            for d in dets:
+                d.pop("bbox", None)  # areas from the masks
+        if lvis:
+            dets = _lvis_filter(gt, dets)
+        with contextlib.redirect_stdout(io.StringIO()):
+            if dets:
+                coco_dt = coco_gt.loadRes(dets)
+            else:  # loadRes cannot take an empty list
+                coco_dt = _coco_from_dict({"images": gt["images"], "categories": gt["categories"], "annotations": []})
+            E = (LVISStyleEval if lvis else COCOeval)(coco_gt, coco_dt, iou_type)
+            E.evaluate()
+            E.accumulate()
+        res = {
+            "AP": _summarize(E), "AP50": _summarize(E, iou=0.5), "AP75": _summarize(E, iou=0.75),
+            "APs": _summarize(E, area="small"), "APm": _summarize(E, area="medium"),
+            "APl": _summarize(E, area="large"),
+        }  # fmt: skip
+        if lvis:
+            freq = np.array([coco_gt.cats[c].get("frequency", "") for c in E.params.catIds])
+            for group in ("r", "c", "f"):
+                res[f"AP{group}"] = _summarize(E, cats=np.flatnonzero(freq == group))
+        results[iou_type] = {k: _to_percent(v) for k, v in res.items()}
+    return results
+
+
+@torch.inference_mode()
+def predict(
+    model: torch.nn.Module,
+    dataset: DetectionDataset,
+    *,
+    category_of_label: dict[int, int],
+    device: torch.device,
+    batch_size: int = 2,
+    num_workers: int = 0,
+    amp: bool = False,
+    progress: bool = True,
+) -> list[dict]:
+    """COCO results of ``model`` on ``dataset`` (labels mapped to category ids; others dropped)."""
+    from tqdm import tqdm
+
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_detection)
+    out: list[dict] = []
+    use_amp = amp and device.type == "cuda"
+    for images, targets in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            outputs = model([im.to(device) for im in images])
+        for target, o in zip(targets, outputs):
+            boxes = o["boxes"].float().cpu()
+            boxes[:, 2:] -= boxes[:, :2]  # XYXY -> XYWH
+            rles = None
+            if "masks" in o:
+                binary = (o["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)  # [D, 1, H, W] -> [D, H, W]
+                rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))  # needs [H, W, D]
+            for j, (box, score, label) in enumerate(zip(boxes.tolist(), o["scores"].tolist(), o["labels"].tolist())):
+                if label not in category_of_label:
+                    continue
+                det = {"image_id": target["image_id"], "category_id": category_of_label[label],
+                       "bbox": [round(v, 3) for v in box], "score": round(score, 5)}  # fmt: skip
+                if rles is not None:
+                    det["segmentation"] = {"size": rles[j]["size"], "counts": rles[j]["counts"].decode("ascii")}
+                out.append(det)
+    return out
+
+
+def evaluate_run(
+    run: str | Path,
+    ann: Optional[str | Path] = None,
+    images: Optional[str | Path] = None,
+    *,
+    ckpt: Optional[str | Path] = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate ``run``'s checkpoint on its val split (or ``ann``/``images``); write the JSON files.
+
+    Returns the results dict written to ``RUN/results.json``.
+    """
+    run = Path(run)
+    cfg: FinetuneConfig = load_config(FinetuneConfig, run / "config.yaml")
+    state = load_checkpoint(Path(ckpt) if ckpt else run / "checkpoints" / "last.pt")
+    if "model" not in state or "classes" not in state:
+        raise UserError(f"{ckpt or run / 'checkpoints' / 'last.pt'}: not a fine-tuning checkpoint")
+    if ann is None:
+        ann, images, fmt = cfg.data.val.ann, images or cfg.data.val.images, cfg.data.format
+        if not ann:
+            raise UserError(f"{run}/config.yaml: data.val.ann is empty; pass --data ANN --images DIR")
+    else:
+        fmt = infer_format(ann)
+        if images is None:
+            raise UserError("--data given without --images")
+    classes = list(state["classes"])
+    gt = load_gt(fmt, ann, classes=cfg.data.classes)
+    dataset = DetectionDataset(gt, images, train=False)
+    cat_of_name = {c["name"]: c["id"] for c in gt["categories"]}
+    category_of_label = {i: cat_of_name[n] for i, n in enumerate(classes, start=1) if n in cat_of_name}
+    if not category_of_label:
+        raise UserError(f"{ann}: none of the model's classes {classes[:5]}... are categories of this data")
+
+    device = _device_of(cfg)
+    model = build_detector(cfg, classes, for_test=True)
+    model.load_state_dict(state["model"])
+    model.to(device)
+    preds = predict(model, dataset, category_of_label=category_of_label, device=device,
+                    batch_size=cfg.data.eval_batch_size, amp=cfg.train.amp, progress=progress)  # fmt: skip
+    iou_types = ("bbox", "segm") if cfg.model.arch == "mask_rcnn" else ("bbox",)
+    results = evaluate_predictions(gt, preds, iou_types)
+    write_json(run / "predictions.json", preds, indent=None)
+    write_json(run / "results.json", results)
+    return results
+
+
+def _device_of(cfg: FinetuneConfig) -> torch.device:
+    use_cuda = torch.cuda.is_available() if cfg.train.device == "auto" else cfg.train.device.startswith("cuda")
+    return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+
+
+def format_results(results: dict) -> str:
+    """One line per IoU type: ``bbox AP 12.3 AP50 ...``."""
+    lines = []
+    for iou_type, res in results.items():
+        vals = " ".join(f"{k} {'-' if v is None else f'{v:.1f}'}" for k, v in res.items())
+        lines.append(f"{iou_type}: {vals}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    if distributed.rank() != 0:
+        return 0
+    results = evaluate_run(args.run, args.data, args.images, ckpt=args.ckpt)
+    print(format_results(results))
+    print(f"wrote {Path(args.run) / 'results.json'} and predictions.json")
+    return 0

@@ -1,0 +1,364 @@
+"""Fine-tuning torchvision detectors: ``predet finetune --config CFG --init FILE|scratch [--out RUN]``.
+
+A plain step loop (one batch per step, no epochs to count): SGD with linear warm-up and x0.1 steps,
+the mask head at ``model.mask_head_lr_mult`` x the learning rate (the paper's 4x), multi-scale
+training (shortest side drawn per image from ``model.train_sizes`` by torchvision's transform) and
+horizontal flips, bf16 autocast on CUDA, DDP under ``torchrun`` (same code path as one CPU).
+
+Schedules: ``train.schedule`` ``Nx`` is N times a 1x schedule; 1x is COCO's 90k iterations at 16
+images (~12.2 epochs of COCO's 118,287 train images), i.e. for another data set the same number of
+epochs at this global batch, unless ``train.iters_per_x`` says otherwise. ``train.steps`` overrides
+the total; the learning rate drops x0.1 at 2/3 and 8/9 of it unless ``train.lr_steps`` is given.
+
+Batches are a pure function of the step: step ``s`` takes global items ``s*B*W .. (s+1)*B*W`` of the
+stream of per-epoch permutations (seeded by ``seed`` and the epoch), rank ``r`` its ``B``-slice; item
+``i`` of epoch ``e`` flips with a generator seeded by ``(seed, e, i)``. Resuming from
+``checkpoints/last.pt`` (model, optimizer, scheduler, step, RNG states) therefore continues exactly.
+
+The run folder gets ``config.yaml``, ``init.json`` (the init's name and the tensors loaded / not
+loaded / unused), ``log.txt``, ``metrics.jsonl``, ``tb/``, ``checkpoints/`` and, when the config has
+a val split, ``predictions.json`` + ``results.json`` (see :mod:`predet.engine.evaluate`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import random
+import re
+import time
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from predet import distributed
+from predet.config import FinetuneConfig, load_config, save_config
+from predet.data.detection import DetectionDataset, collate_detection, load_gt
+from predet.engine.detectors import build_detector, load_init
+from predet.engine.evaluate import evaluate_run, format_results
+from predet.errors import UserError
+from predet.utils import load_checkpoint, prepare_run_dir, save_checkpoint, seed_everything, write_json
+
+__all__ = ["finetune", "schedule", "lr_factor", "StepBatchSampler", "build_optimizer", "run"]
+
+COCO_TRAIN_IMAGES = 118_287
+COCO_1X_ITERS, COCO_1X_BATCH = 90_000, 16
+
+
+# --------------------------------------------------------------------------------------------
+# Schedule
+# --------------------------------------------------------------------------------------------
+def schedule(cfg: FinetuneConfig, num_images: int, world_size: int = 1) -> tuple[int, list[int]]:
+    """(total steps, lr-drop steps) for ``cfg.train`` on ``num_images`` training images."""
+    t = cfg.train
+    global_batch = t.batch_size * world_size
+    if t.steps is not None:
+        total = t.steps
+    else:
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)x", t.schedule)
+        if not m:
+            raise UserError(f"train.schedule='{t.schedule}': expected a multiple of 1x such as 1x, 2x, 9x")
+        per_x = t.iters_per_x or math.ceil(
+            COCO_1X_ITERS * COCO_1X_BATCH / COCO_TRAIN_IMAGES * num_images / global_batch
+        )  # same epochs as COCO's 1x
+        total = round(float(m.group(1)) * per_x)
+    if total <= 0:
+        raise UserError(f"train.steps={total}: must be positive")
+    steps = list(t.lr_steps) if t.lr_steps is not None else [round(total * 2 / 3), round(total * 8 / 9)]
+    return total, sorted(steps)
+
+
+def lr_factor(step: int, *, warmup_steps: int, warmup_factor: float, lr_steps: Sequence[int]) -> float:
+    """Multiplier of the base lr at ``step``: linear warm-up, then x0.1 at each of ``lr_steps``."""
+    factor = 0.1 ** bisect.bisect_right(list(lr_steps), step)
+    if step < warmup_steps:
+        alpha = step / warmup_steps
+        factor *= warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.SGD:
+    """SGD; the mask head's parameters in their own group at ``mask_head_lr_mult`` x lr."""
+    mask, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (mask if ".mask_head." in f".{name}" or ".mask_predictor." in f".{name}" else rest).append(p)
+    t = cfg.train
+    groups = [{"params": rest, "lr": t.lr}]
+    if mask:
+        groups.append({"params": mask, "lr": t.lr * cfg.model.mask_head_lr_mult})
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+# --------------------------------------------------------------------------------------------
+# Data order
+# --------------------------------------------------------------------------------------------
+class StepBatchSampler(Sampler):
+    """Yields, for steps ``start..total-1``, this rank's batch as a list of ``(epoch, index)``.
+
+    The global stream is the concatenation of per-epoch permutations of ``range(num_items)``
+    (epoch ``e`` seeded by ``seed`` and ``e``); step ``s`` takes its items ``s*B*W .. (s+1)*B*W``
+    and rank ``r`` the ``r``-th slice of ``B``. A data set smaller than a batch wraps into the
+    next epoch.
+    """
+
+    def __init__(
+        self, *, num_items: int, batch_size: int, seed: int, start: int, total: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if num_items <= 0:
+            raise UserError("the training set has no usable images")
+        self.n, self.b, self.seed = num_items, batch_size, seed
+        self.start, self.total, self.rank, self.world = start, total, rank, world_size
+        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
+
+    def _item(self, position: int) -> tuple[int, int]:
+        epoch, offset = divmod(position, self.n)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
+        return epoch, int(self._perm[offset])
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.total):
+            first = (step * self.world + self.rank) * self.b
+            yield [self._item(p) for p in range(first, first + self.b)]
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state (weights_only-loadable: tensors, ints, tuples)
+# --------------------------------------------------------------------------------------------
+def _rng_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.copy()), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------
+class _RunLog:
+    """``log.txt`` + ``metrics.jsonl`` + TensorBoard, written by rank 0 only."""
+
+    def __init__(self, out: Path, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.out = out
+        self.tb = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"))
+
+    def text(self, msg: str, *, echo: bool = True) -> None:
+        if not self.enabled:
+            return
+        with open(self.out / "log.txt", "a") as f:
+            f.write(msg + "\n")
+        if echo:
+            from tqdm import tqdm
+
+            tqdm.write(msg)
+
+    def metrics(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.tb.add_scalar(f"finetune/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _checkpoint(path: Path, model: nn.Module, opt, sched, step: int, classes: list[str], init_name: str) -> None:
+    save_checkpoint(
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+         "step": step, "rng": _rng_state(), "classes": classes, "init": init_name},
+        path,
+    )  # fmt: skip
+
+
+def _device_setup(model: nn.Module, cfg: FinetuneConfig, device: torch.device, log: _RunLog) -> nn.Module:
+    if cfg.model.norm == "syncbn" and distributed.world_size() > 1:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log.text("model.norm=syncbn: SyncBatchNorm needs CUDA; using per-process BN on CPU")
+    model.to(device)
+    if cfg.train.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False, overwrite: bool = False,
+             progress: bool = True) -> Path:  # fmt: skip
+    """Fine-tune ``cfg.model.arch`` from ``init`` (file or ``scratch``) into the run folder ``out``.
+
+    Evaluates on ``cfg.data.val`` at the end when it is set. Returns ``out``.
+    """
+    out = Path(out)
+    device = distributed.init(cfg.train.device)
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0
+    if main:
+        prepare_run_dir(out, resume=resume, overwrite=overwrite)
+        save_config(cfg, out / "config.yaml")
+    distributed.barrier()
+    log = _RunLog(out, enabled=main)
+    seed_everything(cfg.seed)
+
+    d = cfg.data
+    train_gt = load_gt(d.format, d.train.ann, classes=d.classes)
+    with_masks = cfg.model.arch == "mask_rcnn"
+    dataset = DetectionDataset(train_gt, d.train.images, train=True, with_masks=with_masks,
+                               flip_p=cfg.train.flip_p, seed=cfg.seed, subset=d.subset)  # fmt: skip
+    classes = dataset.classes
+    if cfg.model.num_classes is not None and cfg.model.num_classes != len(classes):
+        raise UserError(f"model.num_classes={cfg.model.num_classes} but {d.train.ann} has {len(classes)} classes")
+    total, lr_steps = schedule(cfg, len(dataset), world)
+    warmup = min(cfg.train.warmup_steps, total)
+    log.text(f"train: {len(dataset)} images ({dataset.num_without_boxes} without boxes left out), "
+             f"{len(classes)} classes; {total} steps at {cfg.train.batch_size}x{world} images, "
+             f"warm-up {warmup}, lr x0.1 at {lr_steps}")  # fmt: skip
+
+    model = build_detector(cfg, classes)
+    report = load_init(model, init, name=cfg.name)
+    log.text(report.summary())
+    log.text("init loaded: " + " ".join(report.loaded), echo=False)
+    log.text("init not loaded: " + (" ".join(report.missing) or "-"), echo=0 < len(report.missing) <= 12)
+    log.text("init unused: " + (" ".join(report.unused) or "-"), echo=False)
+    if main:
+        write_json(out / "init.json", report.to_dict())
+    model = _device_setup(model, cfg, device, log)
+    opt = build_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, warmup_steps=warmup, warmup_factor=cfg.train.warmup_factor, lr_steps=lr_steps)
+    )
+    start = 0
+    last = out / "checkpoints" / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise UserError(f"--resume: no checkpoint at {last}")
+        state = load_checkpoint(last, map_location=device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = int(state["step"])
+        _set_rng_state(state["rng"])
+        log.text(f"resumed from {last} at step {start}")
+    ddp = model
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    sampler = StepBatchSampler(num_items=len(dataset), batch_size=cfg.train.batch_size, seed=cfg.seed,
+                               start=start, total=total, rank=rank, world_size=world)  # fmt: skip
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=d.num_workers,
+                        collate_fn=collate_detection, pin_memory=device.type == "cuda")  # fmt: skip
+    _train(ddp, model, loader, opt, sched, cfg, out, log, start=start, total=total, classes=classes,
+           init_name=report.name, device=device, progress=progress and main)  # fmt: skip
+    distributed.barrier()
+    if main and d.val.ann:
+        results = evaluate_run(out, progress=progress)
+        log.text(format_results(results))
+    distributed.barrier()
+    log.close()
+    return out
+
+
+def _train(ddp, model, loader, opt, sched, cfg, out, log, *, start, total, classes, init_name, device, progress):
+    from tqdm import tqdm
+
+    t = cfg.train
+    ckpt_dir = out / "checkpoints"
+    use_amp = t.amp and device.type == "cuda"
+    params = [p for p in model.parameters() if p.requires_grad]
+    ddp.train()
+    bar = tqdm(total=total, initial=start, desc="finetune", disable=not progress, dynamic_ncols=True)
+    window_t, window_images = time.perf_counter(), 0
+    for step, (images, targets) in enumerate(loader, start=start):
+        images = [im.to(device, non_blocking=True) for im in images]
+        targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in tg.items()} for tg in targets]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            losses = ddp(images, targets)
+        losses = {(k if k.startswith("loss_") else f"loss_{k}"): v.float() for k, v in losses.items()}
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            bad = next(k for k, v in losses.items() if not torch.isfinite(v))
+            raise UserError(f"training diverged at step {step}: {bad} is {losses[bad].item()} "
+                            f"(last good checkpoint: {ckpt_dir / 'last.pt'}); try a lower train.lr")  # fmt: skip
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
+        opt.step()
+        sched.step()
+        window_images += len(images) * distributed.world_size()
+        done = step + 1
+        bar.update(1)
+        if done % t.log_every == 0 or done == total:
+            values = {k: distributed.all_reduce_mean(v.detach()).item() for k, v in losses.items()}
+            elapsed = time.perf_counter() - window_t
+            record = {"step": done, "lr": opt.param_groups[0]["lr"], "loss": sum(values.values()), **values,
+                      "images_per_s": window_images / max(elapsed, 1e-9), "world_size": distributed.world_size()}
+            log.metrics(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.1f}")
+            window_t, window_images = time.perf_counter(), 0
+        if distributed.is_main() and (done % cfg.ckpt.every == 0 or done == total):
+            _checkpoint(ckpt_dir / "last.pt", model, opt, sched, done, classes, init_name)
+            if done % cfg.ckpt.every == 0:
+                _checkpoint(ckpt_dir / f"step_{done:06d}.pt", model, opt, sched, done, classes, init_name)
+                _prune(ckpt_dir, cfg.ckpt.keep_last)
+    bar.close()
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    if keep_last > 0:
+        for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep_last]:
+            old.unlink()
+
+
+def _default_out(config: str, init: str) -> Path:
+    return Path("runs") / f"finetune-{Path(config).stem}-{'scratch' if init == 'scratch' else Path(init).stem}"
+
+
+def run(args) -> int:
+    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    if args.init != "scratch" and not Path(args.init).is_file():
+        raise UserError(f"--init: file not found: {args.init} (or pass 'scratch')")
+    out = Path(args.out) if args.out else _default_out(args.config, args.init)
+    try:
+        finetune(cfg, args.init, out, resume=args.resume, overwrite=args.overwrite)
+    finally:
+        distributed.cleanup()
+    if distributed.is_main():
+        print(f"run folder: {out}")
+    return 0
