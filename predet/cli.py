@@ -46,6 +46,9 @@ def _queries_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-side", type=int, default=500, help="long side for the computation")
     p.add_argument("--shard-size", type=int, default=1000, help="images per cache file")
     p.add_argument("--edge-model", default=None, help="structured-edge model (.yml.gz)")
+    p.add_argument("--min-size", type=float, default=16.0, help="min box side in original px")
+    p.add_argument("--max-aspect", type=float, default=4.0, help="max box aspect ratio")
+    p.add_argument("--images", default=None, help="image root when --manifest is a COCO JSON")
 
 
 def _shards_args(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,344 @@
+"""Pre-training datasets: (image, multi-hot labels, query boxes) -> two-view samples.
+
+Three sources, one sample format (see :class:`~predet.data.transforms.TwoViewTransform`):
+
+- ``manifest``: a JSONL manifest (labels, or tags mapped through a synonyms file exactly as
+  ``predet data vocab``) with queries from a ``predet data queries`` cache or the lines' ``queries``;
+- ``coco``: a COCO JSON used as weak labels (image-level classes of its annotations; its boxes are
+  NOT used as queries: queries come from the cache), the paper's "PreDet-ImageNet"-style run;
+- ``shards``: WebDataset tar shards from ``predet data shards``, split by node and worker, as an
+  endless resampled stream.
+
+Randomness: item ``i`` at epoch ``e`` draws from ``torch.Generator().manual_seed(sample_seed(seed, e,
+i))``, whatever worker loads it. An unreadable image is skipped (the next readable item takes its
+place) and counted: the sample's ``skipped`` and the batch's ``num_skipped`` carry the count out of
+worker processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from predet.data.manifest import BadImage, ManifestEntry, decode_image, load_image, load_synonyms, read_manifest
+from predet.data.queries import QueryCache
+from predet.data.transforms import TwoViewTransform, collate_two_view, sample_seed
+from predet.data.vocab import build_vocab
+from predet.errors import UserError
+
+__all__ = ["PretrainData", "WeakLabelDataset", "ShardDataset", "build_pretrain_data", "draft_side"]
+
+
+def _ragged(arrays: Sequence[np.ndarray], dtype: Any, width: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """List of arrays -> (concatenated values, int64 offsets ``len+1``): compact and cheap to
+    pickle into worker processes, unlike a list of small arrays."""
+    counts = np.array([len(a) for a in arrays], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    shape = (-1, width) if width else (-1,)
+    parts = [np.asarray(a, dtype).reshape(shape) for a in arrays]
+    values = np.concatenate(parts) if parts else np.zeros((0, width) if width else (0,), dtype)
+    return values.astype(dtype, copy=False), offsets
+
+
+def draft_side(transform: TwoViewTransform) -> int:
+    """Short side a JPEG may be decoded at (libjpeg draft) without losing view resolution: the
+    smallest crop (``crop_scale[0]`` of the area) must still hold ``size`` pixels per side."""
+    min_scale = transform.crop_scale[0] if transform.crop else 1.0
+    return int(math.ceil(transform.size / math.sqrt(max(min_scale, 1e-3))))
+
+
+def _init_cv2_threads() -> None:
+    # inside DataLoader workers: one thread each, the workers are the parallelism
+    if get_worker_info() is not None:
+        import cv2
+
+        cv2.setNumThreads(1)
+        torch.set_num_threads(1)
+
+
+class WeakLabelDataset(Dataset):
+    """Map-style dataset of images with class indices and query boxes (original-image pixels).
+
+    Args:
+        paths: image files.
+        labels: per image, class indices (``len(paths)`` arrays).
+        queries: per image, float32 ``(K_i, 4)`` XYXY boxes (``K_i`` may be 0).
+        num_classes: K, the width of the multi-hot label.
+        transform: the two-view transform.
+        seed: base seed of the per-item generators.
+    """
+
+    def __init__(
+        self,
+        *,
+        paths: Sequence[str | Path],
+        labels: Sequence[Sequence[int]],
+        queries: Sequence[np.ndarray],
+        num_classes: int,
+        transform: TwoViewTransform,
+        seed: int = 0,
+    ) -> None:
+        if not (len(paths) == len(labels) == len(queries)):
+            raise ValueError("paths, labels and queries must have the same length")
+        self.paths = [str(p) for p in paths]
+        self.label_values, self.label_offsets = _ragged([np.asarray(v, np.int64) for v in labels], np.int64)
+        self.query_values, self.query_offsets = _ragged(queries, np.float32, width=4)
+        self.num_classes = int(num_classes)
+        self.transform = transform
+        self.seed = int(seed)
+        self.epoch = 0
+        self.num_skipped = 0  # unreadable images met by this process
+        self.bad: dict[int, str] = {}  # index -> reason, this process
+        self._draft = draft_side(transform)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def labels_of(self, index: int) -> torch.Tensor:
+        """Multi-hot float ``(K,)`` of item ``index``."""
+        y = torch.zeros(self.num_classes)
+        y[torch.from_numpy(self.label_values[self.label_offsets[index] : self.label_offsets[index + 1]])] = 1.0
+        return y
+
+    def queries_of(self, index: int) -> np.ndarray:
+        return self.query_values[self.query_offsets[index] : self.query_offsets[index + 1]]
+
+    def _load(self, index: int) -> dict[str, Any]:
+        img, full = load_image(self.paths[index], draft_short_side=self._draft)
+        boxes = self.queries_of(index)
+        if img.size != full:  # decoded at a libjpeg draft scale: boxes follow
+            boxes = boxes * np.array([img.width / full[0], img.height / full[1]] * 2, np.float32)
+        return {"img": img, "boxes": boxes}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        _init_cv2_threads()
+        n = len(self)
+        for attempt in range(n):
+            j = (index + attempt) % n
+            if j in self.bad:
+                continue
+            try:
+                item = self._load(j)
+            except BadImage as e:
+                self.bad[j] = e.reason
+                self.num_skipped += 1
+                continue
+            seed = sample_seed(self.seed, self.epoch, index)
+            out = self.transform(item["img"], item["boxes"], generator=torch.Generator().manual_seed(seed))
+            out["labels"] = self.labels_of(j)
+            out["seed"] = seed
+            out["skipped"] = attempt
+            return out
+        raise UserError(f"no readable image among the {n} images of the dataset")
+
+
+class ShardDataset(IterableDataset):
+    """Endless (``resampled=True``) or one-pass stream of two-view samples from WebDataset shards.
+
+    Each sample is ``KEY.jpg`` + ``KEY.json`` (``{"labels": [class, ...], "queries": [[x1, y1, x2,
+    y2], ...]}``, boxes in the stored image's pixels). Resampled: every (rank, worker) draws shards
+    at random with its own seed; one pass: shards are split by node, then by worker.
+    """
+
+    def __init__(
+        self,
+        *,
+        urls: Sequence[str],
+        classes: Sequence[str],
+        transform: TwoViewTransform,
+        seed: int = 0,
+        resampled: bool = True,
+        shuffle: int = 256,
+    ) -> None:
+        self.urls = list(urls)
+        self.classes = list(classes)
+        self.class_index = {c: k for k, c in enumerate(self.classes)}
+        self.transform = transform
+        self.seed = int(seed)
+        self.resampled = resampled
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.num_skipped = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _pipeline(self, stream_seed: int) -> Any:
+        import webdataset as wds
+
+        if self.resampled:
+            stages = [wds.ResampledShards(self.urls, seed=stream_seed, deterministic=True)]
+        else:
+            stages = [wds.SimpleShardList(self.urls), wds.split_by_node, wds.split_by_worker]
+        stages.append(wds.tarfile_to_samples(handler=wds.warn_and_continue))
+        if self.shuffle > 1:
+            stages.append(wds.shuffle(self.shuffle, seed=stream_seed))
+        return wds.DataPipeline(*stages)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        _init_cv2_threads()
+        from predet.distributed import rank, world_size
+
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        stream = rank() * workers + worker  # this (node, worker)'s place among all readers
+        streams = world_size() * workers
+        stream_seed = sample_seed(self.seed, self.epoch, stream)
+        skipped = 0
+        for count, sample in enumerate(self._pipeline(stream_seed)):
+            key = sample.get("__key__", "?")
+            try:
+                meta = json.loads(sample["json"])
+                img, full = decode_image(sample["jpg"], name=f"{sample.get('__url__', '?')}:{key}")
+            except (BadImage, KeyError, json.JSONDecodeError, UnicodeDecodeError):
+                self.num_skipped += 1
+                skipped += 1
+                continue
+            boxes = np.asarray(meta.get("queries", []), np.float32).reshape(-1, 4)
+            seed = sample_seed(self.seed, self.epoch, count * streams + stream)
+            out = self.transform(img, boxes, generator=torch.Generator().manual_seed(seed))
+            y = torch.zeros(len(self.classes))
+            idx = [self.class_index[c] for c in meta.get("labels", []) if c in self.class_index]
+            y[idx] = 1.0
+            out["labels"] = y
+            out["seed"] = seed
+            out["skipped"] = skipped
+            skipped = 0
+            yield out
+
+
+@dataclass
+class PretrainData:
+    """What the pre-training engine needs: a dataset, its classes, the collate and counts."""
+
+    dataset: Dataset
+    classes: list[str]
+    collate_fn: Callable[[Sequence[dict]], dict[str, torch.Tensor]]
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_skipped(self) -> int:
+        """Images left out: excluded when building plus skipped at load time in this process."""
+        return int(self.counts.get("excluded_unreadable", 0)) + int(getattr(self.dataset, "num_skipped", 0))
+
+
+# --------------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------------
+def _synonyms_for(cfg: Any, manifest_path: Path, entries: Sequence[ManifestEntry]) -> Optional[dict]:
+    if all(e.labels is not None for e in entries):
+        return None
+    path = Path(cfg.data.synonyms) if cfg.data.synonyms else manifest_path.parent / "synonyms.json"
+    if not path.is_file():
+        raise UserError(
+            f"{manifest_path}: lines carry tags but no labels, and no synonyms file was found at {path} "
+            "(set data.synonyms or run `predet data vocab`)"
+        )
+    return load_synonyms(path)
+
+
+def _from_entries(cfg: Any, manifest_path: Path, entries: list[ManifestEntry], synonyms: Optional[dict]) -> PretrainData:
+    vocab = build_vocab(entries, synonyms, cfg.data.min_images)
+    if not vocab.classes:
+        raise UserError(f"{manifest_path}: no class has >= {cfg.data.min_images} images (data.min_images)")
+    has_inline = any(e.queries is not None for e in entries)
+    cache = QueryCache(cfg.data.queries) if cfg.data.queries else None
+    if cache is None and not has_inline:
+        raise UserError(
+            f"{manifest_path}: no query boxes: set data.queries to a cache made by "
+            f"`predet data queries --manifest {manifest_path} --out DIR`, or add 'queries' to the manifest lines"
+        )
+    index = {c: k for k, c in enumerate(vocab.classes)}
+    counts = {"images": len(entries), "no_class": 0, "excluded_unreadable": 0, "without_queries": 0}
+    paths, labels, queries = [], [], []
+    for e, classes in zip(entries, vocab.labels):
+        if not classes:
+            counts["no_class"] += 1
+            continue
+        if e.queries is not None:
+            q = e.queries
+        else:
+            if cache is not None and cache.is_failed(e.image):
+                counts["excluded_unreadable"] += 1
+                continue
+            hit = cache.get(e.image, e.path) if cache is not None else None
+            q = hit[0] if hit is not None else np.zeros((0, 4), np.float32)
+        if len(q) == 0:
+            counts["without_queries"] += 1  # kept: classification loss only
+        paths.append(e.path)
+        labels.append([index[c] for c in classes])
+        queries.append(q)
+    if not paths:
+        raise UserError(f"{manifest_path}: no usable image (counts: {counts})")
+    counts["used"] = len(paths)
+    transform = TwoViewTransform.from_config(cfg.data.aug, cfg.model.input_size)
+    dataset = WeakLabelDataset(
+        paths=paths, labels=labels, queries=queries, num_classes=len(vocab.classes), transform=transform, seed=cfg.seed
+    )
+    collate = functools.partial(collate_two_view, num_queries=cfg.data.queries_per_image)
+    return PretrainData(dataset=dataset, classes=vocab.classes, collate_fn=collate, counts=counts)
+
+
+def _shard_urls(spec: str) -> list[str]:
+    """A folder (all ``*.tar`` in it), a brace pattern ``shard-{000000..000009}.tar`` or a glob."""
+    import braceexpand
+
+    p = Path(spec)
+    if p.is_dir():
+        urls = sorted(str(f) for f in p.glob("*.tar"))
+    elif any(ch in spec for ch in "*?["):
+        urls = sorted(glob.glob(spec))
+    else:
+        urls = list(braceexpand.braceexpand(spec))
+    missing = [u for u in urls if "://" not in u and not Path(u).is_file()]
+    if not urls or missing:
+        raise UserError(f"data.shards: no shard files at '{spec}'" + (f" (missing {missing[0]})" if missing else ""))
+    return urls
+
+
+def _build_shards(cfg: Any) -> PretrainData:
+    urls = _shard_urls(cfg.data.shards)
+    vocab_path = Path(urls[0]).parent / "vocab.json"
+    if not vocab_path.is_file():
+        raise UserError(f"data.shards: {vocab_path} not found (written by `predet data shards`)")
+    classes = json.loads(vocab_path.read_text())["classes"]
+    transform = TwoViewTransform.from_config(cfg.data.aug, cfg.model.input_size)
+    dataset = ShardDataset(urls=urls, classes=classes, transform=transform, seed=cfg.seed, resampled=True)
+    collate = functools.partial(collate_two_view, num_queries=cfg.data.queries_per_image)
+    return PretrainData(dataset=dataset, classes=classes, collate_fn=collate, counts={"shards": len(urls)})
+
+
+def build_pretrain_data(cfg: Any) -> PretrainData:
+    """The pre-training data of a :class:`predet.config.PretrainConfig` (``data.format``:
+    ``manifest`` | ``shards`` | ``coco``)."""
+    fmt = cfg.data.format
+    if fmt == "shards" or (fmt == "manifest" and cfg.data.shards and not cfg.data.manifest):
+        if not cfg.data.shards:
+            raise UserError("data.format=shards needs data.shards (a folder or shard pattern)")
+        return _build_shards(cfg)
+    if fmt not in ("manifest", "coco"):
+        raise UserError(f"data.format: unknown value '{fmt}' (manifest | shards | coco)")
+    if not cfg.data.manifest:
+        raise UserError("data.manifest is empty: give a manifest (or a COCO JSON with data.format=coco)")
+    path = Path(cfg.data.manifest)
+    if fmt == "coco":
+        from predet.data.manifest import read_coco_as_manifest
+
+        if not path.is_file():
+            raise UserError(f"data.manifest: COCO JSON not found: {path}")
+        manifest = read_coco_as_manifest(path, cfg.data.images)
+        return _from_entries(cfg, path, manifest.entries, None)
+    manifest = read_manifest(path)
+    return _from_entries(cfg, path, manifest.entries, _synonyms_for(cfg, path, manifest.entries))

@@ -1,0 +1,416 @@
+"""Unsupervised query boxes (EdgeBoxes / selective search), computed once and cached (DESIGN §2, §4).
+
+Cache layout (``predet data queries --out DIR``): ``DIR/queries-<shard>.npz`` with ``images`` (the
+manifest's ``image`` strings), ``paths`` (resolved files), ``offsets`` (int64, ``len(images)+1``),
+``boxes`` (float32 ``[total, 4]`` XYXY in original-image pixels, i.e. after EXIF rotation),
+``scores`` (float32 ``[total]``), ``failed_images``/``failed_reasons``; plus ``DIR/failed.jsonl``.
+Shard ``k`` holds manifest entries ``[k * shard_size, (k + 1) * shard_size)``; rank ``r`` of a
+torchrun launch computes the shards with ``k % WORLD_SIZE == r``; a finished shard file is skipped
+on re-runs (resumable).
+
+EdgeBoxes needs an edge map and an orientation map. The structured-edge model cannot be shipped,
+so the default edge map is the colour gradient magnitude (Gaussian-smoothed Sobel, max over
+channels) thinned by non-maximum suppression along the gradient (EdgeBoxes on unthinned maps is
+~50x slower); the orientation map is computed from the edge map as OpenCV's
+``StructuredEdgeDetection.computeOrientation`` does. ``--edge-model FILE`` uses the real
+structured-edge detector.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torchvision.ops import box_iou, nms
+
+from predet.data.manifest import BadImage, ManifestEntry, load_image, read_manifest
+from predet.distributed import env_rank
+from predet.errors import UserError
+from predet.utils import atomic_write_text
+
+__all__ = [
+    "QueryParams",
+    "QueryCache",
+    "gradient_edges",
+    "compute_queries",
+    "write_query_file",
+    "cache_queries",
+    "query_recall",
+    "run",
+]
+
+
+@dataclass(frozen=True)
+class QueryParams:
+    """How query boxes are computed; sizes are in original-image pixels."""
+
+    method: str = "edgeboxes"  # edgeboxes | selective_search
+    max_boxes: int = 100  # M: top boxes kept per image
+    max_side: int = 500  # long side for the computation
+    nms: float = 0.5
+    min_size: float = 16.0  # both sides at least this, in original pixels
+    max_aspect: float = 4.0  # max(w/h, h/w)
+    edge_model: Optional[str] = None  # structured-edge model (.yml.gz); None = gradient edges
+
+
+# --------------------------------------------------------------------------------------------
+# Edge maps
+# --------------------------------------------------------------------------------------------
+def _orientation(edges: np.ndarray) -> np.ndarray:
+    """Edge-normal orientation in [0, pi) from second derivatives of the smoothed edge map
+    (the formula of ``StructuredEdgeDetection.computeOrientation``)."""
+    e = cv2.GaussianBlur(edges, (0, 0), 2.0)
+    ox = cv2.Sobel(e, cv2.CV_32F, 1, 0, ksize=3, scale=0.125)
+    oy = cv2.Sobel(e, cv2.CV_32F, 0, 1, ksize=3, scale=0.125)
+    oxx = cv2.Sobel(ox, cv2.CV_32F, 1, 0, ksize=3, scale=0.125)
+    oxy = cv2.Sobel(ox, cv2.CV_32F, 0, 1, ksize=3, scale=0.125)
+    oyy = cv2.Sobel(oy, cv2.CV_32F, 0, 1, ksize=3, scale=0.125)
+    o = np.arctan(oyy * np.sign(-oxy) / (oxx + 1e-5))
+    return np.mod(o, np.pi).astype(np.float32)
+
+
+def _edge_nms(edges: np.ndarray, orient: np.ndarray, *, r: float = 1.0, m: float = 1.01, border: int = 2) -> np.ndarray:
+    """Keep pixels that are maxima along the edge normal (``StructuredEdgeDetection.edgesNms``)."""
+    h, w = edges.shape
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    dx, dy = r * np.cos(orient), r * np.sin(orient)
+    e0 = cv2.remap(edges, xs + dx, ys + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    e1 = cv2.remap(edges, xs - dx, ys - dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    out = np.where((edges * m < e0) | (edges * m < e1), 0.0, edges).astype(np.float32)
+    if border > 0:  # image borders are not object boundaries
+        out[:border], out[-border:], out[:, :border], out[:, -border:] = 0, 0, 0, 0
+    return out
+
+
+def gradient_edges(rgb: np.ndarray, *, sigma: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) uint8 RGB -> thinned edge map (H, W) float32 in [0, 1] and orientation (H, W).
+
+    Gradient magnitude of the smoothed colour image (channel with the largest response), scaled so
+    that its 98th percentile is 1 (contrast-invariant, like the structured-edge probabilities).
+    """
+    x = cv2.GaussianBlur(rgb.astype(np.float32) * (1.0 / 255.0), (0, 0), sigma)
+    gx = cv2.Sobel(x, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(x, cv2.CV_32F, 0, 1, ksize=3)
+    mag = np.sqrt(gx * gx + gy * gy).max(axis=2)  # (H, W, 3) -> (H, W)
+    hi = float(np.percentile(mag, 98))
+    edges = np.clip(mag / max(hi, 1e-6), 0.0, 1.0).astype(np.float32)
+    orient = _orientation(edges)
+    return _edge_nms(edges, orient), orient
+
+
+# --------------------------------------------------------------------------------------------
+# Query boxes of one image
+# --------------------------------------------------------------------------------------------
+_STATE: dict = {}  # per-process detectors (OpenCV objects are not picklable)
+
+
+def _edge_boxes(params: QueryParams) -> "cv2.ximgproc.EdgeBoxes":
+    key = ("eb", params)
+    if key not in _STATE:
+        # alpha/beta lowered from (0.65, 0.75) toward IoU-0.5 recall; NMS 0.5 is applied after
+        _STATE[key] = cv2.ximgproc.createEdgeBoxes(
+            alpha=0.65, beta=0.75, minScore=0.01, maxBoxes=max(4 * params.max_boxes, 200),
+            maxAspectRatio=params.max_aspect, minBoxArea=100,
+        )
+    return _STATE[key]
+
+
+def _structured_edges(rgb: np.ndarray, model: str) -> tuple[np.ndarray, np.ndarray]:
+    key = ("sed", model)
+    if key not in _STATE:
+        _STATE[key] = cv2.ximgproc.createStructuredEdgeDetection(model)
+    sed = _STATE[key]
+    edges = sed.detectEdges(rgb.astype(np.float32) * (1.0 / 255.0))
+    orient = sed.computeOrientation(edges)
+    return sed.edgesNms(edges, orient), orient
+
+
+def _raw_boxes(rgb: np.ndarray, params: QueryParams) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes XYWH and scores at the computation scale, before filtering."""
+    if params.method == "edgeboxes":
+        if params.edge_model:
+            edges, orient = _structured_edges(rgb, params.edge_model)
+        else:
+            edges, orient = gradient_edges(rgb)
+        boxes, scores = _edge_boxes(params).getBoundingBoxes(edges, orient)
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        scores = np.asarray(scores, np.float32).reshape(-1)
+        return boxes, scores
+    if params.method == "selective_search":
+        ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+        ss.setBaseImage(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        ss.switchToSelectiveSearchFast()
+        boxes = np.asarray(ss.process(), np.float32).reshape(-1, 4)
+        # selective search ranks its boxes; the rank becomes a score in (0, 1]
+        scores = 1.0 / (1.0 + np.arange(len(boxes), dtype=np.float32))
+        return boxes, scores
+    raise UserError(f"unknown query method '{params.method}' (edgeboxes | selective_search)")
+
+
+def compute_queries(rgb: np.ndarray, params: QueryParams = QueryParams()) -> tuple[np.ndarray, np.ndarray]:
+    """Query boxes of one image.
+
+    Args:
+        rgb: (H, W, 3) uint8 image (original resolution).
+    Returns:
+        boxes float32 (K, 4) XYXY in the image's pixels, scores float32 (K,), best first, K <= M;
+        after NMS ``params.nms``, min-size and aspect filters.
+    """
+    h, w = rgb.shape[:2]
+    scale = min(1.0, params.max_side / max(h, w))
+    small = rgb if scale == 1.0 else cv2.resize(
+        rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
+    )
+    xywh, scores = _raw_boxes(np.ascontiguousarray(small), params)
+    boxes = torch.from_numpy(xywh).reshape(-1, 4)
+    # XYWH at the computation scale -> XYXY in original pixels (clipped)
+    sx, sy = w / small.shape[1], h / small.shape[0]
+    boxes = torch.stack(
+        [boxes[:, 0] * sx, boxes[:, 1] * sy, (boxes[:, 0] + boxes[:, 2]) * sx, (boxes[:, 1] + boxes[:, 3]) * sy], dim=1
+    )
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    s = torch.from_numpy(scores).reshape(-1)
+    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    keep = (bw >= params.min_size) & (bh >= params.min_size)
+    keep &= torch.maximum(bw / bh.clamp(min=1e-6), bh / bw.clamp(min=1e-6)) <= params.max_aspect
+    boxes, s = boxes[keep], s[keep]
+    order = nms(boxes, s, params.nms)[: params.max_boxes]  # sorted by decreasing score
+    return boxes[order].numpy().astype(np.float32), s[order].numpy().astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Cache files
+# --------------------------------------------------------------------------------------------
+def write_query_file(
+    path: str | os.PathLike,
+    *,
+    images: Sequence[str],
+    paths: Sequence[str],
+    boxes: Sequence[np.ndarray],
+    scores: Sequence[np.ndarray],
+    failed: Sequence[tuple[str, str]] = (),
+) -> None:
+    """Write one cache shard atomically (temp file + rename)."""
+    path = Path(path)
+    counts = np.array([len(b) for b in boxes], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    cat = lambda xs, shape: np.concatenate([np.asarray(x, np.float32).reshape(shape) for x in xs]) if xs else np.zeros((0, 4) if shape[-1] == 4 else (0,), np.float32)  # noqa: E731
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
+    np.savez(
+        tmp,
+        images=np.array(images, dtype=np.str_),
+        paths=np.array(paths, dtype=np.str_),
+        offsets=offsets,
+        boxes=cat(boxes, (-1, 4)),
+        scores=cat(scores, (-1,)),
+        failed_images=np.array([f[0] for f in failed], dtype=np.str_),
+        failed_reasons=np.array([f[1] for f in failed], dtype=np.str_),
+    )
+    os.replace(tmp, path)
+
+
+class QueryCache:
+    """Reader of a query cache folder; looks images up by manifest string or resolved path.
+
+    ``cache.get(image, path)`` -> ``(boxes (K, 4) float32, scores (K,))`` or None when the cache
+    does not hold the image; ``cache.failed`` maps unreadable images to the reason.
+    All shards are held in memory (16 bytes per box): for billions of boxes use WebDataset shards.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise UserError(f"query cache folder not found: {self.folder} (run `predet data queries`)")
+        files = sorted(self.folder.glob("queries-*.npz"))
+        if not files:
+            raise UserError(f"{self.folder}: no queries-*.npz files (run `predet data queries --out {self.folder}`)")
+        self._boxes: list[np.ndarray] = []
+        self._scores: list[np.ndarray] = []
+        self._index: dict[str, tuple[int, int, int]] = {}
+        self.failed: dict[str, str] = {}
+        for f in files:
+            try:
+                with np.load(f) as z:
+                    k = len(self._boxes)
+                    self._boxes.append(z["boxes"].astype(np.float32))
+                    self._scores.append(z["scores"].astype(np.float32))
+                    off = z["offsets"]
+                    for i, (im, p) in enumerate(zip(z["images"].tolist(), z["paths"].tolist())):
+                        self._index[im] = self._index[p] = (k, int(off[i]), int(off[i + 1]))
+                    for im, reason in zip(z["failed_images"].tolist(), z["failed_reasons"].tolist()):
+                        self.failed[im] = reason
+            except (OSError, KeyError, ValueError) as e:
+                raise UserError(f"{f}: not a query cache file ({type(e).__name__}: {e})") from None
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self._scores)
+
+    def get(self, image: str, path: Optional[str | os.PathLike] = None) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        hit = self._index.get(image)
+        if hit is None and path is not None:
+            hit = self._index.get(str(Path(path).resolve()))
+        if hit is None:
+            return None
+        k, a, b = hit
+        return self._boxes[k][a:b], self._scores[k][a:b]
+
+    def is_failed(self, image: str) -> bool:
+        return image in self.failed
+
+
+# --------------------------------------------------------------------------------------------
+# Caching a manifest
+# --------------------------------------------------------------------------------------------
+def _process_one(job: tuple[str, str, QueryParams]) -> tuple[str, Optional[np.ndarray], Optional[np.ndarray], str]:
+    image, path, params = job
+    try:
+        img, _ = load_image(path)
+        boxes, scores = compute_queries(np.asarray(img), params)
+        return image, boxes, scores, ""
+    except BadImage as e:
+        return image, None, None, e.reason
+    except cv2.error as e:  # an OpenCV failure on one odd image is that image's problem
+        return image, None, None, f"query computation failed: {str(e).strip().splitlines()[-1]}"
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one process per core: no nested thread pools
+    torch.set_num_threads(1)
+
+
+def _shard_jobs(entries: Sequence[ManifestEntry], shard_size: int) -> list[tuple[int, list[ManifestEntry]]]:
+    return [(k, list(entries[a : a + shard_size])) for k, a in enumerate(range(0, len(entries), shard_size))]
+
+
+def _merge_failed(out: Path) -> int:
+    """Rewrite ``failed.jsonl`` from every finished shard (any rank may finish last)."""
+    lines = []
+    for f in sorted(out.glob("queries-*.npz")):
+        with np.load(f) as z:
+            for im, reason in zip(z["failed_images"].tolist(), z["failed_reasons"].tolist()):
+                lines.append(json.dumps({"image": im, "reason": reason}))
+    atomic_write_text(out / "failed.jsonl", "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def cache_queries(
+    entries: Sequence[ManifestEntry],
+    out: str | os.PathLike,
+    params: QueryParams = QueryParams(),
+    *,
+    workers: int = 1,
+    shard_size: int = 1000,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Compute and write this rank's missing shards. Returns counts (images done, failed, skipped shards)."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = [(k, es) for k, es in _shard_jobs(entries, shard_size) if k % world_size == rank]
+    todo = [(k, es) for k, es in shards if not (out / f"queries-{k:06d}.npz").exists()]
+    counts = {"images": 0, "failed": 0, "boxes": 0, "shards_skipped": len(shards) - len(todo)}
+    total = sum(len(es) for _, es in todo)
+    bar = tqdm(total=total, desc=f"queries (rank {rank})", unit="img", disable=None if progress and total else True, mininterval=2.0)
+    pool = mp.get_context("fork" if hasattr(os, "fork") else "spawn").Pool(workers, _init_worker) if workers > 1 else None
+    try:
+        for k, es in todo:
+            jobs = [(e.image, str(e.path), params) for e in es]
+            results: Iterable = pool.imap(_process_one, jobs, chunksize=4) if pool else map(_process_one, jobs)
+            images, paths, boxes, scores, failed = [], [], [], [], []
+            for e, (image, b, s, reason) in zip(es, results):
+                bar.update(1)
+                if b is None:
+                    failed.append((image, reason))
+                    continue
+                images.append(image)
+                paths.append(str(e.path.resolve()))
+                boxes.append(b)
+                scores.append(s)
+            write_query_file(out / f"queries-{k:06d}.npz", images=images, paths=paths, boxes=boxes, scores=scores, failed=failed)
+            counts["images"] += len(images)
+            counts["failed"] += len(failed)
+            counts["boxes"] += sum(len(b) for b in boxes)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    _merge_failed(out)
+    return counts
+
+
+def query_recall(cache: QueryCache, truth: str | os.PathLike, *, iou: float = 0.5, top: int = 100) -> tuple[float, int]:
+    """Fraction of true boxes (``truth.jsonl``: ``{"image", "boxes"}``) that have a cached query
+    with IoU >= ``iou`` among the first ``top``; returns (recall, number of true boxes)."""
+    hit = n = 0
+    with open(truth, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            gt = torch.tensor(rec.get("boxes", []), dtype=torch.float32).reshape(-1, 4)
+            got = cache.get(rec["image"])
+            if gt.numel() == 0 or got is None:
+                n += len(gt)
+                continue
+            q = torch.from_numpy(got[0][:top]).reshape(-1, 4)
+            n += len(gt)
+            if len(q):
+                hit += int((box_iou(gt, q).max(dim=1).values >= iou).sum())
+    return (hit / n if n else math.nan), n
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = read_manifest(args.manifest, getattr(args, "images", None))
+    if args.max_boxes < 1 or args.max_side < 32 or args.shard_size < 1:
+        raise UserError("--max-boxes and --shard-size must be >= 1 and --max-side >= 32")
+    if args.edge_model and not Path(args.edge_model).is_file():
+        raise UserError(f"--edge-model file not found: {args.edge_model}")
+    params = QueryParams(
+        method=args.method,
+        max_boxes=args.max_boxes,
+        max_side=args.max_side,
+        min_size=args.min_size,
+        max_aspect=args.max_aspect,
+        edge_model=args.edge_model,
+    )
+    rank, world = env_rank()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, args.workers or cores)
+    t0 = time.perf_counter()
+    counts = cache_queries(
+        manifest.entries, args.out, params, workers=workers, shard_size=args.shard_size,
+        rank=rank, world_size=world, progress=True,
+    )
+    dt = time.perf_counter() - t0
+    out = Path(args.out)
+    rate = counts["images"] / dt if counts["images"] else 0.0
+    print(
+        f"rank {rank}/{world}: {counts['images']} images, {counts['boxes']} boxes "
+        f"({counts['boxes'] / max(counts['images'], 1):.1f}/image), {counts['failed']} failed, "
+        f"{counts['shards_skipped']} finished shards skipped; {rate:.2f} images/s with {workers} workers"
+    )
+    failed_path = out / "failed.jsonl"
+    if failed_path.exists() and failed_path.stat().st_size:
+        for line in failed_path.read_text().splitlines()[:10]:
+            rec = json.loads(line)
+            print(f"  failed: {rec['image']}: {rec['reason']}")
+    truth = manifest.path.parent / "truth.jsonl"
+    if truth.is_file() and world == 1:
+        recall, n = query_recall(QueryCache(out), truth, iou=0.5, top=params.max_boxes)
+        print(f"query recall vs {truth.name}: {recall:.3f} of {n} true boxes have a query with IoU >= 0.5 (top {params.max_boxes})")
+    return 0
