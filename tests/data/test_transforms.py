@@ -1,0 +1,233 @@
+"""Two-view transform: boxes follow the pixels, `valid` matches a reference, colour ops match
+torchvision, the cv2 fast path matches the batched tensor path, the collate pads and masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from predet.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TwoViewTransform,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    collate_two_view,
+    color_augment_uint8,
+    gaussian_blur,
+    rgb_to_grayscale,
+    sample_seed,
+)
+
+NO_COLOUR = dict(color_jitter=False, grayscale_p=0.0, blur_p=0.0)
+
+
+def _denorm(view: torch.Tensor) -> np.ndarray:
+    """(3, S, S) normalised -> (S, S, 3) float in 0..255."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((view * std + mean) * 255).permute(1, 2, 0).numpy()
+
+
+def _painted(seed: int, w: int = 320, h: int = 240) -> tuple[Image.Image, torch.Tensor]:
+    """Dark noise with one white box (integer corners); returns the image and the box (1, 4)."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 100, (h, w, 3), dtype=np.uint8)
+    bw, bh = int(rng.integers(70, 180)), int(rng.integers(60, 150))
+    x1, y1 = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+    img[y1 : y1 + bh, x1 : x1 + bw] = 255
+    return Image.fromarray(img), torch.tensor([[x1, y1, x1 + bw, y1 + bh]], dtype=torch.float32)
+
+
+def _coverage(view: np.ndarray, box: torch.Tensor) -> tuple[float, float]:
+    """(fraction of the box's pixels that are paint, fraction of paint pixels inside the box)."""
+    paint = view.min(axis=2) > 178  # halfway between the noise's max (99) and the paint (255)
+    S = view.shape[0]
+    centres = np.arange(S) + 0.5
+    x1, y1, x2, y2 = box.tolist()
+    inside = ((centres[None, :] > x1) & (centres[None, :] < x2)) & ((centres[:, None] > y1) & (centres[:, None] < y2))
+    return float(paint[inside].mean()), float(paint[inside].sum() / max(paint.sum(), 1))
+
+
+def test_painted_box_covers_its_mapped_box_in_both_views() -> None:
+    """On random seeds, a box painted white covers >= 95% of its mapped box in both views (and
+    >= 95% of the paint lies inside the mapped box), whenever the box is valid."""
+    t = TwoViewTransform(128, **NO_COLOUR)
+    recalls, precisions = [], []
+    for seed in range(16):
+        img, box = _painted(seed)
+        for k in range(4):  # four draws of views per image
+            out = t(img, box, generator=torch.Generator().manual_seed(sample_seed(seed, 0, k)))
+            if not bool(out["valid"][0]):
+                continue
+            for view, b in ((out["view1"], out["boxes1"][0]), (out["view2"], out["boxes2"][0])):
+                recall, precision = _coverage(_denorm(view), b)
+                recalls.append(recall)
+                precisions.append(precision)
+    assert len(recalls) >= 40  # >= 20 valid (image, draw) pairs were checked
+    assert min(recalls) >= 0.95 and min(precisions) >= 0.95, (min(recalls), min(precisions))
+
+
+def _reference_valid(t: TwoViewTransform, w: int, h: int, boxes: np.ndarray, seed: int) -> tuple[np.ndarray, list]:
+    """Per-box python loop: visible area fraction in each view's crop, then the AND of >= 0.5."""
+    g = torch.Generator().manual_seed(seed)
+    params = [t.sample_params(w, h, g) for _ in range(2)]
+    valid = []
+    for x1, y1, x2, y2 in boxes.tolist():
+        ok = True
+        for p in params:
+            cx, cy, cw, ch = p.crop
+            iw = max(0.0, min(x2, cx + cw) - max(x1, cx))
+            ih = max(0.0, min(y2, cy + ch) - max(y1, cy))
+            area = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+            ok &= area > 0 and iw * ih / area >= 0.5
+        valid.append(ok)
+    return np.array(valid), params
+
+
+def test_valid_and_boxes_match_reference() -> None:
+    rng = np.random.default_rng(0)
+    w, h, S = 200, 150, 64
+    img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    t = TwoViewTransform(S, **NO_COLOUR)
+    agree = total = nvalid = 0
+    for seed in range(25):
+        xy = rng.uniform(-20, 190, (40, 2))
+        wh = rng.uniform(0, 80, (40, 2))
+        boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+        out = t(img, boxes, generator=torch.Generator().manual_seed(seed))
+        ref, params = _reference_valid(t, w, h, boxes, seed)
+        agree += int((out["valid"].numpy() == ref).sum())
+        total += len(ref)
+        nvalid += int(ref.sum())
+        # boxes: python reference of crop -> scale -> clip -> flip
+        for b_out, p in ((out["boxes1"], params[0]), (out["boxes2"], params[1])):
+            cx, cy, cw, ch = p.crop
+            for (x1, y1, x2, y2), got in zip(boxes.tolist(), b_out.tolist()):
+                m = [min(max((x1 - cx) * S / cw, 0), S), min(max((y1 - cy) * S / ch, 0), S),
+                     min(max((x2 - cx) * S / cw, 0), S), min(max((y2 - cy) * S / ch, 0), S)]
+                if p.flip:
+                    m = [S - m[2], m[1], S - m[0], m[3]]
+                assert got == pytest.approx(m, abs=1e-3)
+    assert agree == total == 1000
+    assert 50 < nvalid < 950  # the test exercises both outcomes
+
+
+def test_no_crop_no_flip_is_a_plain_resize() -> None:
+    img = Image.fromarray(np.zeros((100, 200, 3), np.uint8))
+    t = TwoViewTransform(50, crop=False, flip_p=0.0, **NO_COLOUR)
+    out = t(img, torch.tensor([[20.0, 10.0, 60.0, 90.0]]))
+    expected = torch.tensor([[5.0, 5.0, 15.0, 45.0]])
+    assert torch.allclose(out["boxes1"], expected) and torch.allclose(out["boxes2"], expected)
+    assert out["valid"].tolist() == [True]
+    assert out["view1"].shape == (3, 50, 50)
+
+
+def test_same_generator_seed_same_sample_and_zero_boxes() -> None:
+    img, box = _painted(3)
+    t = TwoViewTransform(64)
+    a = t(img, box, generator=torch.Generator().manual_seed(7))
+    b = t(img, box, generator=torch.Generator().manual_seed(7))
+    c = t(img, box, generator=torch.Generator().manual_seed(8))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["view1"], c["view1"])
+    empty = t(img, torch.zeros(0, 4), generator=torch.Generator().manual_seed(7))
+    assert empty["boxes1"].shape == (0, 4) and empty["valid"].shape == (0,)
+    assert torch.equal(empty["view1"], a["view1"])  # the boxes do not consume randomness
+
+
+# ---------------------------------------------------------------------------------------------
+# Colour ops
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def batch() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.rand(2, 3, 40, 48)
+
+
+@pytest.mark.parametrize("f", [0.6, 1.0, 1.4])
+def test_jitter_ops_match_torchvision(batch: torch.Tensor, f: float) -> None:
+    ff = torch.tensor([f, f])
+    assert torch.allclose(adjust_brightness(batch.clone(), ff), TF.adjust_brightness(batch, f), atol=1e-6)
+    assert torch.allclose(adjust_contrast(batch, ff), TF.adjust_contrast(batch, f), atol=1e-4)
+    assert torch.allclose(adjust_saturation(batch, ff), TF.adjust_saturation(batch, f), atol=1e-4)
+    assert torch.allclose(rgb_to_grayscale(batch), TF.rgb_to_grayscale(batch), atol=2e-4)
+
+
+@pytest.mark.parametrize("shift", [-0.5, -0.1, 0.0, 0.03, 0.37])
+def test_hue_matches_torchvision(batch: torch.Tensor, shift: float) -> None:
+    got = adjust_hue(batch, torch.tensor([shift, shift]))
+    assert (got - TF.adjust_hue(batch, shift)).abs().max() < 1e-5
+
+
+def test_blur_matches_torchvision_and_per_image_sigma(batch: torch.Tensor) -> None:
+    got = gaussian_blur(batch, torch.tensor([1.5, 0.7]))
+    ref0 = TF.gaussian_blur(batch[:1], [11, 11], [1.5, 1.5])  # radius ceil(3 * 1.5) = 5
+    ref1 = TF.gaussian_blur(batch[1:], [11, 11], [0.7, 0.7])  # same support, tails are ~0
+    assert (got[:1] - ref0).abs().max() < 1e-5
+    assert (got[1:] - ref1).abs().max() < 1e-5
+
+
+def test_cv2_path_matches_tensor_path() -> None:
+    """The CPU uint8 path and the batched float path agree up to uint8 rounding and the 1/256-turn
+    hue quantisation of OpenCV's HSV."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    smooth = cv2.resize(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8), (96, 96), interpolation=cv2.INTER_CUBIC)
+    t = TwoViewTransform(96)
+    diffs = []
+    for seed in range(12):
+        p = t.sample_params(96, 96, torch.Generator().manual_seed(seed))
+        a = color_augment_uint8(smooth.copy(), p).astype(np.float32)
+        b = t.color(torch.from_numpy(smooth).permute(2, 0, 1)[None], [p])[0]
+        b = _denorm(b)
+        diffs.append(np.abs(a - b).mean())
+        assert np.abs(a - b).max() < 20, seed
+    assert np.mean(diffs) < 1.5
+
+
+# ---------------------------------------------------------------------------------------------
+# Collate
+# ---------------------------------------------------------------------------------------------
+def _sample(m: int, valid: list[bool], seed: int, k: int = 5, s: int = 8) -> dict:
+    boxes = torch.arange(m * 4, dtype=torch.float32).view(m, 4)
+    return {
+        "view1": torch.full((3, s, s), float(seed)),
+        "view2": torch.full((3, s, s), -float(seed)),
+        "boxes1": boxes,
+        "boxes2": boxes + 1000,
+        "valid": torch.tensor(valid, dtype=torch.bool).view(-1),
+        "labels": torch.eye(k)[seed % k],
+        "seed": seed,
+        "skipped": seed % 2,
+    }
+
+
+def test_collate_shapes_masks_and_sampling() -> None:
+    Q = 4
+    samples = [
+        _sample(10, [True] * 7 + [False] * 3, seed=1),  # 7 valid > Q: Q sampled among the valid
+        _sample(3, [True, False, True], seed=2),  # 2 valid < Q: padded
+        _sample(0, [], seed=3),  # no query at all: all-False row
+        _sample(2, [False, False], seed=4),  # none valid
+    ]
+    b = collate_two_view(samples, num_queries=Q)
+    assert b["view1"].shape == (4, 3, 8, 8) and b["view2"].shape == (4, 3, 8, 8)
+    assert b["boxes1"].shape == (4, Q, 4) and b["boxes2"].shape == (4, Q, 4)
+    assert b["query_mask"].tolist() == [[True] * 4, [True, True, False, False], [False] * 4, [False] * 4]
+    assert b["labels"].shape == (4, 5) and b["labels"].dtype == torch.float32
+    assert int(b["num_skipped"]) == 2
+    # sampled queries are distinct valid ones and the two views hold the same query
+    rows = (b["boxes1"][0, :, 0] / 4).long().tolist()
+    assert len(set(rows)) == 4 and all(r < 7 for r in rows)
+    assert torch.equal(b["boxes2"][0], b["boxes1"][0] + 1000)
+    assert torch.equal(b["boxes1"][1, :2], samples[1]["boxes1"][[0, 2]])
+    assert b["boxes1"][1:, 2:].abs().sum() == 0 and b["boxes1"][2:].abs().sum() == 0
+    # reproducible from the sample seeds alone
+    assert torch.equal(collate_two_view(samples, num_queries=Q)["boxes1"], b["boxes1"])
