@@ -29,6 +29,15 @@ TINY = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these sizes gain nothing from more, and the CI box is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_cfg() -> Callable[..., PretrainConfig]:
     """``tiny_cfg("loss.info=false", ...)``: the tiny model config plus overrides."""
