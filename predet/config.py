@@ -189,6 +189,8 @@ class FinetuneModelConfig:
     proposals_test: int = 1000  # same, inference
     roi_batch_size_per_image: int = 512  # RoIs sampled per image for the box head
     mask_head_dim: int = 256  # channels of the mask head's 4 convs (torchvision: 256)
+    fpn_channels: Optional[int] = None  # None: the --init file's FPN width (256 for scratch / a ResNet)
+    box_head_dim: Optional[int] = None  # None: the init's box head (<init stem>_box_head file) or 1024
 
 
 @dataclass
@@ -197,6 +199,7 @@ class FinetuneTrainConfig:
     steps: Optional[int] = None  # overrides the schedule
     iters_per_x: Optional[int] = None  # iterations of a 1x schedule; None: COCO's 90k scaled to data
     lr_steps: Optional[List[int]] = None  # lr x0.1 at these steps; None: at 2/3 and 8/9 of the run
+    num_threads: Optional[int] = None  # torch CPU threads (None: torch's default); 1 is fastest on a busy CPU
     batch_size: int = 16
     lr: float = 0.02
     momentum: float = 0.9

@@ -32,7 +32,7 @@ from torchvision.models import resnet
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
@@ -40,7 +40,10 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 from predet.errors import UserError
 from predet.utils import load_checkpoint
 
-__all__ = ["ARCHS", "BACKBONES", "NORMS", "InitReport", "build_detector", "build_backbone", "load_init"]
+__all__ = [
+    "ARCHS", "BACKBONES", "NORMS", "InitReport", "build_detector", "build_backbone", "load_init", "read_init",
+    "init_widths",
+]  # fmt: skip
 
 ARCHS = ("mask_rcnn", "faster_rcnn", "retinanet")
 NORMS = ("frozenbn", "bn", "syncbn", "gn")
@@ -75,8 +78,10 @@ def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
     raise UserError(f"model.norm: unknown norm '{norm}' (choose {', '.join(NORMS)})")
 
 
-def build_backbone(*, name: str, norm: str, arch: str, trainable_layers: int = 5) -> BackboneWithFPN:
-    """ResNet body + FPN (256 channels) named like torchvision's (``body.*``, ``fpn.*``).
+def build_backbone(
+    *, name: str, norm: str, arch: str, trainable_layers: int = 5, fpn_channels: int = 256
+) -> BackboneWithFPN:
+    """ResNet body + FPN (``fpn_channels`` wide) named like torchvision's (``body.*``, ``fpn.*``).
 
     ``trainable_layers`` (0..5) counts from ``layer4`` down to the stem, as torchvision's
     ``resnet_fpn_backbone``; the rest is frozen.
@@ -93,7 +98,7 @@ def build_backbone(*, name: str, norm: str, arch: str, trainable_layers: int = 5
         if not any(pname.startswith(layer) for layer in layers_to_train):
             p.requires_grad_(False)
     if arch == "retinanet":  # C3..C5 -> P3..P5, then P6/P7 from P5
-        returned, extra = [2, 3, 4], LastLevelP6P7(256, 256)
+        returned, extra = [2, 3, 4], LastLevelP6P7(fpn_channels, fpn_channels)
     else:  # C2..C5 -> P2..P5, then max-pooled P6
         returned, extra = [1, 2, 3, 4], LastLevelMaxPool()
     c2 = body.inplanes // 8  # channels of layer1's output (64 for resnet18/34, 256 for resnet50+)
@@ -101,7 +106,7 @@ def build_backbone(*, name: str, norm: str, arch: str, trainable_layers: int = 5
         body,
         return_layers={f"layer{k}": str(i) for i, k in enumerate(returned)},
         in_channels_list=[c2 * 2 ** (k - 1) for k in returned],
-        out_channels=256,
+        out_channels=fpn_channels,
         extra_blocks=extra,
     )
 
@@ -116,7 +121,8 @@ def build_detector(cfg, classes: Sequence[str], *, for_test: bool = False) -> nn
     m = cfg.model
     if m.arch not in ARCHS:
         raise UserError(f"model.arch: unknown detector '{m.arch}' (choose {', '.join(ARCHS)})")
-    backbone = build_backbone(name=m.backbone, norm=m.norm, arch=m.arch, trainable_layers=m.trainable_layers)
+    backbone = build_backbone(name=m.backbone, norm=m.norm, arch=m.arch, trainable_layers=m.trainable_layers,
+                              fpn_channels=m.fpn_channels or 256)  # fmt: skip
     min_size = (m.test_size,) if for_test else tuple(m.train_sizes)
     num_classes = len(classes) + 1
     common = dict(min_size=min_size, max_size=m.max_size, detections_per_img=m.detections_per_img)
@@ -132,7 +138,10 @@ def build_detector(cfg, classes: Sequence[str], *, for_test: bool = False) -> nn
     anchors = None
     if sizes is not None:
         anchors = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * 5)
+    box_dim = m.box_head_dim or 1024
     rcnn_args = dict(
+        box_head=TwoMLPHead(backbone.out_channels * 7 * 7, box_dim),  # on 7x7 RoIAlign features
+        box_predictor=FastRCNNPredictor(box_dim, num_classes),
         rpn_anchor_generator=anchors,
         rpn_pre_nms_top_n_train=m.proposals_train,
         rpn_post_nms_top_n_train=m.proposals_train,
@@ -145,11 +154,11 @@ def build_detector(cfg, classes: Sequence[str], *, for_test: bool = False) -> nn
         max_size=m.max_size,
     )
     if m.arch == "faster_rcnn":
-        return FasterRCNN(backbone, num_classes, **rcnn_args)
+        return FasterRCNN(backbone, None, **rcnn_args)
     dim = m.mask_head_dim  # the heads of maskrcnn_resnet50_fpn, with a configurable width
     mask_head = MaskRCNNHeads(backbone.out_channels, [dim] * 4, dilation=1)
     return MaskRCNN(backbone, None, mask_head=mask_head, mask_predictor=MaskRCNNPredictor(dim, dim, num_classes),
-                    box_predictor=FastRCNNPredictor(1024, num_classes), **rcnn_args)  # fmt: skip
+                    **rcnn_args)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,11 +233,39 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def read_init(init: str | Path) -> dict[str, torch.Tensor]:
+    """The init file's tensors under ``body.*``/``fpn.*``/``fc6.*``/``fc7.*`` names.
+
+    ``predet export --box-head`` writes the box head beside the backbone file as
+    ``<stem>_box_head<suffix>``; when that file exists it is read too.
+    """
+    path = Path(init)
+    state = _read_state(path)
+    head = path.with_name(f"{path.stem}_box_head{path.suffix}")
+    if head.is_file():
+        state = {**state, **_read_state(head)}
+    return _normalise_keys(state)
+
+
+def init_widths(init: str) -> dict[str, int]:
+    """``fpn_channels`` / ``box_head_dim`` of an init file (those it has), for ``model.* = None``."""
+    if init == "scratch":
+        return {}
+    state = read_init(init)
+    out = {}
+    if "fpn.inner_blocks.0.0.weight" in state:
+        out["fpn_channels"] = int(state["fpn.inner_blocks.0.0.weight"].shape[0])
+    if "fc6.weight" in state:
+        out["box_head_dim"] = int(state["fc6.weight"].shape[0])
+    return out
+
+
 def load_init(model: nn.Module, init: str, *, name: str | None = None) -> InitReport:
     """Load ``init`` (a file or ``scratch``) into ``model.backbone`` (and the box head's fc6/fc7).
 
-    A tensor whose shape differs from the model's is a :class:`UserError` naming it (usually a
-    ``model.backbone`` that is not the file's depth).
+    A backbone/FPN tensor whose shape differs from the model's is a :class:`UserError` naming it
+    (usually a ``model.backbone`` that is not the file's depth); a box head of another width than
+    ``model.box_head_dim`` is left out (listed as unused).
     """
     targets: dict[str, torch.Tensor] = dict(model.backbone.state_dict())
     box_head = getattr(getattr(model, "roi_heads", None), "box_head", None)
@@ -237,7 +274,7 @@ def load_init(model: nn.Module, init: str, *, name: str | None = None) -> InitRe
     if init == "scratch":
         return InitReport(name=name or "scratch", path=None, missing=sorted(model.backbone.state_dict()))
     path = Path(init)
-    state = _normalise_keys(_read_state(path))
+    state = read_init(path)
     num_levels = len(model.backbone.fpn.inner_blocks)
     state = _shift_fpn(state, num_levels)
     report = InitReport(name=name or path.stem, path=str(path))
@@ -247,10 +284,13 @@ def load_init(model: nn.Module, init: str, *, name: str | None = None) -> InitRe
                 if not key.endswith("num_batches_tracked"):  # BN's counter; FrozenBN/GN have none
                     report.unused.append(key.removeprefix("unused."))
                 continue
+            if targets[key].shape != value.shape and key.startswith(("fc6.", "fc7.")):
+                report.unused.append(key)  # a box head of another width (model.box_head_dim) is optional
+                continue
             if targets[key].shape != value.shape:
                 raise UserError(
                     f"--init {path}: tensor '{key}' has shape {tuple(value.shape)} but the model's is "
-                    f"{tuple(targets[key].shape)} (is model.backbone the file's depth?)"
+                    f"{tuple(targets[key].shape)} (do model.backbone / fpn_channels / box_head_dim match it?)"
                 )
             targets[key].copy_(value)  # state_dict() tensors share storage with the parameters
             report.loaded.append(key)

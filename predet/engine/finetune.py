@@ -23,6 +23,7 @@ a val split, ``predictions.json`` + ``results.json`` (see :mod:`predet.engine.ev
 from __future__ import annotations
 
 import bisect
+import copy
 import json
 import math
 import random
@@ -39,12 +40,12 @@ from torch.utils.data import DataLoader, Sampler
 from predet import distributed
 from predet.config import FinetuneConfig, load_config, save_config
 from predet.data.detection import DetectionDataset, collate_detection, load_gt
-from predet.engine.detectors import build_detector, load_init
+from predet.engine.detectors import build_detector, init_widths, load_init
 from predet.engine.evaluate import evaluate_run, format_results
 from predet.errors import UserError
 from predet.utils import load_checkpoint, prepare_run_dir, save_checkpoint, seed_everything, write_json
 
-__all__ = ["finetune", "schedule", "lr_factor", "StepBatchSampler", "build_optimizer", "run"]
+__all__ = ["finetune", "resolve_init_widths", "schedule", "lr_factor", "StepBatchSampler", "build_optimizer", "run"]
 
 COCO_TRAIN_IMAGES = 118_287
 COCO_1X_ITERS, COCO_1X_BATCH = 90_000, 16
@@ -219,6 +220,17 @@ def _device_setup(model: nn.Module, cfg: FinetuneConfig, device: torch.device, l
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
+def resolve_init_widths(cfg: FinetuneConfig, init: str) -> FinetuneConfig:
+    """A copy of ``cfg`` with ``model.fpn_channels`` / ``box_head_dim`` taken from ``init`` where None."""
+    cfg = copy.deepcopy(cfg)
+    widths = init_widths(init)
+    if cfg.model.fpn_channels is None:
+        cfg.model.fpn_channels = widths.get("fpn_channels", 256)
+    if cfg.model.box_head_dim is None:
+        cfg.model.box_head_dim = widths.get("box_head_dim", 1024)
+    return cfg
+
+
 def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False, overwrite: bool = False,
              progress: bool = True) -> Path:  # fmt: skip
     """Fine-tune ``cfg.model.arch`` from ``init`` (file or ``scratch``) into the run folder ``out``.
@@ -226,6 +238,9 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
     Evaluates on ``cfg.data.val`` at the end when it is set. Returns ``out``.
     """
     out = Path(out)
+    cfg = resolve_init_widths(cfg, init)
+    if cfg.train.num_threads is not None:
+        torch.set_num_threads(cfg.train.num_threads)
     device = distributed.init(cfg.train.device)
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
