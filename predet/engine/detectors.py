@@ -187,7 +187,7 @@ class InitReport:
                 f"unused from the file {len(self.unused)}")  # fmt: skip
 
 
-_RESNET_KEY = re.compile(r"^(conv1|bn1|layer[1-4]|fc)\.")
+_RESNET_KEY = re.compile(r"^(conv1|bn1|layer[1-4])\.")  # a plain ResNet (its fc.* stays unused)
 _FPN_BLOCK = re.compile(r"^fpn\.(inner_blocks|layer_blocks)\.(\d+)\.(.*)$")
 
 

@@ -99,6 +99,8 @@ def _summarize(E: COCOeval, *, iou: Optional[float] = None, area: str = "all", c
 def _coco_from_dict(gt: dict) -> COCO:
     coco = COCO()
     coco.dataset = copy.deepcopy(gt)
+    for ann in coco.dataset["annotations"]:
+        ann.setdefault("iscrowd", 0)  # LVIS has no crowd boxes; COCOeval needs the key
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
