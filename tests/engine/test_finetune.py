@@ -350,3 +350,13 @@ def test_cli_user_errors(tiny_world: Path, tmp_path: Path, capsys) -> None:
     assert "--resume" in capsys.readouterr().err and (tmp_path / "run" / "keep.txt").exists()
     assert main([*args, "--init", "scratch", "--overwrite", "model.arch=yolo", *data]) == 2
     assert "model.arch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs/finetune").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_load(path: Path) -> None:
+    cfg = load_config(FinetuneConfig, path)
+    assert cfg.model.arch in ("mask_rcnn", "faster_rcnn", "retinanet") and cfg.data.format in ("coco", "lvis", "voc")
+    if "x101_32x8d" in path.stem:  # the paper's settings: 16 images per step on 8 GPUs, COCO 1x = 90k
+        assert cfg.model.backbone == "resnext101_32x8d" and cfg.train.batch_size * 8 == 16
+        if "coco_1x" in path.stem:
+            assert schedule(cfg, 118_287, world_size=8) == (90_000, [60_000, 80_000])

@@ -1,0 +1,58 @@
+"""`predet compare`: the markdown table from run folders' results.json / init.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from predet.analysis.compare import compare
+from predet.cli import main
+
+
+def make_run(root: Path, folder: str, init: str | None, bbox: dict, segm: dict | None = None) -> Path:
+    run = root / folder
+    run.mkdir(parents=True)
+    results = {"bbox": bbox} | ({"segm": segm} if segm is not None else {})
+    (run / "results.json").write_text(json.dumps(results))
+    if init is not None:
+        (run / "init.json").write_text(json.dumps({"init": init, "loaded": [], "missing": [], "unused": []}))
+    return run
+
+
+def ap(a: float | None, a50: float | None, a75: float | None) -> dict:
+    return {"AP": a, "AP50": a50, "AP75": a75, "APs": None, "APm": 1.0, "APl": 2.0}
+
+
+def test_table_rows_columns_and_gain_over_scratch(tmp_path: Path) -> None:
+    runs = [
+        make_run(tmp_path, "r1", "scratch", ap(10.04, 20.0, 8.96), ap(9.0, 18.25, 7.0)),
+        make_run(tmp_path, "r2", "cls-only", ap(12.5, 25.0, 11.0), ap(11.0, 22.0, 10.0)),
+        make_run(tmp_path, "r3", "predet", ap(14.25, 28.0, 13.0), ap(12.0, 24.0, None)),
+    ]
+    assert compare(runs) == (
+        "| init | AP^bb | AP^bb_50 | AP^bb_75 | AP^mk | AP^mk_50 | AP^mk_75 | ΔAP^bb vs scratch |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| scratch | 10.0 | 20.0 | 9.0 | 9.0 | 18.2 | 7.0 | +0.0 |\n"
+        "| cls-only | 12.5 | 25.0 | 11.0 | 11.0 | 22.0 | 10.0 | +2.5 |\n"
+        "| predet | 14.2 | 28.0 | 13.0 | 12.0 | 24.0 | - | +4.2 |\n"
+    )
+
+
+def test_boxes_only_and_name_from_folder(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "voc-run", None, ap(50.0, 80.0, 55.5))
+    assert compare([run]) == "| init | AP^bb | AP^bb_50 | AP^bb_75 |\n|---|---:|---:|---:|\n| voc-run | 50.0 | 80.0 | 55.5 |\n"
+
+
+def test_cli_prints_and_writes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = make_run(tmp_path, "r", "predet", ap(1.0, 2.0, 3.0))
+    out = tmp_path / "table.md"
+    assert main(["compare", str(run), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert out.read_text() == compare([run]) and printed.startswith(out.read_text())
+    assert main(["compare", str(tmp_path / "missing")]) == 2
+    assert "run folder not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["compare", str(tmp_path / "empty")]) == 2
+    assert "results.json not found" in capsys.readouterr().err
