@@ -60,7 +60,7 @@ class CRPNHead(nn.Module):
         """
         B, Q = query_feats.shape[:2]
         A, D = self.num_anchors, self.embed_dim
-        q_cls = self.query_cls(query_feats).view(B, Q, A, D)
+        q_cls = self.query_cls(_rms(query_feats)).view(B, Q, A, D)
         scores, hidden = [], []
         for x in features:  # a loop over the L levels, never over views or queries
             h = F.relu(self.conv(x))  # [B, C, Hl, Wl]
@@ -74,7 +74,7 @@ class CRPNHead(nn.Module):
     def query_regression(self, query_feats: Tensor) -> Tensor:
         """``[B, Q, E]`` -> f_q^reg ``[B, Q, A, 4, D]``."""
         B, Q = query_feats.shape[:2]
-        return self.query_reg(query_feats).view(B, Q, self.num_anchors, 4, self.embed_dim)
+        return self.query_reg(_rms(query_feats)).view(B, Q, self.num_anchors, 4, self.embed_dim)
 
     def regression(
         self, hidden: Tensor, q_reg: Tensor, view: Tensor, anchor: Tensor, query: Tensor
@@ -111,6 +111,12 @@ class CRPNHead(nn.Module):
             r = torch.einsum("bqakd,bakdyx->bqyxak", q_reg, f_reg)  # [B, Q, Hl, Wl, A, 4]
             out.append(r.flatten(2, 4))  # -> [B, Q, Hl*Wl*A, 4]
         return torch.cat(out, dim=2)
+
+
+def _rms(x: Tensor) -> Tensor:
+    """Unit-RMS query features: the score is bilinear in (query, image) features, and the
+    query side's scale would otherwise drift with the scale-free InfoNCE term (see croi_head)."""
+    return F.rms_norm(x, x.shape[-1:])
 
 
 def match_anchors(

@@ -31,8 +31,9 @@ def _naive(head, feats, queries):
     for b in range(B):
         sb, rb = [], []
         for q in range(Q):
-            q_cls = head.query_cls(queries[b, q]).view(A, D)
-            q_reg = head.query_reg(queries[b, q]).view(A, 4, D)
+            f_q = queries[b, q] / queries[b, q].pow(2).mean().sqrt()  # unit-RMS query feature
+            q_cls = head.query_cls(f_q).view(A, D)
+            q_reg = head.query_reg(f_q).view(A, 4, D)
             s_list, r_list = [], []
             for x in feats:
                 h = torch.relu(head.conv(x[b : b + 1]))[0]  # [C, H, W]
