@@ -1,0 +1,52 @@
+"""``predet bench step``: the output line is parseable and consistent; the random batch is valid."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from predet.bench import random_batch
+from predet.cli import main
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs/pretrain/tiny_cpu.yaml")
+LINE = re.compile(r"^predet_step_ms=(\d+\.\d+) cls_step_ms=(\d+\.\d+) ratio=(\d+\.\d+)$")
+
+
+@pytest.mark.slow
+def test_bench_step_prints_the_timing_line(capsys):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc = main(["bench", "step", "--config", CONFIG, "--iters", "2", "--warmup", "1",
+                   "train.batch_size=1", "model.input_size=64"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    m = LINE.match(out[-1])
+    assert m, out[-1]
+    predet_ms, cls_ms, ratio = map(float, m.groups())
+    assert predet_ms > 0 and cls_ms > 0
+    assert abs(ratio - predet_ms / cls_ms) < 2e-3 * ratio + 1e-3
+    assert out[0].startswith("device=cpu") and "images=1" in out[0] and "size=64" in out[0]
+    assert any(line.startswith("peak_rss=") for line in out)
+
+
+def test_bench_step_bad_iters_is_a_user_error(capsys):
+    assert main(["bench", "step", "--config", CONFIG, "--iters", "0"]) == 2
+    assert "--iters" in capsys.readouterr().err
+
+
+def test_random_batch_is_a_valid_collated_batch():
+    b = random_batch(3, 5, 96, 7, seed=1)
+    assert b["view1"].shape == (3, 3, 96, 96) and b["boxes2"].shape == (3, 5, 4)
+    for key in ("boxes1", "boxes2"):
+        boxes = b[key]
+        wh = boxes[..., 2:] - boxes[..., :2]
+        assert (boxes >= 0).all() and (boxes <= 96).all()
+        assert (wh >= 9.6 - 1e-4).all() and (wh <= 57.6 + 1e-4).all()
+    assert b["query_mask"].all() and (b["labels"].sum(1) >= 1).all()
+    assert torch.equal(random_batch(3, 5, 96, 7, seed=1)["boxes1"], b["boxes1"])
