@@ -44,9 +44,10 @@ def _queries_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: cores)")
     p.add_argument("--max-boxes", type=int, default=100, help="top M boxes kept per image")
     p.add_argument("--max-side", type=int, default=500, help="long side for the computation")
+    p.add_argument("--min-side", type=int, default=320, help="smaller images are upscaled to it")
     p.add_argument("--shard-size", type=int, default=1000, help="images per cache file")
     p.add_argument("--edge-model", default=None, help="structured-edge model (.yml.gz)")
-    p.add_argument("--min-size", type=float, default=16.0, help="min box side in original px")
+    p.add_argument("--min-size", type=float, default=0.02, help="min box side / image long side")
     p.add_argument("--max-aspect", type=float, default=4.0, help="max box aspect ratio")
     p.add_argument("--images", default=None, help="image root when --manifest is a COCO JSON")
 

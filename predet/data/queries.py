@@ -56,9 +56,10 @@ class QueryParams:
 
     method: str = "edgeboxes"  # edgeboxes | selective_search
     max_boxes: int = 100  # M: top boxes kept per image
-    max_side: int = 500  # long side for the computation
+    max_side: int = 500  # long side for the computation (larger images are downscaled)
+    min_side: int = 320  # smaller images are upscaled: EdgeBoxes misses objects under ~10 px
     nms: float = 0.5
-    min_size: float = 16.0  # both sides at least this, in original pixels
+    min_size: float = 0.02  # both sides at least this fraction of the image's long side
     max_aspect: float = 4.0  # max(w/h, h/w)
     edge_model: Optional[str] = None  # structured-edge model (.yml.gz); None = gradient edges
 
@@ -92,18 +93,22 @@ def _edge_nms(edges: np.ndarray, orient: np.ndarray, *, r: float = 1.0, m: float
     return out
 
 
-def gradient_edges(rgb: np.ndarray, *, sigma: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def gradient_edges(
+    rgb: np.ndarray, *, sigma: float = 1.5, percentile: float = 99.5, gamma: float = 2.0
+) -> tuple[np.ndarray, np.ndarray]:
     """(H, W, 3) uint8 RGB -> thinned edge map (H, W) float32 in [0, 1] and orientation (H, W).
 
-    Gradient magnitude of the smoothed colour image (channel with the largest response), scaled so
-    that its 98th percentile is 1 (contrast-invariant, like the structured-edge probabilities).
+    Gradient magnitude of the smoothed colour image (channel with the largest response), divided by
+    its ``percentile`` (contrast-invariant, like structured-edge probabilities) and raised to
+    ``gamma``: squaring pushes weak texture gradients under EdgeBoxes' ``edgeMinMag`` (0.1), which
+    measured 3-5x faster for a 0.01-0.04 loss of recall on the synthetic world.
     """
     x = cv2.GaussianBlur(rgb.astype(np.float32) * (1.0 / 255.0), (0, 0), sigma)
     gx = cv2.Sobel(x, cv2.CV_32F, 1, 0, ksize=3)
     gy = cv2.Sobel(x, cv2.CV_32F, 0, 1, ksize=3)
     mag = np.sqrt(gx * gx + gy * gy).max(axis=2)  # (H, W, 3) -> (H, W)
-    hi = float(np.percentile(mag, 98))
-    edges = np.clip(mag / max(hi, 1e-6), 0.0, 1.0).astype(np.float32)
+    hi = float(np.percentile(mag, percentile))
+    edges = np.clip(mag / max(hi, 1e-6), 0.0, 1.0).astype(np.float32) ** gamma
     orient = _orientation(edges)
     return _edge_nms(edges, orient), orient
 
@@ -117,9 +122,10 @@ _STATE: dict = {}  # per-process detectors (OpenCV objects are not picklable)
 def _edge_boxes(params: QueryParams) -> "cv2.ximgproc.EdgeBoxes":
     key = ("eb", params)
     if key not in _STATE:
-        # alpha/beta lowered from (0.65, 0.75) toward IoU-0.5 recall; NMS 0.5 is applied after
+        # alpha (window step) and beta (EdgeBoxes' own NMS) lowered from (0.65, 0.75): queries
+        # are judged at IoU 0.5, and the coarser search is ~2x faster; our NMS 0.5 follows
         _STATE[key] = cv2.ximgproc.createEdgeBoxes(
-            alpha=0.65, beta=0.75, minScore=0.01, maxBoxes=max(4 * params.max_boxes, 200),
+            alpha=0.5, beta=0.55, minScore=0.01, maxBoxes=max(4 * params.max_boxes, 200),
             maxAspectRatio=params.max_aspect, minBoxArea=100,
         )
     return _STATE[key]
@@ -167,9 +173,12 @@ def compute_queries(rgb: np.ndarray, params: QueryParams = QueryParams()) -> tup
         after NMS ``params.nms``, min-size and aspect filters.
     """
     h, w = rgb.shape[:2]
-    scale = min(1.0, params.max_side / max(h, w))
+    long_side = max(h, w)
+    scale = min(params.max_side, max(params.min_side, long_side)) / long_side
     small = rgb if scale == 1.0 else cv2.resize(
-        rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
+        rgb,
+        (max(1, round(w * scale)), max(1, round(h * scale))),
+        interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR,
     )
     xywh, scores = _raw_boxes(np.ascontiguousarray(small), params)
     boxes = torch.from_numpy(xywh).reshape(-1, 4)
@@ -182,7 +191,8 @@ def compute_queries(rgb: np.ndarray, params: QueryParams = QueryParams()) -> tup
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
     s = torch.from_numpy(scores).reshape(-1)
     bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    keep = (bw >= params.min_size) & (bh >= params.min_size)
+    min_size = params.min_size * long_side
+    keep = (bw >= min_size) & (bh >= min_size)
     keep &= torch.maximum(bw / bh.clamp(min=1e-6), bh / bw.clamp(min=1e-6)) <= params.max_aspect
     boxes, s = boxes[keep], s[keep]
     order = nms(boxes, s, params.nms)[: params.max_boxes]  # sorted by decreasing score
@@ -384,6 +394,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         max_boxes=args.max_boxes,
         max_side=args.max_side,
+        min_side=min(args.min_side, args.max_side),
         min_size=args.min_size,
         max_aspect=args.max_aspect,
         edge_model=args.edge_model,
