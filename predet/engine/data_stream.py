@@ -10,8 +10,11 @@ seen next:
   skips consumed batches *without loading them*. Indices travel as ``(epoch, index)`` pairs, so
   the dataset's ``set_epoch`` is applied inside the worker that loads the item and persistent
   workers see the right epoch;
-- iterable datasets (WebDataset shards): ``set_epoch(epoch)`` before each pass and, on resume,
-  the consumed batches of the current epoch are read and dropped (shards cannot seek).
+- iterable datasets (WebDataset shards, an endless resampled stream): ``set_epoch(epoch)``
+  before each pass. Shards cannot seek, and replaying a stream of millions of samples to reach the
+  stopping point would take hours, so a resumed run starts the *next* epoch's stream (a fresh,
+  seeded draw of shards): deterministic, never a repeat of the consumed samples' order, but not
+  the sample sequence an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -177,20 +180,18 @@ class BatchStream:
             yield batch
 
     def _iter_iterable(self) -> Iterator[Any]:
-        epoch, skip = self.position.epoch, self.position.batch
+        epoch = self.position.epoch + (1 if self.position.batch else 0)  # see the module docstring
         while True:
             if hasattr(self._dataset, "set_epoch"):
                 self._dataset.set_epoch(epoch)
             n = 0
             for batch in self._loader:
                 n += 1
-                if n <= skip:
-                    continue
                 self.position = StreamPosition(epoch, n)
                 yield batch
             if n == 0:
                 raise UserError("the training shards yielded no complete batch")
-            epoch, skip = epoch + 1, 0
+            epoch += 1
             self.position = StreamPosition(epoch, 0)
 
 

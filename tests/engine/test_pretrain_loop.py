@@ -164,3 +164,28 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_engine, tmp_path):
     assert last["step"] == 4  # the good one; nothing written after the NaN
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "step_000004.pt"]
+
+
+class _Counting(torch.utils.data.IterableDataset):
+    """One pass yields ``epoch * 100 + i`` for i < 7."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter([self.epoch * 100 + i for i in range(7)])
+
+
+def test_iterable_stream_epochs_and_resume():
+    collate = lambda xs: list(xs)  # noqa: E731
+    stream = BatchStream(_Counting(), collate_fn=collate, batch_size=3, seed=0)
+    it = iter(stream)
+    assert [next(it) for _ in range(3)] == [[0, 1, 2], [3, 4, 5], [100, 101, 102]]  # tail dropped
+    assert stream.position == StreamPosition(1, 1)
+    # resuming mid-epoch starts the next epoch's stream, never replaying consumed samples
+    resumed = BatchStream(_Counting(), collate_fn=collate, batch_size=3, seed=0, start=stream.position)
+    assert next(iter(resumed)) == [200, 201, 202]
+    assert resumed.position == StreamPosition(2, 1)
