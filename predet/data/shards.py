@@ -1,0 +1,152 @@
+"""``predet data shards``: WebDataset tar shards (``KEY.jpg`` + ``KEY.json`` per image).
+
+``KEY.json`` = ``{"image": <manifest string>, "labels": [class, ...], "queries": [[x1, y1, x2, y2],
+...], "scores": [...]}`` with boxes in the stored JPEG's pixels. The stored JPEG is the original
+file when it is a plain RGB JPEG without EXIF rotation, else the decoded RGB image re-encoded
+(quality 95), so every reader sees the pixel frame the queries were computed in.
+
+Shard ``k`` (``OUT/shard-<k>.tar``) holds manifest entries ``[k * N, (k + 1) * N)``; rank ``r`` of a
+torchrun launch writes the shards with ``k % WORLD_SIZE == r``; finished shards are skipped on
+re-runs. ``OUT/vocab.json`` carries the classes, ``OUT/failed.jsonl`` the unreadable images.
+Reading is :class:`predet.data.datasets.ShardDataset` (``data.format=shards``, ``data.shards=OUT``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from predet.data.manifest import BadImage, ManifestEntry, load_image, load_synonyms, read_manifest
+from predet.data.queries import QueryCache
+from predet.data.vocab import build_vocab
+from predet.distributed import env_rank
+from predet.errors import UserError
+from predet.utils import atomic_write_text, write_json
+
+__all__ = ["encode_sample", "write_shards", "run"]
+
+
+def _stored_jpeg(entry: ManifestEntry) -> tuple[bytes, tuple[int, int]]:
+    """JPEG bytes of the image as the queries see it, and its size. Raises BadImage."""
+    img, full = load_image(entry.path)
+    raw = entry.path.read_bytes()
+    with Image.open(io.BytesIO(raw)) as src:
+        plain = src.format == "JPEG" and src.mode == "RGB" and src.getexif().get(0x0112, 1) == 1
+    if plain:
+        return raw, full
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95)
+    return buf.getvalue(), full
+
+
+def encode_sample(
+    entry: ManifestEntry, key: str, labels: Sequence[str], queries: Optional[tuple[np.ndarray, np.ndarray]]
+) -> dict:
+    """One WebDataset sample dict (``__key__``, ``jpg``, ``json``). Raises BadImage."""
+    jpg, _ = _stored_jpeg(entry)
+    boxes, scores = queries if queries is not None else (np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
+    meta = {
+        "image": entry.image,
+        "labels": list(labels),
+        "queries": np.round(boxes, 2).tolist(),
+        "scores": np.round(scores, 4).tolist(),
+    }
+    return {"__key__": key, "jpg": jpg, "json": json.dumps(meta).encode()}
+
+
+def write_shards(
+    entries: Sequence[ManifestEntry],
+    labels: Sequence[Sequence[str]],
+    out: str | os.PathLike,
+    *,
+    cache: Optional[QueryCache] = None,
+    shard_size: int = 1000,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, int]:
+    """Write this rank's missing shards; returns counts (written, failed, shards written/skipped)."""
+    import webdataset as wds
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {"written": 0, "failed": 0, "no_class": 0, "shards_written": 0, "shards_skipped": 0}
+    for k, start in enumerate(range(0, len(entries), shard_size)):
+        if k % world_size != rank:
+            continue
+        path = out / f"shard-{k:06d}.tar"
+        if path.exists():
+            counts["shards_skipped"] += 1
+            continue
+        failed: list[dict] = []
+        tmp = out / f".shard-{k:06d}.tar.tmp{os.getpid()}"
+        with wds.TarWriter(str(tmp)) as sink:
+            for i in range(start, min(start + shard_size, len(entries))):
+                e = entries[i]
+                if not labels[i]:
+                    counts["no_class"] += 1
+                    continue
+                if e.queries is not None:
+                    queries = (e.queries, np.ones(len(e.queries), np.float32))
+                elif cache is not None and cache.is_failed(e.image):
+                    failed.append({"image": e.image, "reason": cache.failed[e.image]})
+                    continue
+                else:
+                    queries = cache.get(e.image, e.path) if cache is not None else None
+                try:
+                    sink.write(encode_sample(e, f"{i:09d}", labels[i], queries))
+                except BadImage as err:
+                    failed.append({"image": e.image, "reason": err.reason})
+                    continue
+                counts["written"] += 1
+        # the shard's failures first, then the shard: a finished shard always has its list
+        atomic_write_text(out / f"shard-{k:06d}.failed.jsonl", "".join(json.dumps(f) + "\n" for f in failed))
+        os.replace(tmp, path)
+        counts["shards_written"] += 1
+        counts["failed"] += len(failed)
+    _merge_failed(out)
+    return counts
+
+
+def _merge_failed(out: Path) -> None:
+    text = "".join(p.read_text() for p in sorted(out.glob("shard-*.failed.jsonl")))
+    atomic_write_text(out / "failed.jsonl", text)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.shard_size < 1:
+        raise UserError(f"--shard-size must be >= 1, got {args.shard_size}")
+    manifest = read_manifest(args.manifest)
+    entries = manifest.entries
+    synonyms = None
+    if not all(e.labels is not None for e in entries):
+        path = Path(args.synonyms) if args.synonyms else manifest.path.parent / "synonyms.json"
+        if not path.is_file():
+            raise UserError(f"{manifest.path}: lines carry tags but no labels; give --synonyms (not found: {path})")
+        synonyms = load_synonyms(path)
+    vocab = build_vocab(entries, synonyms, 1)
+    cache = QueryCache(args.queries) if args.queries else None
+    if cache is None and not any(e.queries is not None for e in entries):
+        raise UserError(f"{manifest.path}: no query boxes: pass --queries DIR from `predet data queries`")
+    rank, world = env_rank()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        write_json(out / "vocab.json", vocab.to_json())
+    counts = write_shards(entries, vocab.labels, out, cache=cache, shard_size=args.shard_size, rank=rank, world_size=world)
+    print(
+        f"rank {rank}/{world}: {counts['written']} images in {counts['shards_written']} new shards "
+        f"({counts['shards_skipped']} finished shards skipped), {counts['failed']} failed, "
+        f"{counts['no_class']} without a class -> {out}"
+    )
+    failed_path = out / "failed.jsonl"
+    for line in failed_path.read_text().splitlines()[:10]:
+        rec = json.loads(line)
+        print(f"  failed: {rec['image']}: {rec['reason']}")
+    return 0
