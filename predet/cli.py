@@ -123,6 +123,8 @@ def _bench_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=32, help="images to time")
     p.add_argument("--size", type=int, default=480)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=2, help="passes over the images (two-view loader)")
+    p.add_argument("--manifest", default=None, help="time these images (default: sample photographs)")
 
 
 VERBS: list[_Verb] = [

@@ -5,14 +5,14 @@ Q queries kept per image (config ``data.queries_per_image``), K classes, B views
 
 Pipeline of one view (MoCo-v2 order; flip first because the colour ops commute with it)::
 
-    random resized crop + resize to SxS   one PIL ``resize(box=...)`` on the decoded image
-    horizontal flip                        PIL transpose of the SxS result
+    random resized crop + resize to SxS   one ``cv2.resize`` of the crop (a view of the image)
+    horizontal flip                        ``cv2.flip`` of the SxS result
     colour jitter (random order), grey,    batched float ops on ``(B, 3, S, S)`` with per-view
     Gaussian blur, normalise               parameters: both views of a sample go in one batch,
                                            and a GPU-side pipeline can call the same functions
                                            on a whole training batch (:func:`color_augment`).
 
-Boxes follow crop, flip and resize exactly (continuous pixel coordinates, PIL's box resize maps
+Boxes follow crop, flip and resize exactly (continuous pixel coordinates: the resize maps
 ``x -> (x - x0) * S / w``); a box is *valid* when at least ``min_visible`` of its area lies inside
 the crop of both views.
 """
@@ -395,13 +395,19 @@ class TwoViewTransform:
             blur_sigma=sigma if u[3] < self.blur_p else 0.0,
         )
 
-    def render(self, img: Image.Image, params: ViewParams) -> np.ndarray:
-        """Crop + resize (one PIL call, antialiased bilinear) and flip: (S, S, 3) uint8."""
+    def render(self, img: np.ndarray, params: ViewParams) -> np.ndarray:
+        """Crop + resize + flip of an (H, W, 3) uint8 image: (S, S, 3) uint8.
+
+        One ``cv2.resize`` of the crop (a view, no copy): area averaging when both sides shrink
+        (antialiased, like PIL's), bilinear otherwise; both map pixel centres as
+        ``x -> (x - x0) * S / w``, which :func:`map_boxes` follows. ~8x faster than PIL's
+        ``resize(box=...)`` at 480 px.
+        """
         x0, y0, w, h = params.crop
-        view = img.resize((self.size, self.size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
-        if params.flip:
-            view = view.transpose(Image.FLIP_LEFT_RIGHT)
-        return np.asarray(view)
+        S = self.size
+        interp = cv2.INTER_AREA if (w > S and h > S) else cv2.INTER_LINEAR
+        view = cv2.resize(img[y0 : y0 + h, x0 : x0 + w], (S, S), interpolation=interp)
+        return cv2.flip(view, 1) if params.flip else view
 
     def color(self, views: torch.Tensor, params: Sequence[ViewParams]) -> torch.Tensor:
         """Batched tensor path: (B, 3, S, S) uint8 -> (B, 3, S, S) float, colour-augmented and
@@ -417,23 +423,28 @@ class TwoViewTransform:
         )
         return (x - self.mean) / self.std
 
+    @staticmethod
+    def to_chw(views: Sequence[np.ndarray]) -> torch.Tensor:
+        """B views (S, S, 3) uint8 -> (B, 3, S, S) uint8; ``cv2.split`` copies planes ~4x faster
+        than converting a permuted (strided) tensor."""
+        return torch.from_numpy(np.stack([np.stack(cv2.split(v)) for v in views]))
+
     def normalize(self, views: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) uint8 -> float, ``(x / 255 - mean) / std`` in one fused multiply-add."""
-        return torch.addcmul(-self.mean / self.std, views.float(), 1.0 / (255.0 * self.std))
+        """(B, 3, S, S) uint8 -> float ``(x / 255 - mean) / std``, in place after the one copy."""
+        return views.float().mul_(1.0 / (255.0 * self.std)).add_(-self.mean / self.std)
 
     def __call__(
         self, img: Image.Image, boxes: Any, generator: Optional[torch.Generator] = None
     ) -> dict[str, torch.Tensor]:
-        """img: RGB PIL image; boxes: ``(M, 4)`` XYXY in its pixels (tensor or array)."""
+        """img: RGB PIL image (or (H, W, 3) uint8 array); boxes: ``(M, 4)`` XYXY in its pixels."""
         boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4)
-        width, height = img.size
+        arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB")) if isinstance(img, Image.Image) else img
+        height, width = arr.shape[:2]
         params = [self.sample_params(width, height, generator) for _ in range(2)]
         if self.backend == "cv2":  # uint8 SIMD kernels per view, then one normalise for both
-            arrays = [color_augment_uint8(self.render(img, p), p) for p in params]
-            views = self.normalize(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
-        else:  # (2, S, S, 3) uint8 -> (2, 3, S, S): both views through the batched float ops
-            views = torch.from_numpy(np.stack([self.render(img, p) for p in params])).permute(0, 3, 1, 2)
-            views = self.color(views, params)
+            views = self.normalize(self.to_chw([color_augment_uint8(self.render(arr, p), p) for p in params]))
+        else:  # (2, 3, S, S) uint8 through the batched float ops
+            views = self.color(self.to_chw([self.render(arr, p) for p in params]), params)
         vis = torch.stack([visible_fraction(boxes, p.crop) for p in params])  # (2, M)
         return {
             "view1": views[0],
