@@ -10,6 +10,9 @@ Every format is read into one in-memory COCO-format dict (``gt``: ``images``, ``
             masks    uint8 Tensor[M, H, W] (only with ``with_masks``)
             image_id int
 
+``data.*.ann: builtin:tiny`` (or ``builtin:small[:seed]``) is the built-in world's detection set
+(:func:`resolve_split`), the default of the CPU configs.
+
 Format notes:
 
 - LVIS-style JSON: images carry ``neg_category_ids`` / ``not_exhaustive_category_ids`` (kept for
@@ -43,6 +46,7 @@ __all__ = [
     "VOC_CLASSES",
     "DetectionDataset",
     "load_gt",
+    "resolve_split",
     "load_coco_json",
     "load_lvis_json",
     "load_voc",
@@ -177,6 +181,19 @@ def infer_format(ann: str | Path) -> str:
     if ann.is_dir() or ann.suffix == ".txt":
         return "voc"
     return "lvis" if is_lvis(_read_json(ann)) else "coco"
+
+
+def resolve_split(ann: str, images: str, split: str) -> tuple[str, str]:
+    """``builtin:<preset>[:<seed>]`` -> the built-in world's ``det/{train,val}.json`` and ``det/images``.
+
+    Other paths come back unchanged. The world is generated (once, cached) on first use.
+    """
+    if not str(ann).startswith("builtin:"):
+        return ann, images
+    from predet.data.builtin import resolve_builtin
+
+    world = resolve_builtin(str(ann))
+    return str(world.det_train if split == "train" else world.det_val), images or str(world.det_images)
 
 
 def load_gt(fmt: str, ann: str | Path, classes: Optional[Sequence[str]] = None) -> dict:

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from predet import distributed
 from predet.config import FinetuneConfig, load_config, save_config
-from predet.data.detection import DetectionDataset, collate_detection, load_gt
+from predet.data.detection import DetectionDataset, collate_detection, load_gt, resolve_split
 from predet.engine.detectors import build_detector, init_widths, load_init
 from predet.engine.evaluate import evaluate_run, format_results
 from predet.errors import UserError
@@ -221,8 +221,12 @@ def _device_setup(model: nn.Module, cfg: FinetuneConfig, device: torch.device, l
 # The loop
 # --------------------------------------------------------------------------------------------
 def resolve_init_widths(cfg: FinetuneConfig, init: str) -> FinetuneConfig:
-    """A copy of ``cfg`` with ``model.fpn_channels`` / ``box_head_dim`` taken from ``init`` where None."""
+    """A copy of ``cfg`` with ``builtin:`` data resolved and ``model.fpn_channels`` / ``box_head_dim``
+    taken from ``init`` where None."""
     cfg = copy.deepcopy(cfg)
+    for split in ("train", "val"):  # builtin:<preset> -> the world's files (resolved in config.yaml)
+        sc = cfg.data[split]
+        sc.ann, sc.images = resolve_split(sc.ann, sc.images, split)
     widths = init_widths(init)
     if cfg.model.fpn_channels is None:
         cfg.model.fpn_channels = widths.get("fpn_channels", 256)
@@ -238,7 +242,6 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
     Evaluates on ``cfg.data.val`` at the end when it is set. Returns ``out``.
     """
     out = Path(out)
-    cfg = resolve_init_widths(cfg, init)
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
     device = distributed.init(cfg.train.device)
@@ -246,8 +249,10 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
     main = rank == 0
     if main:
         prepare_run_dir(out, resume=resume, overwrite=overwrite)
-        save_config(cfg, out / "config.yaml")
     distributed.barrier()
+    cfg = resolve_init_widths(cfg, init)
+    if main:
+        save_config(cfg, out / "config.yaml")
     log = _RunLog(out, enabled=main)
     seed_everything(cfg.seed)
 

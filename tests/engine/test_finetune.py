@@ -18,7 +18,7 @@ from pycocotools.cocoeval import COCOeval
 
 from predet.cli import main
 from predet.config import FinetuneConfig, PretrainConfig, load_config
-from predet.data.detection import DetectionDataset, load_coco_json, load_voc, segm_to_mask
+from predet.data.detection import DetectionDataset, load_coco_json, load_voc, resolve_split, segm_to_mask
 from predet.engine.detectors import build_backbone, build_detector, load_init
 from predet.engine.finetune import StepBatchSampler, build_optimizer, finetune, lr_factor, schedule
 from predet.errors import UserError
@@ -205,6 +205,16 @@ def test_voc_conversion_and_difficult(tiny_world: Path, tmp_path: Path) -> None:
     split.parent.mkdir(parents=True)
     split.write_text("\n".join(Path(i["file_name"]).stem for i in gt["images"][:5]) + "\n")
     assert len(load_voc(split)["images"]) == 5
+
+
+def test_builtin_split_resolves_to_the_cached_world(tmp_path: Path, monkeypatch) -> None:
+    world = tmp_path / "worlds" / "small-seed3"
+    world.mkdir(parents=True)
+    (world / ".complete").write_text("{}")  # a finished world: nothing is generated
+    monkeypatch.setenv("PREDET_CACHE", str(tmp_path))
+    assert resolve_split("builtin:small:3", "", "val") == (str(world / "det" / "val.json"), str(world / "det" / "images"))
+    assert resolve_split("builtin:small:3", "/imgs", "train") == (str(world / "det" / "train.json"), "/imgs")
+    assert resolve_split("a.json", "imgs", "train") == ("a.json", "imgs")
 
 
 def test_dataset_targets_flip_and_subset(tiny_world: Path) -> None:
