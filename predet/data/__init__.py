@@ -1,0 +1,9 @@
+"""Data: the synthetic world, manifests and vocabulary, query boxes, shards, two-view views.
+
+``predet.data.TwoViewTransform`` and ``predet.data.collate_two_view`` are the pre-training sample
+and batch contracts; ``predet.data.datasets.build_pretrain_data(cfg)`` builds the data of a run.
+"""
+
+from predet.data.transforms import TwoViewTransform, collate_two_view, sample_seed
+
+__all__ = ["TwoViewTransform", "collate_two_view", "sample_seed"]

@@ -41,6 +41,7 @@ from predet.utils import atomic_write_text
 __all__ = [
     "QueryParams",
     "QueryCache",
+    "check_opencv",
     "gradient_edges",
     "compute_queries",
     "write_query_file",
@@ -117,6 +118,30 @@ def gradient_edges(
 # Query boxes of one image
 # --------------------------------------------------------------------------------------------
 _STATE: dict = {}  # per-process detectors (OpenCV objects are not picklable)
+
+# pip distributions that install a `cv2` without the contrib modules and shadow the contrib build
+_PLAIN_OPENCV = ("opencv-python", "opencv-python-headless")
+
+
+def check_opencv() -> None:
+    """UserError unless ``cv2.ximgproc`` (opencv-contrib) is importable, naming the package that
+    shadows it (a plain ``opencv-python`` pulled in by another package) and the fix."""
+    from importlib import metadata
+
+    if hasattr(cv2, "ximgproc") and hasattr(cv2.ximgproc, "createEdgeBoxes"):
+        return
+    installed = []
+    for name in _PLAIN_OPENCV:
+        try:
+            installed.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    raise UserError(
+        f"cv2 at {cv2.__file__} has no ximgproc (EdgeBoxes needs opencv-contrib)"
+        + (f"; shadowed by {', '.join(installed)}" if installed else "")
+        + ": pip uninstall -y opencv-python opencv-python-headless && "
+        "pip install --force-reinstall --no-deps opencv-contrib-python-headless"
+    )
 
 
 def _edge_boxes(params: QueryParams) -> "cv2.ximgproc.EdgeBoxes":
@@ -399,6 +424,7 @@ def run(args: argparse.Namespace) -> int:
         max_aspect=args.max_aspect,
         edge_model=args.edge_model,
     )
+    check_opencv()
     rank, world = env_rank()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = max(1, args.workers or cores)

@@ -172,3 +172,18 @@ def test_recall_on_tiny_world(tiny_world: Path, tmp_path: Path) -> None:
     truth.write_text("\n".join(lines) + "\n")
     recall, n = query_recall(QueryCache(tmp_path / "q"), truth)
     assert n > 150 and recall >= 0.6, recall
+
+
+def test_one_opencv_with_contrib_modules() -> None:
+    """The environment ends with the contrib build's cv2 (ximgproc), not shadowed by a plain one."""
+    from importlib import metadata
+
+    import cv2
+
+    from predet.data.queries import _PLAIN_OPENCV, check_opencv
+
+    check_opencv()
+    assert hasattr(cv2.ximgproc, "createEdgeBoxes") and hasattr(cv2.ximgproc, "segmentation")
+    for name in _PLAIN_OPENCV:
+        with pytest.raises(metadata.PackageNotFoundError):
+            metadata.version(name)
