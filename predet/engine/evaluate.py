@@ -84,7 +84,9 @@ def _lvis_filter(gt: dict, dets: list[dict]) -> list[dict]:
     return out
 
 
-def _summarize(E: COCOeval, *, iou: Optional[float] = None, area: str = "all", cats: Optional[np.ndarray] = None) -> float:
+def _summarize(
+    E: COCOeval, *, iou: Optional[float] = None, area: str = "all", cats: Optional[np.ndarray] = None
+) -> float:
     """Mean precision over IoUs/recalls/categories as pycocotools' ``summarize`` (-1: undefined)."""
     s = E.eval["precision"]  # [T, R, K, A, M]
     if iou is not None:

@@ -30,7 +30,7 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -301,9 +301,11 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
 
     sampler = StepBatchSampler(num_items=len(dataset), batch_size=cfg.train.batch_size, seed=cfg.seed,
                                start=start, total=total, rank=rank, world_size=world)  # fmt: skip
-    # its own generator: creating the iterator must not draw from the (restored) global RNG
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=d.num_workers, collate_fn=collate_detection,
-                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=d.num_workers, collate_fn=collate_detection,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),  # iterators must not draw from the global RNG
+    )  # fmt: skip
     _train(ddp, model, loader, opt, sched, cfg, out, log, start=start, total=total, classes=classes,
            init_name=report.name, device=device, progress=progress and main)  # fmt: skip
     distributed.barrier()

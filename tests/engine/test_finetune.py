@@ -370,3 +370,40 @@ def test_shipped_configs_load(path: Path) -> None:
         assert cfg.model.backbone == "resnext101_32x8d" and cfg.train.batch_size * 8 == 16
         if "coco_1x" in path.stem:
             assert schedule(cfg, 118_287, world_size=8) == (90_000, [60_000, 80_000])
+
+
+def test_norm_options(export_file) -> None:
+    path, state = export_file
+    kinds = {}
+    for norm in ("frozenbn", "bn", "gn"):
+        model = build_detector(tiny_cfg(f"model.norm={norm}", "model.fpn_channels=64", "model.box_head_dim=256"), ["a"])
+        kinds[norm] = type(model.backbone.body.layer1[0].bn1).__name__
+        report = load_init(model, str(path))
+        if norm == "gn":  # BN's affine weights go to GroupNorm; its running statistics have nowhere to go
+            assert torch.equal(model.backbone.body.bn1.weight.detach(), state["body.bn1.weight"])
+            assert "body.bn1.running_mean" in report.unused and report.missing == []
+        else:
+            assert report.missing == [] and report.unused == []
+    assert kinds == {"frozenbn": "FrozenBatchNorm2d", "bn": "BatchNorm2d", "gn": "GroupNorm"}
+    frozen = build_detector(tiny_cfg("model.trainable_layers=3", "model.fpn_channels=64"), ["a"])
+    trainable = {n.split(".")[1] for n, p in frozen.backbone.named_parameters() if p.requires_grad and n.startswith("body.")}
+    assert trainable == {"layer2", "layer3", "layer4"}
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tiny_world: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    det = tiny_world / "det"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "predet", "finetune",
+           "--config", str(Path(TINY).resolve()), "--init", "scratch", "--out", str(tmp_path / "run"),
+           *split_overrides(det / "train.json", det / "val.json", det / "images"), "model.arch=faster_rcnn",
+           "train.steps=2", "train.log_every=1", "train.num_threads=1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["world_size"]) for m in metrics] == [(1, 2), (2, 2)]  # rank 0 writes, once per step
+    assert "bbox" in json.loads((tmp_path / "run" / "results.json").read_text())
