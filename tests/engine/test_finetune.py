@@ -407,3 +407,15 @@ def test_torchrun_two_processes(tiny_world: Path, tmp_path: Path) -> None:
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(m["step"], m["world_size"]) for m in metrics] == [(1, 2), (2, 2)]  # rank 0 writes, once per step
     assert "bbox" in json.loads((tmp_path / "run" / "results.json").read_text())
+
+
+def test_images_without_boxes(tiny_world: Path) -> None:
+    gt = load_coco_json(tiny_world / "det" / "val.json")
+    empty_id = gt["images"][0]["id"]
+    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] != empty_id]
+    images = tiny_world / "det" / "images"
+    train = DetectionDataset(gt, images, train=True, with_masks=True)
+    assert empty_id not in train.ids and train.num_without_boxes == 1  # as torchvision's reference scripts
+    test = DetectionDataset(gt, images, train=False, with_masks=True)
+    _, target = test[test.ids.index(empty_id)]
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,) and target["masks"].shape[0] == 0
