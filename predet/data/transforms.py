@@ -173,7 +173,7 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
     """(B,) sigmas -> (B, 2*radius+1) normalised 1-D kernels."""
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=sigma.device)
     k = torch.exp(-0.5 * (t[None, :] / sigma[:, None].float()) ** 2)
     return k / k.sum(dim=1, keepdim=True)
 
@@ -184,7 +184,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, *, truncate: float = 3.0
     B, C, H, W = x.shape
     radius = max(1, int(math.ceil(truncate * float(sigma.max()))))
     radius = min(radius, H - 1, W - 1)  # reflect padding needs radius < side
-    k = _gaussian_kernels(sigma, radius).to(x.dtype).repeat_interleave(C, dim=0)  # (B*C, K)
+    k = _gaussian_kernels(sigma.to(x.device), radius).to(x.dtype).repeat_interleave(C, dim=0)  # (B*C, K)
     y = x.reshape(1, B * C, H, W)  # one depthwise conv over all images and channels
     y = F.pad(y, (radius, radius, 0, 0), mode="reflect")
     y = F.conv2d(y, k.view(B * C, 1, 1, -1), groups=B * C)
