@@ -101,7 +101,9 @@ def _bench_queries(paths: list[Path], params: QueryParams) -> tuple[float, list[
     return rate, boxes
 
 
-def _bench_two_view(paths: list[Path], boxes: list[np.ndarray], t: TwoViewTransform, repeats: int) -> float:
+def _bench_two_view(
+    paths: list[Path], boxes: list[np.ndarray], t: TwoViewTransform, repeats: int
+) -> tuple[float, dict[str, float]]:
     """Per-stage profile of the shipped path, then its end-to-end rate (decode + two views)."""
     timer = _Timer()
     draft = draft_side(t)
@@ -139,6 +141,7 @@ def _bench_two_view(paths: list[Path], boxes: list[np.ndarray], t: TwoViewTransf
                     visible_fraction(bt, q.crop)
             n += 1
     timer.report(n, f"two-view stages (one worker, {t.size}x{t.size} views)")
+    stages = {k: 1000 * v / n for k, v in timer.total.items()}
     t0 = time.perf_counter()
     for r in range(repeats):
         for i, (p, b) in enumerate(zip(paths, boxes)):
@@ -147,10 +150,10 @@ def _bench_two_view(paths: list[Path], boxes: list[np.ndarray], t: TwoViewTransf
             t(img, b * scale, generator=torch.Generator().manual_seed(sample_seed(0, r, i)))
     rate = n / (time.perf_counter() - t0)
     print(f"two-view loading end to end: {rate:.1f} samples/s per worker")
-    return rate
+    return rate, stages
 
 
-def _bench_tv2(paths: list[Path], size: int) -> float:
+def _bench_tv2(paths: list[Path], size: int) -> tuple[float, dict[str, float]]:
     """torchvision.transforms.v2 MoCo-v2 on uint8 tensors (what the issue measured at 3.1/s)."""
     from torchvision.io import decode_jpeg
     from torchvision.transforms import v2
@@ -180,7 +183,7 @@ def _bench_tv2(paths: list[Path], size: int) -> float:
     ms = timer.report(len(paths), "torchvision.transforms.v2 baseline stages")
     rate = 1000 / ms
     print(f"torchvision.transforms.v2 two views: {rate:.1f} samples/s per worker")
-    return rate
+    return rate, {k: 1000 * v / len(paths) for k, v in timer.total.items()}
 
 
 def _valid_fraction(paths: list[Path], boxes: list[np.ndarray], t: TwoViewTransform, q: int = 16) -> float:
@@ -224,8 +227,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench data: {len(paths)} images, views {args.size}x{args.size}, 1 thread")
         q_rate, boxes = _bench_queries(paths, QueryParams())
         t = TwoViewTransform(args.size)
-        _two = _bench_two_view(paths, boxes, t, repeats=args.repeats)
-        tv_rate = _bench_tv2(paths, args.size)
+        _two, ours = _bench_two_view(paths, boxes, t, repeats=args.repeats)
+        tv_rate, theirs = _bench_tv2(paths, args.size)
+        pairs = (  # (stage, our stages, torchvision's stages)
+            ("decode", ("decode (draft)",), ("decode",)),
+            ("crop+resize", ("crop+resize+flip",), ("crop+resize",)),
+            ("jitter", ("colour jitter",), ("colour jitter",)),
+            ("blur", ("gaussian blur",), ("gaussian blur (k=23)",)),
+        )
+        ratios = []
+        for name, a, b in pairs:
+            mine, base = sum(ours[k] for k in a), sum(theirs[k] for k in b)
+            ratios.append(f"{name} {base:.1f}/{mine:.1f} ms = {base / max(mine, 1e-6):.1f}x")
+        print("torchvision.transforms.v2 / ours per stage: " + ", ".join(ratios))
         frac = _valid_fraction(paths, boxes, t)
     print(f"speed-up of the two-view loader over torchvision.transforms.v2: {_two / tv_rate:.1f}x")
     print(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import glob
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ from predet.data.vocab import build_vocab
 from predet.errors import UserError
 
 __all__ = ["PretrainData", "WeakLabelDataset", "ShardDataset", "build_pretrain_data", "draft_side"]
+
+log = logging.getLogger(__name__)
 
 
 def _ragged(arrays: Sequence[np.ndarray], dtype: Any, width: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -134,6 +137,7 @@ class WeakLabelDataset(Dataset):
             except BadImage as e:
                 self.bad[j] = e.reason
                 self.num_skipped += 1
+                log.warning("skipping unreadable image %s", e)  # once per image and process
                 continue
             seed = sample_seed(self.seed, self.epoch, index)
             out = self.transform(item["img"], item["boxes"], generator=torch.Generator().manual_seed(seed))
@@ -202,7 +206,8 @@ class ShardDataset(IterableDataset):
             try:
                 meta = json.loads(sample["json"])
                 img, full = decode_image(sample["jpg"], name=f"{sample.get('__url__', '?')}:{key}")
-            except (BadImage, KeyError, json.JSONDecodeError, UnicodeDecodeError):
+            except (BadImage, KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
+                log.warning("skipping unreadable shard sample %s:%s (%s)", sample.get("__url__", "?"), key, e)
                 self.num_skipped += 1
                 skipped += 1
                 continue

@@ -79,7 +79,7 @@ def test_tags_without_synonyms_is_user_error(tmp_path: Path) -> None:
         build_pretrain_data(_cfg(f"data.manifest={tmp_path / 'm.jsonl'}"))
 
 
-def test_unreadable_images_are_skipped_and_counted(odd_images: Path, odd_names, tmp_path: Path) -> None:
+def test_unreadable_images_are_skipped_and_counted(odd_images: Path, odd_names, tmp_path: Path, caplog) -> None:
     """Inline queries, so nothing excludes bad files up front: they are met at load time."""
     good, bad = odd_names
     lines = [json.loads(x) for x in (odd_images / "manifest.jsonl").read_text().splitlines()]
@@ -94,6 +94,8 @@ def test_unreadable_images_are_skipped_and_counted(odd_images: Path, odd_names, 
     assert len(samples) == len(good) + len(bad)
     assert ds.num_skipped == len(bad) and data.num_skipped == len(bad)
     assert {Path(ds.paths[i]).name for i in ds.bad} == set(bad)
+    named = [r.getMessage() for r in caplog.records if "skipping unreadable image" in r.getMessage()]
+    assert len(named) == len(bad) and all(any(n in m for m in named) for n in bad)  # named once each
     # the 4 bad files close the manifest: item i returns the next readable image (wrapping to
     # the first) and says how many it passed over
     assert [Path(x["image"]).name for x in lines][-4:] == list(bad)
