@@ -27,13 +27,8 @@ from PIL import Image
 from predet.data.datasets import draft_side
 from predet.data.manifest import BadImage, load_image, read_manifest
 from predet.data.queries import QueryParams, _edge_boxes, compute_queries, gradient_edges
-from predet.data.transforms import (
-    TwoViewTransform,
-    _jitter_uint8,
-    map_boxes,
-    sample_seed,
-    visible_fraction,
-)
+from predet.data.color import _jitter_uint8, blur_radius
+from predet.data.transforms import TwoViewTransform, map_boxes, sample_seed, visible_fraction
 
 __all__ = ["run"]
 
@@ -130,8 +125,8 @@ def _bench_two_view(
             with timer("gaussian blur"):
                 for k, q in enumerate(params):
                     if q.blur_sigma > 0:
-                        rad = max(1, int(np.ceil(3 * q.blur_sigma)))
-                        views[k] = cv2.GaussianBlur(views[k], (2 * rad + 1,) * 2, q.blur_sigma, borderType=cv2.BORDER_REFLECT_101)
+                        k2 = 2 * blur_radius(q.blur_sigma, t.size) + 1
+                        views[k] = cv2.GaussianBlur(views[k], (k2, k2), q.blur_sigma, borderType=cv2.BORDER_REFLECT_101)
             with timer("to tensor + normalise"):
                 t.normalize(t.to_chw(views))
             with timer("boxes"):

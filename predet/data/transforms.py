@@ -7,10 +7,11 @@ Pipeline of one view (MoCo-v2 order; flip first because the colour ops commute w
 
     random resized crop + resize to SxS   one ``cv2.resize`` of the crop (a view of the image)
     horizontal flip                        ``cv2.flip`` of the SxS result
-    colour jitter (random order), grey,    batched float ops on ``(B, 3, S, S)`` with per-view
-    Gaussian blur, normalise               parameters: both views of a sample go in one batch,
-                                           and a GPU-side pipeline can call the same functions
-                                           on a whole training batch (:func:`color_augment`).
+    colour jitter (random order), grey,    ``predet.data.color``: OpenCV uint8 kernels per view
+    Gaussian blur                          in workers (default, ``backend="cv2"``), or batched
+                                           float ops on ``(B, 3, S, S)`` (``backend="torch"``,
+                                           what a GPU-side pipeline runs on a whole batch)
+    normalise                              one in-place multiply-add on both views
 
 Boxes follow crop, flip and resize exactly (continuous pixel coordinates: the resize maps
 ``x -> (x - x0) * S / w``); a box is *valid* when at least ``min_visible`` of its area lies inside
@@ -26,8 +27,9 @@ from typing import Any, Optional, Sequence
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
+
+from predet.data.color import color_augment, color_augment_uint8
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -38,20 +40,11 @@ __all__ = [
     "sample_crop",
     "map_boxes",
     "visible_fraction",
-    "adjust_brightness",
-    "adjust_contrast",
-    "adjust_saturation",
-    "adjust_hue",
-    "rgb_to_grayscale",
-    "gaussian_blur",
-    "color_augment",
-    "color_augment_uint8",
     "collate_two_view",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL and torchvision
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -121,165 +114,6 @@ def map_boxes(boxes: torch.Tensor, crop: tuple[int, int, int, int], size: int, f
 
 
 # --------------------------------------------------------------------------------------------
-# Colour (batched): x is (B, 3, H, W) float in [0, 1]; factors are (B,)
-# --------------------------------------------------------------------------------------------
-def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, 1, H, W) luma."""
-    r, g, b = x.unbind(dim=-3)
-    return (_GRAY_WEIGHTS[0] * r + _GRAY_WEIGHTS[1] * g + _GRAY_WEIGHTS[2] * b).unsqueeze(-3)
-
-
-def _blend(x: torch.Tensor, other: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    # f: (B,) -> (B, 1, 1, 1) broadcast; torchvision's `_blend` for float images
-    f = f.view(-1, 1, 1, 1).to(x.dtype)
-    return (f * x + (1 - f) * other).clamp_(0, 1)
-
-
-def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return (x * f.view(-1, 1, 1, 1).to(x.dtype)).clamp_(0, 1)
-
-
-def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    mean = rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)  # (B, 1, 1, 1)
-    return _blend(x, mean, f)
-
-
-def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return _blend(x, rgb_to_grayscale(x), f)
-
-
-def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the HSV hue by ``shift`` (B,) in [-0.5, 0.5] turns; same result as torchvision's
-    ``adjust_hue`` (RGB->HSV->RGB) with fewer passes: V = max and V*S = max - min do not change,
-    so RGB is rebuilt directly from the new hue (``c = max - delta * clamp(min(k, 4 - k), 0, 1)``,
-    ``k = (n + 6h) mod 6`` with n = 5, 3, 1 for R, G, B)."""
-    r, g, b = x.unbind(dim=-3)
-    maxc, _ = x.max(dim=-3)
-    minc, _ = x.min(dim=-3)
-    delta = maxc - minc
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    h = torch.where(
-        maxc == r,
-        (g - b) / safe,
-        torch.where(maxc == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe),
-    )
-    # h in sextants [0, 6); add the shift (turns -> sextants)
-    h = torch.remainder(h + 6.0 * shift.view(-1, 1, 1).to(x.dtype), 6.0)
-    n = x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
-    k = torch.remainder(n + h.unsqueeze(-3), 6.0)  # (B, 3, H, W)
-    w = torch.minimum(k, 4.0 - k).clamp_(0, 1)
-    return maxc.unsqueeze(-3) - delta.unsqueeze(-3) * w
-
-
-def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """(B,) sigmas -> (B, 2*radius+1) normalised 1-D kernels."""
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=sigma.device)
-    k = torch.exp(-0.5 * (t[None, :] / sigma[:, None].float()) ** 2)
-    return k / k.sum(dim=1, keepdim=True)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, *, truncate: float = 3.0) -> torch.Tensor:
-    """Separable Gaussian blur with a per-image sigma ``(B,)``; kernel radius ``ceil(truncate *
-    max sigma)``, reflect padding (torchvision's ``gaussian_blur`` pads the same way)."""
-    B, C, H, W = x.shape
-    radius = max(1, int(math.ceil(truncate * float(sigma.max()))))
-    radius = min(radius, H - 1, W - 1)  # reflect padding needs radius < side
-    k = _gaussian_kernels(sigma.to(x.device), radius).to(x.dtype).repeat_interleave(C, dim=0)  # (B*C, K)
-    y = x.reshape(1, B * C, H, W)  # one depthwise conv over all images and channels
-    y = F.pad(y, (radius, radius, 0, 0), mode="reflect")
-    y = F.conv2d(y, k.view(B * C, 1, 1, -1), groups=B * C)
-    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
-    y = F.conv2d(y, k.view(B * C, 1, -1, 1), groups=B * C)
-    return y.view(B, C, H, W)
-
-
-def _apply_subset(x: torch.Tensor, mask: torch.Tensor, fn: Any, *params: torch.Tensor) -> torch.Tensor:
-    """``x[mask] = fn(x[mask], *params[mask])`` without work when nothing is selected."""
-    if bool(mask.all()):
-        return fn(x, *params)
-    if not bool(mask.any()):
-        return x
-    idx = mask.nonzero().squeeze(1)
-    x = x.clone()
-    x[idx] = fn(x[idx], *(p[idx] for p in params))
-    return x
-
-
-_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-
-
-def color_augment(
-    x: torch.Tensor,
-    *,
-    jitter: torch.Tensor,
-    jitter_factors: torch.Tensor,
-    jitter_order: torch.Tensor,
-    gray: torch.Tensor,
-    blur_sigma: torch.Tensor,
-) -> torch.Tensor:
-    """MoCo-v2 colour augmentations on a batch with per-image parameters.
-
-    Args:
-        x: (B, 3, H, W) float in [0, 1].
-        jitter: (B,) bool, apply colour jitter.
-        jitter_factors: (B, 4) brightness, contrast, saturation factors and hue shift.
-        jitter_order: (B, 4) long, a permutation of the four jitter ops per image.
-        gray: (B,) bool, convert to greyscale (kept 3-channel).
-        blur_sigma: (B,) float, Gaussian blur sigma; 0 = no blur.
-
-    Returns:
-        (B, 3, H, W) float in [0, 1].
-    """
-    if bool(jitter.any()):
-        for step in range(4):
-            for op_id, op in enumerate(_JITTER_OPS):
-                sel = jitter & (jitter_order[:, step] == op_id)
-                x = _apply_subset(x, sel, op, jitter_factors[:, op_id])
-    x = _apply_subset(x, gray, lambda t: rgb_to_grayscale(t).expand(-1, 3, -1, -1).contiguous())
-    x = _apply_subset(x, blur_sigma > 0, gaussian_blur, blur_sigma)
-    return x
-
-
-# --------------------------------------------------------------------------------------------
-# Colour, CPU fast path: one view as (S, S, 3) uint8 through OpenCV's SIMD kernels. Same maths as
-# the batched float ops above up to uint8 rounding (tests compare them); ~6x faster per view on
-# one core, which is what keeps a data-loader worker ahead of the GPU.
-# --------------------------------------------------------------------------------------------
-def _hue_lut(shift: float) -> np.ndarray:
-    # OpenCV's *_FULL HSV stores hue as 0..255 for a full turn
-    return ((np.arange(256) + int(round(shift * 256))) % 256).astype(np.uint8)
-
-
-def _jitter_uint8(x: np.ndarray, op_id: int, f: float) -> np.ndarray:
-    if op_id == 0:  # brightness: f * x, saturating
-        return cv2.addWeighted(x, f, x, 0.0, 0.0)
-    if op_id == 1:  # contrast: blend with the mean luma
-        mean = float(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).mean())
-        return cv2.addWeighted(x, f, x, 0.0, (1.0 - f) * mean)
-    if op_id == 2:  # saturation: blend with the luma image
-        gray = cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-        return cv2.addWeighted(x, f, gray, 1.0 - f, 0.0)
-    hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV_FULL)
-    hsv[..., 0] = cv2.LUT(hsv[..., 0], _hue_lut(f))
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
-
-
-def color_augment_uint8(x: np.ndarray, p: "ViewParams") -> np.ndarray:
-    """One view ``(H, W, 3)`` uint8 RGB -> colour-augmented uint8 (:func:`color_augment` on CPU)."""
-    if p.jitter:
-        for op_id in p.jitter_order:
-            x = _jitter_uint8(x, op_id, p.jitter_factors[op_id])
-    if p.gray:
-        x = cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-    if p.blur_sigma > 0:
-        radius = max(1, int(math.ceil(3.0 * p.blur_sigma)))
-        radius = min(radius, x.shape[0] - 1, x.shape[1] - 1)
-        k = 2 * radius + 1
-        x = cv2.GaussianBlur(x, (k, k), p.blur_sigma, borderType=cv2.BORDER_REFLECT_101)
-    return x
-
-
-# --------------------------------------------------------------------------------------------
 # The two-view transform
 # --------------------------------------------------------------------------------------------
 @dataclass
@@ -293,6 +127,16 @@ class ViewParams:
     jitter_order: tuple[int, int, int, int]
     gray: bool
     blur_sigma: float  # 0: no blur
+
+    def color_kwargs(self) -> dict[str, Any]:
+        """The colour parameters, as :func:`~predet.data.color.color_augment_uint8` takes them."""
+        return {
+            "jitter": self.jitter,
+            "jitter_factors": self.jitter_factors,
+            "jitter_order": self.jitter_order,
+            "gray": self.gray,
+            "blur_sigma": self.blur_sigma,
+        }
 
 
 class TwoViewTransform:
@@ -442,7 +286,7 @@ class TwoViewTransform:
         height, width = arr.shape[:2]
         params = [self.sample_params(width, height, generator) for _ in range(2)]
         if self.backend == "cv2":  # uint8 SIMD kernels per view, then one normalise for both
-            views = self.normalize(self.to_chw([color_augment_uint8(self.render(arr, p), p) for p in params]))
+            views = self.normalize(self.to_chw([color_augment_uint8(self.render(arr, p), **p.color_kwargs()) for p in params]))
         else:  # (2, 3, S, S) uint8 through the batched float ops
             views = self.color(self.to_chw([self.render(arr, p) for p in params]), params)
         vis = torch.stack([visible_fraction(boxes, p.crop) for p in params])  # (2, M)

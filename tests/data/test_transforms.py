@@ -9,20 +9,16 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from predet.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    TwoViewTransform,
+from predet.data.color import (
     adjust_brightness,
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
-    collate_two_view,
     color_augment_uint8,
     gaussian_blur,
     rgb_to_grayscale,
-    sample_seed,
 )
+from predet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TwoViewTransform, collate_two_view, sample_seed
 
 NO_COLOUR = dict(color_jitter=False, grayscale_p=0.0, blur_p=0.0)
 
@@ -184,7 +180,7 @@ def test_cv2_path_matches_tensor_path() -> None:
     diffs = []
     for seed in range(12):
         p = t.sample_params(96, 96, torch.Generator().manual_seed(seed))
-        a = color_augment_uint8(smooth.copy(), p).astype(np.float32)
+        a = color_augment_uint8(smooth.copy(), **p.color_kwargs()).astype(np.float32)
         b = t.color(torch.from_numpy(smooth).permute(2, 0, 1)[None], [p])[0]
         b = _denorm(b)
         diffs.append(np.abs(a - b).mean())
