@@ -148,8 +148,12 @@ def match_anchors(
     best_iou, matched = iou.max(dim=1)  # [B, T]
 
     has_query = mask.any(dim=1)  # [B]
-    weights = mask.float() + (~has_query).float().unsqueeze(1)  # a row of ones keeps multinomial legal
-    random_query = torch.multinomial(weights, T, replacement=True, generator=generator)  # [B, T]
+    # a uniform valid query per anchor: the floor(u * V)-th of the V valid ones, u ~ U[0, 1)
+    valid_first = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)  # [B, Q]
+    num_valid = mask.sum(dim=1, keepdim=True)  # [B, 1]
+    u = torch.rand((B, T), generator=generator, device=mask.device)
+    pick = (u * num_valid).long().clamp(max=Q - 1)  # [B, T]
+    random_query = valid_first.gather(1, pick)
     matched = torch.where(best_iou <= 0, random_query, matched)
 
     labels = torch.full_like(matched, -1)
