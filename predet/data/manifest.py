@@ -114,6 +114,15 @@ def _parse_entry(obj: dict, root: Path, where: str, line: int) -> ManifestEntry:
     return ManifestEntry(image=image, path=path, tags=tags, labels=labels, queries=queries, line=line)
 
 
+def _looks_like_coco(path: Path) -> bool:
+    """A ``.json`` file holding one object with ``images`` (else it is read as JSON Lines)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and "images" in data
+
+
 def read_manifest(path: str | os.PathLike, images_root: Optional[str | os.PathLike] = None) -> Manifest:
     """Read a JSONL manifest (or a COCO JSON, see :func:`read_coco_as_manifest`).
 
@@ -123,7 +132,7 @@ def read_manifest(path: str | os.PathLike, images_root: Optional[str | os.PathLi
     path = Path(path)
     if not path.is_file():
         raise UserError(f"manifest not found: {path}")
-    if path.suffix == ".json":
+    if path.suffix == ".json" and _looks_like_coco(path):
         return read_coco_as_manifest(path, images_root)
     root = Path(images_root) if images_root is not None else path.parent
     entries: list[ManifestEntry] = []

@@ -173,3 +173,8 @@ def test_coco_as_weak_labels(tiny_world: Path) -> None:
     assert man.entries[0].path == tiny_world / "det/images" / first["file_name"]
     assert man.entries[0].queries is None  # its boxes are never queries
     assert len(man) == len(coco["images"])
+
+
+def test_json_suffix_jsonl_is_read_as_lines(tmp_path: Path) -> None:
+    m = _write(tmp_path / "m.json", [{"image": "a.jpg", "tags": ["#x"]}, {"image": "b.jpg"}])
+    assert [e.image for e in read_manifest(m).entries] == ["a.jpg", "b.jpg"]

@@ -187,3 +187,20 @@ def test_one_opencv_with_contrib_modules() -> None:
     for name in _PLAIN_OPENCV:
         with pytest.raises(metadata.PackageNotFoundError):
             metadata.version(name)
+
+
+def test_queries_cli_splits_by_torchrun_env(tmp_path: Path, monkeypatch, capsys) -> None:
+    m = _manifest(tmp_path, 5)
+    out = tmp_path / "q"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["data", "queries", "--manifest", str(m), "--out", str(out), "--workers", "1", "--shard-size", "2"]) == 0
+    assert [f.name for f in out.glob("*.npz")] == ["queries-000001.npz"]  # shards 1 (of 0, 1, 2)
+    assert "rank 1/2: 2 images" in capsys.readouterr().out
+
+
+def test_queries_cli_bad_flags_are_one_line_errors(tmp_path: Path, capsys) -> None:
+    m = _manifest(tmp_path, 1)
+    rc = main(["data", "queries", "--manifest", str(m), "--out", str(tmp_path / "q"), "--edge-model", "nope.yml.gz"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--edge-model file not found: nope.yml.gz" in err and len(err.strip().splitlines()) == 1

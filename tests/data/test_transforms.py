@@ -227,3 +227,53 @@ def test_collate_shapes_masks_and_sampling() -> None:
     assert b["boxes1"][1:, 2:].abs().sum() == 0 and b["boxes1"][2:].abs().sum() == 0
     # reproducible from the sample seeds alone
     assert torch.equal(collate_two_view(samples, num_queries=Q)["boxes1"], b["boxes1"])
+
+
+def test_color_augment_batch_applies_each_images_own_order() -> None:
+    """Per-image parameters and op order in one batched call == torchvision ops image by image."""
+    from predet.data.color import color_augment
+
+    torch.manual_seed(1)
+    x = torch.rand(3, 3, 24, 20)
+    factors = torch.tensor([[1.3, 0.7, 1.2, 0.08], [0.8, 1.3, 0.6, -0.05], [1.1, 1.1, 1.1, 0.02]])
+    order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2]])
+    jitter = torch.tensor([True, True, False])
+    gray = torch.tensor([False, True, False])
+    sigma = torch.tensor([0.0, 0.0, 1.0])
+    got = color_augment(x, jitter=jitter, jitter_factors=factors, jitter_order=order, gray=gray, blur_sigma=sigma)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for i in range(3):
+        y = x[i : i + 1]
+        if jitter[i]:
+            for op in order[i].tolist():
+                y = ops[op](y, float(factors[i, op]))
+        if gray[i]:
+            y = TF.rgb_to_grayscale(y, num_output_channels=3)
+        if sigma[i] > 0:
+            y = TF.gaussian_blur(y, [7, 7], [float(sigma[i])] * 2)
+        assert (got[i : i + 1] - y).abs().max() < 5e-4, i  # float32 rounding of chained ops
+
+
+def test_from_config_switches_and_backends_agree() -> None:
+    from predet.config import PretrainConfig, load_config
+
+    cfg = load_config(PretrainConfig, None, ["data.aug.crop=false", "data.aug.flip_p=0", "data.aug.color_jitter=false",
+                                             "data.aug.grayscale_p=0", "data.aug.blur_p=0", "data.aug.min_visible=0.9"])
+    t = TwoViewTransform.from_config(cfg.data.aug, 32)
+    assert t.min_visible == 0.9 and not t.crop and t.jitter_p == 0.0
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    out = t(img, torch.tensor([[0.0, 0.0, 32.0, 32.0]]))
+    plain = torch.from_numpy(np.asarray(img.resize((32, 32), Image.BOX), np.float32) / 255).permute(2, 0, 1)
+    want = (plain - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(out["view1"], want, atol=0.03)  # 2x2 means, +-1 uint8 level of rounding
+    assert torch.equal(out["view1"], out["view2"])
+    assert out["boxes1"].tolist() == [[0.0, 0.0, 16.0, 16.0]]
+    # the full default pipeline: cv2 backend vs batched tensor backend, same draws
+    a, b = TwoViewTransform(48), TwoViewTransform(48, backend="torch")
+    smooth = Image.fromarray(np.asarray(img.resize((8, 8)).resize((96, 96), Image.BICUBIC)))
+    diffs = []
+    for seed in range(6):
+        va = a(smooth, torch.zeros(0, 4), generator=torch.Generator().manual_seed(seed))["view1"]
+        vb = b(smooth, torch.zeros(0, 4), generator=torch.Generator().manual_seed(seed))["view1"]
+        diffs.append(float((_denorm(va) - _denorm(vb)).__abs__().mean()))
+    assert max(diffs) < 2.0, diffs  # uint8 levels
