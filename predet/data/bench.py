@@ -12,7 +12,6 @@ The baseline is a plain ``torchvision.transforms.v2`` MoCo-v2 pipeline on uint8 
 from __future__ import annotations
 
 import argparse
-import io
 import tempfile
 import time
 from contextlib import contextmanager
@@ -24,10 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from predet.data.color import _jitter_uint8, blur_radius
 from predet.data.datasets import draft_side
 from predet.data.manifest import BadImage, load_image, read_manifest
 from predet.data.queries import QueryParams, _edge_boxes, compute_queries, gradient_edges
-from predet.data.color import _jitter_uint8, blur_radius
 from predet.data.transforms import TwoViewTransform, map_boxes, sample_seed, visible_fraction
 
 __all__ = ["run"]

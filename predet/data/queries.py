@@ -227,6 +227,13 @@ def compute_queries(rgb: np.ndarray, params: QueryParams = QueryParams()) -> tup
 # --------------------------------------------------------------------------------------------
 # Cache files
 # --------------------------------------------------------------------------------------------
+def _concat(arrays: Sequence[np.ndarray], width: Optional[int]) -> np.ndarray:
+    """Ragged float32 arrays -> one array, ``(total, width)`` or ``(total,)``; empty input too."""
+    shape = (-1, width) if width else (-1,)
+    parts = [np.asarray(a, np.float32).reshape(shape) for a in arrays]
+    return np.concatenate(parts) if parts else np.zeros((0, width) if width else (0,), np.float32)
+
+
 def write_query_file(
     path: str | os.PathLike,
     *,
@@ -240,15 +247,14 @@ def write_query_file(
     path = Path(path)
     counts = np.array([len(b) for b in boxes], np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    cat = lambda xs, shape: np.concatenate([np.asarray(x, np.float32).reshape(shape) for x in xs]) if xs else np.zeros((0, 4) if shape[-1] == 4 else (0,), np.float32)  # noqa: E731
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
     np.savez(
         tmp,
         images=np.array(images, dtype=np.str_),
         paths=np.array(paths, dtype=np.str_),
         offsets=offsets,
-        boxes=cat(boxes, (-1, 4)),
-        scores=cat(scores, (-1,)),
+        boxes=_concat(boxes, 4),
+        scores=_concat(scores, None),
         failed_images=np.array([f[0] for f in failed], dtype=np.str_),
         failed_reasons=np.array([f[1] for f in failed], dtype=np.str_),
     )

@@ -11,10 +11,9 @@ import torch
 
 from predet.cli import main
 from predet.config import PretrainConfig, load_config
-from predet.data.datasets import WeakLabelDataset, build_pretrain_data
+from predet.data.datasets import build_pretrain_data
 from predet.data.manifest import read_manifest
 from predet.data.queries import QueryCache, QueryParams, cache_queries
-from predet.data.transforms import TwoViewTransform
 from predet.data.vocab import build_vocab
 from predet.errors import UserError
 
