@@ -82,6 +82,7 @@ class PretrainModelConfig:
     anchor_sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
     aspect_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     crpn_dim: int = 64  # D
+    crpn_conv_dim: Optional[int] = None  # CRPN's shared 3x3 conv width; None: C (as Faster R-CNN's RPN)
     crpn_batch_per_view: int = 256
     crpn_positive_fraction: float = 0.5
     crpn_fg_iou: float = 0.7

@@ -1,7 +1,8 @@
 """Contrastive RPN (paper §3.2.1): query-conditioned anchor scores and regressions.
 
 Shape legend:
-    B: searched views, Q: query slots per view, C: FPN channels, A: anchors per location,
+    B: searched views, Q: query slots per view, C: FPN channels, H: CRPN conv width,
+    A: anchors per location,
     D: CRPN embedding width, Hl/Wl: size of level l, T = sum_l Hl*Wl*A anchors per view
     (ordered level, y, x, anchor as torchvision's ``AnchorGenerator``), G = sum_l Hl*Wl locations,
     M: selected (view, anchor, query) triples.
@@ -32,13 +33,24 @@ __all__ = ["CRPNHead", "match_anchors", "sample_anchors", "crpn_losses"]
 class CRPNHead(nn.Module):
     """Shared 3x3 conv + 1x1 embedding convs on the image side, linear maps on the query side."""
 
-    def __init__(self, *, in_channels: int, num_anchors: int, query_dim: int, embed_dim: int):
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_anchors: int,
+        query_dim: int,
+        embed_dim: int,
+        conv_dim: int | None = None,
+    ) -> None:
+        """``conv_dim``: width of the shared 3x3 conv (default ``in_channels``, as torchvision's
+        RPN head); on P2 at 480 px that conv costs about a third of an R50-FPN forward, and
+        narrowing it is the main lever on the PreDet step's cost."""
         super().__init__()
         self.num_anchors, self.embed_dim = num_anchors, embed_dim
-        A, D = num_anchors, embed_dim
-        self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1)
-        self.cls_embed = nn.Conv2d(in_channels, A * D, kernel_size=1)  # f_I^cls
-        self.reg_embed = nn.Conv2d(in_channels, 4 * A * D, kernel_size=1)  # f_I^reg
+        A, D, H = num_anchors, embed_dim, conv_dim or in_channels
+        self.conv = nn.Conv2d(in_channels, H, kernel_size=3, padding=1)
+        self.cls_embed = nn.Conv2d(H, A * D, kernel_size=1)  # f_I^cls
+        self.reg_embed = nn.Conv2d(H, 4 * A * D, kernel_size=1)  # f_I^reg
         self.query_cls = nn.Linear(query_dim, A * D)  # f_q^cls
         self.query_reg = nn.Linear(query_dim, 4 * A * D)  # f_q^reg
         for conv in (self.conv, self.cls_embed, self.reg_embed):
@@ -55,7 +67,7 @@ class CRPNHead(nn.Module):
             features: L maps ``[B, C, Hl, Wl]`` of the searched views.
             query_feats: ``[B, Q, E]`` box-head features of the queries (from the other view).
         Returns:
-            scores ``[B, Q, T]`` (logits) and hidden ``[B, G, C]``, the 3x3-conv output of every
+            scores ``[B, Q, T]`` (logits) and hidden ``[B, G, H]``, the 3x3-conv output of every
             location (level-major) for ``regression``.
         """
         B, Q = query_feats.shape[:2]
@@ -63,12 +75,12 @@ class CRPNHead(nn.Module):
         q_cls = self.query_cls(_rms(query_feats)).view(B, Q, A, D)
         scores, hidden = [], []
         for x in features:  # a loop over the L levels, never over views or queries
-            h = F.relu(self.conv(x))  # [B, C, Hl, Wl]
+            h = F.relu(self.conv(x))  # [B, H, Hl, Wl]
             f_cls = self.cls_embed(h)
             f_cls = f_cls.view(B, A, D, *f_cls.shape[-2:])  # [B, A*D, Hl, Wl] -> [B, A, D, Hl, Wl]
             s = torch.einsum("bqad,badyx->bqyxa", q_cls, f_cls)  # [B, Q, Hl, Wl, A]
             scores.append(s.flatten(2))  # [B, Q, Hl, Wl, A] -> [B, Q, Hl*Wl*A]
-            hidden.append(h.flatten(2).transpose(1, 2))  # [B, C, Hl, Wl] -> [B, Hl*Wl, C]
+            hidden.append(h.flatten(2).transpose(1, 2))  # [B, H, Hl, Wl] -> [B, Hl*Wl, H]
         return torch.cat(scores, dim=2), torch.cat(hidden, dim=1)
 
     def query_regression(self, query_feats: Tensor) -> Tensor:
@@ -82,7 +94,7 @@ class CRPNHead(nn.Module):
         """Deltas of M selected (view, anchor, query) triples.
 
         Args:
-            hidden: ``[B, G, C]`` from ``forward``.
+            hidden: ``[B, G, H]`` from ``forward``.
             q_reg: ``[B, Q, A, 4, D]`` from ``query_regression``.
             view, anchor, query: ``[M]`` int64 indices into B, T and Q.
         Returns:
@@ -90,8 +102,8 @@ class CRPNHead(nn.Module):
         """
         A, D = self.num_anchors, self.embed_dim
         loc, a = anchor // A, anchor % A  # anchors are ordered (location, anchor)
-        h = hidden[view, loc]  # [M, C]
-        weight = self.reg_embed.weight.flatten(1)  # [4*A*D, C, 1, 1] -> [4*A*D, C]
+        h = hidden[view, loc]  # [M, H]
+        weight = self.reg_embed.weight.flatten(1)  # [4*A*D, H, 1, 1] -> [4*A*D, H]
         f_reg = F.linear(h, weight, self.reg_embed.bias).view(-1, A, 4, D)  # 1x1 conv at M points
         f_reg = f_reg[torch.arange(len(a), device=a.device), a]  # [M, A, 4, D] -> [M, 4, D]
         return (f_reg * q_reg[view, query, a]).sum(dim=2)  # [M, 4]

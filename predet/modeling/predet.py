@@ -83,7 +83,11 @@ class PreDet(nn.Module):
                 aspect_ratios=(tuple(model.aspect_ratios),) * NUM_LEVELS,
             )
             self.crpn = CRPNHead(
-                in_channels=C, num_anchors=A, query_dim=model.box_head_dim, embed_dim=model.crpn_dim
+                in_channels=C,
+                num_anchors=A,
+                query_dim=model.box_head_dim,
+                embed_dim=model.crpn_dim,
+                conv_dim=model.crpn_conv_dim,
             )
             self.anchor_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))  # torchvision's RPN
         if self.use_croi:
@@ -233,6 +237,8 @@ def build_predet(cfg: PretrainConfig, num_classes: int) -> PreDet:
                 "crpn_batch_per_view", "pre_nms_top_n", "roi_sampling_ratio", "post_nms_top_n", "jitter_boxes_per_query"):  # fmt: skip
         if getattr(m, key) <= 0:
             raise UserError(f"model.{key}: must be positive, got {getattr(m, key)}")
+    if m.crpn_conv_dim is not None and m.crpn_conv_dim <= 0:
+        raise UserError(f"model.crpn_conv_dim: must be positive or null, got {m.crpn_conv_dim}")
     if not 0 < m.tau:
         raise UserError(f"model.tau: must be positive, got {m.tau}")
     backbone = build_backbone(m.backbone, norm=m.norm, fpn_channels=m.fpn_channels)

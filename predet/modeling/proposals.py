@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.ops import batched_nms, box_area, clip_boxes_to_image
+from torchvision.ops import box_area, clip_boxes_to_image, nms
 
 __all__ = ["build_proposals", "jitter_boxes", "box_recall", "batched_box_iou"]
 
@@ -82,10 +82,29 @@ def build_proposals(
 
     wh = boxes[:, 2:] - boxes[:, :2]
     keep = torch.isfinite(score) & (wh > 1e-3).all(dim=1)  # views without queries score -inf
-    idx = keep.nonzero().squeeze(1)
-    group = view[idx] * len(anchors_per_level) + torch.cat(levels).repeat(B)[idx]
-    idx = idx[batched_nms(boxes[idx], score[idx], group, nms_thresh)]  # NMS per (view, level)
+    group = view * len(anchors_per_level) + torch.cat(levels).repeat(B)  # [B*K] (view, level)
+    views_per_chunk = max(1, MAX_NMS_BOXES // K)
+    kept = []
+    for start in range(0, B * K, views_per_chunk * K):  # whole views per chunk, in view order
+        chunk = torch.arange(start, min(start + views_per_chunk * K, B * K), device=view.device)
+        chunk = chunk[keep[chunk]]
+        kept.append(chunk[_nms_per_group(boxes[chunk], score[chunk], group[chunk], nms_thresh)])
+    idx = torch.cat(kept)
     return _first_per_view(boxes[idx], view[idx], B, post_nms_top_n)
+
+
+MAX_NMS_BOXES = 8192  # boxes per nms call: its suppression mask is O(n^2) bits
+
+
+def _nms_per_group(boxes: Tensor, scores: Tensor, group: Tensor, thresh: float) -> Tensor:
+    """NMS inside each group, in one ``torchvision.ops.nms`` call: boxes of different groups
+    are shifted apart so they never overlap (what ``batched_nms`` does for small inputs; for
+    large ones it launches one nms per group, i.e. per (view, level) here). Returns indices in
+    decreasing score order."""
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.long, device=boxes.device)
+    offsets = group.to(boxes) * (boxes.max() + 1)
+    return nms(boxes + offsets[:, None], scores, thresh)
 
 
 def _first_per_view(boxes: Tensor, view: Tensor, num_views: int, k: int) -> tuple[Tensor, Tensor]:

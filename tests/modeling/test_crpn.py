@@ -17,7 +17,7 @@ SHAPES = [(5, 4), (3, 2), (1, 1)]  # three levels, the last one 1x1
 @pytest.fixture
 def head_and_inputs():
     torch.manual_seed(0)
-    head = CRPNHead(in_channels=C, num_anchors=A, query_dim=E, embed_dim=D)
+    head = CRPNHead(in_channels=C, num_anchors=A, query_dim=E, embed_dim=D, conv_dim=6)
     for p in head.parameters():  # the 0.01-std init would make every number tiny
         torch.nn.init.normal_(p, std=0.3)
     feats = [torch.randn(B, C, h, w) for h, w in SHAPES]

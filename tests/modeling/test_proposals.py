@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import box_iou, clip_boxes_to_image, nms
 
+from predet.modeling import proposals
 from predet.modeling.proposals import batched_box_iou, box_recall, build_proposals, jitter_boxes
 
 SIZE = (48, 64)  # (H, W)
@@ -27,7 +29,9 @@ def test_batched_box_iou_equals_box_iou():
     assert batched_box_iou(zero, zero).item() == 0.0  # padding vs padding: 0, not NaN
 
 
-def test_proposals_equal_per_view_reference():
+@pytest.mark.parametrize("max_nms_boxes", [8192, 50, 1])  # one call; 2 views per call; 1 view
+def test_proposals_equal_per_view_reference(monkeypatch, max_nms_boxes):
+    monkeypatch.setattr(proposals, "MAX_NMS_BOXES", max_nms_boxes)
     g = torch.Generator().manual_seed(0)
     B, Q, per_level = 3, 4, [40, 20, 6]
     T = sum(per_level)
