@@ -316,8 +316,12 @@ class QueryCache:
 def _process_one(job: tuple[str, str, QueryParams]) -> tuple[str, Optional[np.ndarray], Optional[np.ndarray], str]:
     image, path, params = job
     try:
-        img, _ = load_image(path)
+        # a large JPEG is decoded at 1/2..1/8 scale by libjpeg as long as its short side stays
+        # >= max_side (so the long side does too): the computation never needs more pixels
+        img, full = load_image(path, draft_short_side=params.max_side)
         boxes, scores = compute_queries(np.asarray(img), params)
+        if img.size != full:  # back to the full-resolution pixel frame of the cache
+            boxes = boxes * np.array([full[0] / img.width, full[1] / img.height] * 2, np.float32)
         return image, boxes, scores, ""
     except BadImage as e:
         return image, None, None, e.reason

@@ -204,3 +204,15 @@ def test_queries_cli_bad_flags_are_one_line_errors(tmp_path: Path, capsys) -> No
     rc = main(["data", "queries", "--manifest", str(m), "--out", str(tmp_path / "q"), "--edge-model", "nope.yml.gz"])
     err = capsys.readouterr().err
     assert rc == 2 and "--edge-model file not found: nope.yml.gz" in err and len(err.strip().splitlines()) == 1
+
+
+def test_large_jpeg_is_drafted_and_boxes_are_in_full_pixels(tmp_path: Path) -> None:
+    from predet.data.queries import _process_one
+
+    big = np.asarray(Image.fromarray(_scene()).resize((1280, 960), Image.NEAREST))  # 8x, drafted to 1/2
+    Image.fromarray(big).save(tmp_path / "big.jpg", quality=95)
+    _, boxes, _, reason = _process_one(("big.jpg", str(tmp_path / "big.jpg"), QueryParams(max_boxes=50)))
+    assert reason == ""
+    best = box_iou(RECTS * 8, torch.from_numpy(boxes)).max(dim=1).values
+    assert (best >= 0.7).all(), best
+    assert boxes[:, 2].max() <= 1280 and boxes[:, 3].max() <= 960
