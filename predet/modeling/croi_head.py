@@ -41,7 +41,7 @@ class CROIHead(nn.Module):
         return torch.bmm(z_q, z_p.transpose(1, 2))
 
     def regression(self, b_q: Tensor, b_p: Tensor) -> Tensor:
-        """Deltas regressing proposal p onto query q: ``b_q [M, E]``, ``b_p [M, E]`` -> ``[M, 4]``."""
+        """Deltas regressing proposal p onto query q: ``b_q``, ``b_p`` ``[M, E]`` -> ``[M, 4]``."""
         b_q, b_p = _rms(b_q), _rms(b_p)
         r_q = self.query_reg(b_q).view(-1, 4, self.reg_dim)  # [M, 4*D'] -> [M, 4, D']
         r_p = self.proposal_reg(b_p).unsqueeze(1)  # [M, 1, D']

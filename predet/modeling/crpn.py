@@ -119,7 +119,7 @@ class CRPNHead(nn.Module):
         out = []
         for x in features:
             f_reg = self.reg_embed(F.relu(self.conv(x)))
-            f_reg = f_reg.view(B, A, 4, D, *f_reg.shape[-2:])  # [B, 4AD, H, W] -> [B, A, 4, D, H, W]
+            f_reg = f_reg.view(B, A, 4, D, *f_reg.shape[-2:])  # [B, 4AD, ...] -> [B, A, 4, D, ...]
             r = torch.einsum("bqakd,bakdyx->bqyxak", q_reg, f_reg)  # [B, Q, Hl, Wl, A, 4]
             out.append(r.flatten(2, 4))  # -> [B, Q, Hl*Wl*A, 4]
         return torch.cat(out, dim=2)

@@ -92,7 +92,9 @@ class PreDet(nn.Module):
             self.anchor_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))  # torchvision's RPN
         if self.use_croi:
             self.croi_head = CROIHead(
-                in_dim=model.box_head_dim, embed_dim=model.croi_embed_dim, reg_dim=model.croi_reg_dim
+                in_dim=model.box_head_dim,
+                embed_dim=model.croi_embed_dim,
+                reg_dim=model.croi_reg_dim,
             )
             self.roi_coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))  # torchvision's ROI heads
         self._anchor_cache: dict[tuple, tuple[Tensor, list[int]]] = {}
@@ -201,7 +203,7 @@ class PreDet(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def _box_features(self, feats: "OrderedDict[str, Tensor]", boxes: Tensor, size) -> Tensor:
-        """RoIAlign 7x7 at the FPN level of each box's size, then fc6/fc7: ``[B, n, 4]`` -> ``[B, n, E]``."""
+        """RoIAlign 7x7 at each box's FPN level, then fc6/fc7: ``[B, n, 4]`` -> ``[B, n, E]``."""
         B, n = boxes.shape[:2]
         rois = self.roi_pool(feats, list(boxes.unbind(0)), [size] * B)  # [B*n, C, 7, 7]
         return self.box_head(rois).view(B, n, -1)  # [B*n, E] -> [B, n, E]
@@ -233,13 +235,25 @@ def build_predet(cfg: PretrainConfig, num_classes: int) -> PreDet:
         )
     if not m.aspect_ratios or min(m.aspect_ratios) <= 0:
         raise UserError(f"model.aspect_ratios: need positive ratios, got {list(m.aspect_ratios)}")
-    for key in ("crpn_dim", "box_head_dim", "croi_embed_dim", "croi_reg_dim", "input_size",
-                "crpn_batch_per_view", "pre_nms_top_n", "roi_sampling_ratio", "post_nms_top_n", "jitter_boxes_per_query"):  # fmt: skip
+    positive = (
+        "input_size", "crpn_dim", "crpn_batch_per_view", "pre_nms_top_n", "post_nms_top_n",
+        "box_head_dim", "croi_embed_dim", "croi_reg_dim", "num_negatives",
+        "jitter_boxes_per_query", "roi_sampling_ratio",
+    )  # fmt: skip
+    for key in positive:
         if getattr(m, key) <= 0:
             raise UserError(f"model.{key}: must be positive, got {getattr(m, key)}")
     if m.crpn_conv_dim is not None and m.crpn_conv_dim <= 0:
         raise UserError(f"model.crpn_conv_dim: must be positive or null, got {m.crpn_conv_dim}")
     if not 0 < m.tau:
         raise UserError(f"model.tau: must be positive, got {m.tau}")
+    for key in ("crpn_fg_iou", "crpn_bg_iou", "croi_fg_iou", "nms_thresh", "crpn_positive_fraction"):
+        if not 0 < getattr(m, key) <= 1:
+            raise UserError(f"model.{key}: must be in (0, 1], got {getattr(m, key)}")
+    if m.crpn_bg_iou > m.crpn_fg_iou:
+        raise UserError(
+            f"model.crpn_bg_iou ({m.crpn_bg_iou}) must not exceed "
+            f"model.crpn_fg_iou ({m.crpn_fg_iou})"
+        )
     backbone = build_backbone(m.backbone, norm=m.norm, fpn_channels=m.fpn_channels)
     return PreDet(backbone=backbone, num_classes=num_classes, model=m, loss=cfg.loss)

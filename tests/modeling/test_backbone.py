@@ -35,7 +35,7 @@ def test_trunk_matches_torchvision_model(name):
         ours = build_backbone(name, fpn_channels=256)
         ref = getattr(torchvision.models, name)(weights=None)
     trunk = {k: v.shape for k, v in ref.state_dict().items() if not k.startswith("fc.")}
-    body = {k.removeprefix("body."): v.shape for k, v in ours.state_dict().items() if k.startswith("body.")}
+    body = {k[5:]: v.shape for k, v in ours.state_dict().items() if k.startswith("body.")}
     assert body == trunk
 
 
@@ -67,7 +67,8 @@ def test_fpn_levels_and_strides():
 )  # fmt: skip
 def test_norms(norm, cls):
     bb = build_backbone("resnet18", norm=norm, fpn_channels=32)
-    norms = [m for m in bb.body.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.SyncBatchNorm, FrozenBatchNorm2d))]
+    kinds = (nn.BatchNorm2d, nn.GroupNorm, nn.SyncBatchNorm, FrozenBatchNorm2d)
+    norms = [m for m in bb.body.modules() if isinstance(m, kinds)]
     assert len(norms) == 20 and all(type(m) is cls for m in norms)  # resnet18: 20 norm layers
     if norm == "frozenbn":
         assert _count(bb.body) == 11_166_912  # resnet18 trunk minus fc and the BN affine params

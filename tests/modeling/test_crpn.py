@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import box_iou
 
@@ -176,7 +177,9 @@ def test_crpn_losses_golden(head_and_inputs):
     labels, matched = match_anchors(anchors, boxes, mask, fg_iou=0.5, bg_iou=0.3, generator=g)
     pos, neg = sample_anchors(labels, batch_per_view=16, positive_fraction=0.5, generator=g)
     coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
-    loss_cls, loss_reg = crpn_losses(head, scores, hidden, q_reg, anchors, boxes, matched, pos, neg, coder)
+    loss_cls, loss_reg = crpn_losses(
+        head, scores, hidden, q_reg, anchors, boxes, matched, pos, neg, coder
+    )
     # the same numbers written out pair by pair
     n = int((pos | neg).sum())
     bce, reg = 0.0, 0.0
@@ -184,10 +187,10 @@ def test_crpn_losses_golden(head_and_inputs):
     for b, t in (pos | neg).nonzero().tolist():
         q = int(matched[b, t])
         y = float(pos[b, t])
-        bce += torch.nn.functional.binary_cross_entropy_with_logits(scores[b, q, t], torch.tensor(y))
+        bce += F.binary_cross_entropy_with_logits(scores[b, q, t], torch.tensor(y))
         if y:
             target = coder.encode_single(boxes[b, q][None], anchors[t][None])[0]
-            reg += torch.nn.functional.smooth_l1_loss(full[b, q, t], target, beta=1 / 9, reduction="sum")
+            reg += F.smooth_l1_loss(full[b, q, t], target, beta=1 / 9, reduction="sum")
     torch.testing.assert_close(loss_cls, bce / n, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss_reg, reg / n, atol=1e-5, rtol=1e-5)
     assert int(pos.sum()) > 0

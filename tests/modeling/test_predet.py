@@ -58,7 +58,7 @@ def test_keys_and_gradients_reach_every_part(tiny_cfg, make_batch):
     "off, absent, dead",
     [
         ("loss.info=false", {"loss_info"}, ["croi_head.embed"]),
-        ("loss.croi_reg=false", {"loss_croi_reg"}, ["croi_head.query_reg", "croi_head.proposal_reg"]),
+        ("loss.croi_reg=false", {"loss_croi_reg"}, ["croi_head.query_reg", "croi_head.proposal_"]),
         ("loss.cls=false", {"loss_cls"}, ["cls_head"]),
     ],
 )
@@ -95,7 +95,8 @@ def test_cls_only_baseline_does_no_detection_work(tiny_cfg, make_batch):
 def test_crpn_only(tiny_cfg, make_batch):
     model = build_predet(tiny_cfg("loss.info=false", "loss.croi_reg=false"), num_classes=5)
     out = model(make_batch())
-    assert set(out) == {"loss_cls", "loss_crpn_cls", "loss_crpn_reg", "crpn_recall", "valid_queries"}
+    crpn_keys = {"loss_crpn_cls", "loss_crpn_reg", "crpn_recall"}
+    assert set(out) == {"loss_cls", "valid_queries"} | crpn_keys
 
 
 def test_loss_weights(tiny_cfg, make_batch):
@@ -110,7 +111,9 @@ def test_loss_weights(tiny_cfg, make_batch):
     torch.testing.assert_close(outs[1]["loss_info"], outs[0]["loss_info"])
 
 
-@pytest.mark.parametrize("case", ["one_image_empty", "batch_empty", "one_query", "border", "tiny_input"])
+@pytest.mark.parametrize(
+    "case", ["one_image_empty", "batch_empty", "one_query", "border", "tiny_input"]
+)
 def test_degenerate_batches(tiny_cfg, make_batch, case):
     torch.manual_seed(0)
     size = 64
@@ -128,7 +131,9 @@ def test_degenerate_batches(tiny_cfg, make_batch, case):
     batch = make_batch(size=size, mask=mask)
     if case == "border":
         s = float(size)
-        border = torch.tensor([[0.0, 0, s, s], [0, 0, 5, s], [s - 3, s - 3, s, s], [0, s - 8, s, s]])
+        border = torch.tensor(
+            [[0.0, 0, s, s], [0, 0, 5, s], [s - 3, s - 3, s, s], [0, s - 8, s, s]]
+        )
         batch["boxes1"][:] = border
         batch["boxes2"][:] = border.flip(0)
     out = model(batch)
@@ -173,6 +178,10 @@ def test_bad_model_config_is_user_error(tiny_cfg):
         build_predet(tiny_cfg("model.anchor_sizes=[8,16]"), num_classes=5)
     with pytest.raises(UserError, match="model.backbone: unknown backbone 'vgg16'"):
         build_predet(tiny_cfg("model.backbone=vgg16"), num_classes=5)
+    with pytest.raises(UserError, match=r"model.crpn_fg_iou: must be in \(0, 1\], got 1.5"):
+        build_predet(tiny_cfg("model.crpn_fg_iou=1.5"), num_classes=5)
+    with pytest.raises(UserError, match="model.post_nms_top_n: must be positive, got 0"):
+        build_predet(tiny_cfg("model.post_nms_top_n=0"), num_classes=5)
     with pytest.raises(UserError, match="model.cls_loss"):
         build_predet(tiny_cfg("model.cls_loss=hinge"), num_classes=5)
 

@@ -76,7 +76,9 @@ def test_proposals_equal_per_view_reference(monkeypatch, max_nms_boxes):
 def test_box_recall():
     props = torch.tensor([[[0.0, 0, 10, 10], [20, 20, 30, 30]], [[0.0, 0, 10, 10], [0, 0, 0, 0]]])
     valid = torch.tensor([[True, True], [True, False]])
-    queries = torch.tensor([[[0.0, 0, 10, 12], [50, 50, 60, 60]], [[20.0, 20, 30, 30], [1, 1, 9, 9]]])
+    queries = torch.tensor(
+        [[[0.0, 0, 10, 12], [50, 50, 60, 60]], [[20.0, 20, 30, 30], [1, 1, 9, 9]]]
+    )
     mask = torch.tensor([[True, True], [True, True]])
     # covered: (0,0) IoU 0.83, (1,1) IoU 0.64; (1,0) only matches the invalid padding slot
     assert box_recall(props, valid, queries, mask).item() == 0.5
