@@ -36,9 +36,13 @@ class CROIHead(nn.Module):
 
     def similarity(self, b_q: Tensor, b_p: Tensor) -> Tensor:
         """Cosine similarity ``s^{pq}``: ``b_q [B, Q, E]``, ``b_p [B, P, E]`` -> ``[B, Q, P]``."""
-        z_q = F.normalize(self.embed(b_q), dim=-1)  # [B, Q, F]
-        z_p = F.normalize(self.embed(b_p), dim=-1)  # [B, P, F]
-        return torch.bmm(z_q, z_p.transpose(1, 2))
+        # float32 whatever the autocast dtype: InfoNCE divides by tau = 0.07, where bf16's
+        # 8-bit mantissa would leave steps of ~0.06 between logits
+        z_q, z_p = self.embed(b_q), self.embed(b_p)  # [B, Q, F], [B, P, F]
+        with torch.autocast(z_q.device.type, enabled=False):
+            z_q = F.normalize(z_q.float(), dim=-1)
+            z_p = F.normalize(z_p.float(), dim=-1)
+            return torch.bmm(z_q, z_p.transpose(1, 2))
 
     def regression(self, b_q: Tensor, b_p: Tensor) -> Tensor:
         """Deltas regressing proposal p onto query q: ``b_q``, ``b_p`` ``[M, E]`` -> ``[M, 4]``."""

@@ -64,7 +64,7 @@ def box_regression_loss(
 ) -> Tensor:
     """Smooth-L1 as in torchvision's RPN/ROI heads: summed over the 4 deltas and the M pairs,
     divided by ``normalizer``. ``pred``, ``target``: ``[M, 4]``."""
-    loss = F.smooth_l1_loss(pred, target, beta=beta, reduction="sum")
+    loss = F.smooth_l1_loss(pred.float(), target.float(), beta=beta, reduction="sum")
     if isinstance(normalizer, Tensor):
         return loss / normalizer.clamp(min=1)
     return loss / max(normalizer, 1)

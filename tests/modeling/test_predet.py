@@ -193,3 +193,26 @@ def test_backbone_state_dict_names(tiny_cfg):
     assert "fpn.inner_blocks.3.0.weight" in keys and "body.layer4.1.bn2.running_var" in keys
     assert set(dict(model.box_head.named_children())) == {"fc6", "fc7"}
     assert model.box_head.fc6.in_features == 32 * 7 * 7
+
+
+def test_bf16_autocast_and_channels_last(tiny_cfg, make_batch):
+    """The GPU recipe (bf16 autocast, channels_last), run on the CPU: same keys, finite, and
+    the losses stay close to float32's."""
+    torch.manual_seed(0)
+    model = build_predet(tiny_cfg(), num_classes=5)
+    batch = make_batch(seed=3)
+    torch.manual_seed(5)
+    ref = model(batch)
+    model = model.to(memory_format=torch.channels_last)
+    batch = dict(batch)
+    for key in ("view1", "view2"):
+        batch[key] = batch[key].contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+    assert set(out) == set(ref)
+    _total(out).backward()
+    _finite(out, model)
+    for k in ("loss_cls", "loss_crpn_cls", "loss_info"):
+        assert out[k].dtype == torch.float32, k
+        assert abs(out[k].item() - ref[k].item()) < 0.05 * abs(ref[k].item()) + 1e-3, k
