@@ -91,11 +91,11 @@ def test_similarity_and_regression_formulas():
     ref = F.cosine_similarity(head.embed(b_q)[:, :, None], head.embed(b_p)[:, None], dim=-1)
     torch.testing.assert_close(sim, ref, atol=1e-6, rtol=1e-5)
     d = head.regression(b_q[0], b_p[0, :4])
-    def rms(x):
-        return x / x.pow(2).mean(-1, keepdim=True).sqrt()
+    def unit(x):
+        return x / x.norm(dim=-1, keepdim=True)
 
-    rq = head.query_reg(rms(b_q[0])).view(4, 4, 3)
-    rp = head.proposal_reg(rms(b_p[0, :4]))
+    rq = head.query_reg(unit(b_q[0])).view(4, 4, 3)
+    rp = head.proposal_reg(unit(b_p[0, :4]))
     torch.testing.assert_close(d, torch.einsum("mkd,md->mk", rq, rp))
     # regression targets of the ROI box coder round-trip, and a query's own box has target 0
     coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
