@@ -137,10 +137,11 @@ def _load_resume_checkpoint(out: Path, classes: list[str]) -> dict:
 
 
 def _wrap_model(model: torch.nn.Module, cfg: Any, device: torch.device) -> torch.nn.Module:
+    """DDP under torchrun (``model.norm=syncbn`` already gave the model SyncBatchNorm layers)."""
     if not dist_utils.is_initialized():
         return model
-    if cfg.model.norm == "syncbn" and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if device.type != "cuda" and any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
+        raise UserError("model.norm=syncbn needs CUDA under torchrun; use model.norm=bn on CPU")
     find_unused = cfg.train.find_unused_parameters
     if find_unused is None:
         # the detection heads sit idle on a batch without valid queries (and for good when a
@@ -285,6 +286,8 @@ def _train(
     if rngs is not None and len(rngs) == world:
         set_rng_state(rngs[rank])
     else:
+        if rngs is not None and is_main:
+            print(f"predet pretrain: resuming a {len(rngs)}-process run on {world}: fresh RNG streams")
         seed_everything(cfg.seed * 1000 + rank + 1)
 
     stop = min(t.steps, t.stop_at or t.steps)
@@ -307,8 +310,9 @@ def _train(
     logger.resume_from(step)
     if is_main:
         print(
-            f"predet pretrain: {len(classes)} classes, device {device}, world size {world}, "
-            f"global batch {global_batch}, lr {lr:g}, steps {step}->{stop} of {t.steps}, run {out}",
+            f"predet pretrain: {len(classes)} classes, data {dict(getattr(data, 'counts', {}))}, "
+            f"device {device}, world size {world}, global batch {global_batch}, lr {lr:g}, "
+            f"steps {step}->{stop} of {t.steps}, run {out}",
             flush=True,
         )
 

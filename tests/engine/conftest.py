@@ -103,3 +103,12 @@ def toy_engine(monkeypatch):
     monkeypatch.setattr(pretrain_mod, "_build_data", build_data)
     monkeypatch.setattr(pretrain_mod, "_build_model", build_model)
     return settings
+
+
+@pytest.fixture(scope="session")
+def builtin_cache(tmp_path_factory):
+    """``$PREDET_CACHE`` pointing at a per-session folder, so ``builtin:tiny`` is generated there."""
+    cache = tmp_path_factory.mktemp("predet_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREDET_CACHE", str(cache))
+        yield cache
