@@ -224,10 +224,12 @@ class PreDet(nn.Module):
 
 def build_predet(cfg: PretrainConfig, num_classes: int) -> PreDet:
     """The PreDet model of a pre-training config; ``num_classes`` comes from the data's vocabulary
-    (``cfg.model.num_classes`` overrides it when set)."""
+    (``cfg.model.num_classes``, when set, must agree with it)."""
     m = cfg.model
-    if m.num_classes is not None:
-        num_classes = m.num_classes
+    if m.num_classes is not None and m.num_classes != num_classes:
+        raise UserError(
+            f"model.num_classes: {m.num_classes} given, but the data has {num_classes} classes"
+        )
     if len(m.anchor_sizes) != NUM_LEVELS:
         raise UserError(
             f"model.anchor_sizes: need one size per FPN level P2-P6 ({NUM_LEVELS}), "

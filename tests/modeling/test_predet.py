@@ -182,6 +182,8 @@ def test_bad_model_config_is_user_error(tiny_cfg):
         build_predet(tiny_cfg("model.crpn_fg_iou=1.5"), num_classes=5)
     with pytest.raises(UserError, match="model.post_nms_top_n: must be positive, got 0"):
         build_predet(tiny_cfg("model.post_nms_top_n=0"), num_classes=5)
+    with pytest.raises(UserError, match="model.num_classes: 7 given, but the data has 5 classes"):
+        build_predet(tiny_cfg("model.num_classes=7"), num_classes=5)
     with pytest.raises(UserError, match="model.cls_loss"):
         build_predet(tiny_cfg("model.cls_loss=hinge"), num_classes=5)
 
