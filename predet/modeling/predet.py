@@ -2,6 +2,7 @@
 
 Shape legend:
     N: images per batch, B = 2N views (view 1 of every image, then view 2), S: input side,
+    G: locations over all levels, H: CRPN conv width, A/D: anchors per location / CRPN width,
     Q: query slots per image, K: classes, E: box-head width, C: FPN channels, L = 5 levels,
     T: anchors per view, P: CROI candidates per view (proposals + the Q appended query boxes).
 
@@ -146,7 +147,7 @@ class PreDet(nn.Module):
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         cfg, w = self.cfg, self.loss_cfg.crpn_weight
         levels = list(feats.values())
-        scores, hidden = self.crpn(levels, b_q)  # [B, Q, T], [B, G, C]
+        scores, hidden = self.crpn(levels, b_q)  # [B, Q, T], [B, G, H]
         q_reg = self.crpn.query_regression(b_q)  # [B, Q, A, 4, D]
         anchors, per_level = self._anchors(levels, size)  # [T, 4]
         labels, matched = match_anchors(
