@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import resource
 import statistics
 import time
@@ -73,7 +74,8 @@ def time_steps(
     warmup: int,
     amp: bool,
 ) -> dict[str, dict[str, float]]:
-    """Median step time (ms) and peak memory (MiB; CUDA only, else NaN) of each model.
+    """Median wall time per step (``ms``), median CPU time of this process per step (``cpu_ms``,
+    all threads) and peak memory (``peak_mib``; CUDA only, else NaN) of each model.
 
     Every model steps on the same ``batch``; timings alternate between the models.
     """
@@ -85,11 +87,11 @@ def time_steps(
         for k, m in models.items()
     }
 
-    def step(name: str) -> float:
+    def step(name: str) -> tuple[float, float]:
         model, opt = models[name], opts[name]
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
         with autocast:
             out = model(batch)
@@ -98,7 +100,7 @@ def time_steps(
         opt.step()
         if cuda:
             torch.cuda.synchronize()
-        return (time.perf_counter() - t0) * 1e3
+        return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
 
     peak = {}
     for name in models:  # warm-up, and the peak memory of each step on its own
@@ -107,11 +109,18 @@ def time_steps(
         for _ in range(max(warmup, 1)):
             step(name)
         peak[name] = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
-    times: dict[str, list[float]] = {name: [] for name in models}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
     for _ in range(iters):
         for name in models:
             times[name].append(step(name))
-    return {n: {"ms": statistics.median(t), "peak_mib": peak[n]} for n, t in times.items()}
+    return {
+        n: {
+            "ms": statistics.median(w for w, _ in t),
+            "cpu_ms": statistics.median(c for _, c in t),
+            "peak_mib": peak[n],
+        }
+        for n, t in times.items()
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,9 +165,14 @@ def run(args: argparse.Namespace) -> int:
     imgs = cfg.train.batch_size
     for k, r in res.items():
         print(f"{k}: {r['ms']:.1f} ms/step  {imgs / r['ms'] * 1e3:.1f} images/s", end="")
-        print(f"  peak_mem={r['peak_mib']:.0f} MiB" if device.type == "cuda" else "")
+        if device.type == "cuda":
+            print(f"  peak_mem={r['peak_mib']:.0f} MiB")
+        else:  # on a shared machine, wall time / CPU time far above 1/threads means contention
+            print(f"  cpu={r['cpu_ms']:.1f} ms/step")
     if device.type != "cuda":  # ru_maxrss is in KiB on Linux
         print(f"peak_rss={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"load_avg_1min={load:.2f} cpus={os.cpu_count()}")
     p, c = res["predet"]["ms"], res["cls"]["ms"]
     print(f"predet_step_ms={p:.2f} cls_step_ms={c:.2f} ratio={p / c:.3f}")
     return 0
