@@ -96,6 +96,7 @@ class PretrainModelConfig:
     num_negatives: int = 512
     tau: float = 0.07
     croi_fg_iou: float = 0.5
+    croi_query_negatives: bool = False  # True: q's negatives = all candidates with IoU < 0.5 to q
     cls_loss: str = "softmax"  # softmax (multi-label softmax CE) | bce
     # CRPN-off mode (paper Table 1): boxes jittered around each query train the CROI head
     jitter_boxes_per_query: int = 16

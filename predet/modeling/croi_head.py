@@ -68,9 +68,10 @@ def assign_candidates(
     *,
     fg_iou: float,
     num_negatives: int,
+    query_negatives: bool = False,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One random positive per query and the view's negative set (DESIGN §2, CROI head).
+    """One random positive per query and its negatives (DESIGN §2, CROI head).
 
     The last Q candidates must be the query boxes themselves (appended, as Faster R-CNN appends
     ground truth): candidate ``P - Q + q`` is always a positive of query q, whatever its IoU.
@@ -78,11 +79,13 @@ def assign_candidates(
     Args:
         candidates: ``[B, P, 4]`` with ``candidate_valid [B, P]`` bool.
         queries: ``[B, Q, 4]`` in the same view, ``query_mask [B, Q]`` bool.
-        fg_iou: positives have IoU > fg_iou with the query; negatives IoU < fg_iou with every
-            valid query of the view.
+        fg_iou: positives have IoU > fg_iou with the query; negatives (the paper's P_neg, one
+            set per view) have IoU < fg_iou with every valid query of the view.
         num_negatives: at most this many negatives per view, drawn at random (fewer is allowed).
+        query_negatives: instead, the negatives of query q are all the candidates with IoU
+            < fg_iou with q, other queries' boxes included (up to ``num_negatives`` per query).
     Returns:
-        iou ``[B, Q, P]``, positive index ``[B, Q]`` int64 (into P), negative mask ``[B, P]``.
+        iou ``[B, Q, P]``, positive index ``[B, Q]`` int64 (into P), negative mask ``[B, Q, P]``.
     """
     B, Q = query_mask.shape
     P = candidates.shape[1]
@@ -95,10 +98,13 @@ def assign_candidates(
     key = torch.rand(iou.shape, generator=generator, device=iou.device)  # [B, Q, P]
     pos_index = key.masked_fill(~is_pos, -1.0).argmax(dim=2)  # a uniform pick among positives
 
-    is_neg = candidate_valid & (iou.amax(dim=1) < fg_iou)  # [B, P]
-    is_neg[:, P - Q :] &= ~query_mask  # an appended valid query box is never a negative
-    neg_key = torch.rand(is_neg.shape, generator=generator, device=iou.device).masked_fill(
-        ~is_neg, 2.0
-    )
-    rank = neg_key.argsort(dim=1).argsort(dim=1)  # [B, P] position in a random order
+    if query_negatives:
+        is_neg = pair_valid & (iou < fg_iou)  # [B, Q, P]
+    else:
+        is_neg = candidate_valid & (iou.amax(dim=1) < fg_iou)  # [B, P]
+        is_neg[:, P - Q :] &= ~query_mask  # an appended valid query box is never in P_neg
+        is_neg = is_neg.unsqueeze(1).expand(B, Q, P)  # the same set for every query
+    neg_key = torch.rand(is_neg.shape[::2], generator=generator, device=iou.device)  # [B, P]
+    neg_key = neg_key.unsqueeze(1).masked_fill(~is_neg, 2.0)  # [B, Q, P]
+    rank = neg_key.argsort(dim=2).argsort(dim=2)  # position in a random order of the view's
     return iou, pos_index, is_neg & (rank < num_negatives)

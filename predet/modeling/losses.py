@@ -44,7 +44,7 @@ def info_nce(sim: Tensor, pos_index: Tensor, neg_mask: Tensor, valid: Tensor, ta
     Args:
         sim: ``[B, Q, P]`` similarities (cosine) of each query with each candidate.
         pos_index: ``[B, Q]`` int64, the candidate chosen as each query's positive.
-        neg_mask: ``[B, P]`` bool, the view's negatives (shared by all its queries).
+        neg_mask: ``[B, Q, P]`` bool, each query's negatives.
         valid: ``[B, Q]`` bool, the queries that count.
         tau: temperature.
     Returns:
@@ -52,7 +52,7 @@ def info_nce(sim: Tensor, pos_index: Tensor, neg_mask: Tensor, valid: Tensor, ta
     """
     logits = sim / tau  # [B, Q, P]
     pos = logits.gather(2, pos_index.unsqueeze(2)).squeeze(2)  # [B, Q]
-    neg = logits.masked_fill(~neg_mask.unsqueeze(1), float("-inf"))  # [B, Q, P]
+    neg = logits.masked_fill(~neg_mask, float("-inf"))  # [B, Q, P]
     # log-sum-exp over {positive} U negatives; -inf entries drop out of the sum
     denom = torch.logsumexp(torch.cat([pos.unsqueeze(2), neg], dim=2), dim=2)  # [B, Q]
     loss = (denom - pos) * valid.to(pos.dtype)

@@ -184,6 +184,7 @@ class PreDet(nn.Module):
         iou, pos_index, negative = assign_candidates(
             candidates, cand_valid, boxes, mask,
             fg_iou=cfg.croi_fg_iou, num_negatives=cfg.num_negatives,
+            query_negatives=cfg.croi_query_negatives,
         )  # fmt: skip
         sim = self.croi_head.similarity(b_q, b_p)  # [B, Q, P]
         out: dict[str, Tensor] = {}

@@ -20,7 +20,7 @@ def test_info_nce_equals_paper_formula_with_masked_negatives():
     pos = torch.randint(0, P, (B, Q), generator=g)
     neg = torch.rand(B, P, generator=g) < 0.5
     valid = torch.tensor([[1, 1, 0, 1], [0, 0, 0, 0], [1, 0, 1, 1]], dtype=torch.bool)
-    got = info_nce(sim, pos, neg, valid, tau)
+    got = info_nce(sim, pos, neg.unsqueeze(1).expand(B, Q, P), valid, tau)
     terms = []
     for b in range(B):
         for q in range(Q):
@@ -31,7 +31,7 @@ def test_info_nce_equals_paper_formula_with_masked_negatives():
             terms.append(-math.log(e_pos / (e_pos + e_neg)))
     assert abs(got.item() - sum(terms) / len(terms)) < 1e-4
     # no negative at all: the loss is 0 (log 1), no NaN
-    zero = info_nce(sim, pos, torch.zeros_like(neg), valid, tau)
+    zero = info_nce(sim, pos, torch.zeros(B, Q, P, dtype=torch.bool), valid, tau)
     assert zero.item() == 0.0
 
 
@@ -58,7 +58,8 @@ def test_assign_candidates():
         torch.testing.assert_close(iou[0], ref)
         for q in (0, 1):  # a positive has IoU > 0.5 with its query
             assert iou[0, q, pos[0, q]] > 0.5
-        assert neg[0].nonzero().flatten().tolist() == [3, 4]  # IoU < 0.5 with both queries
+        for q in range(3):  # P_neg: IoU < 0.5 with both valid queries, the same for all
+            assert neg[0, q].nonzero().flatten().tolist() == [3, 4]
     firsts = {p[0] for p in picks}
     assert firsts == {0, 1, 5, 7}  # every IoU>0.5 candidate of query 0 is drawn, its own box too
     # a degenerate query box: only its appended self can be its positive, and always is
@@ -68,7 +69,7 @@ def test_assign_candidates():
         c2, torch.ones(1, 2, dtype=torch.bool), queries2, torch.ones(1, 1, dtype=torch.bool),
         fg_iou=0.5, num_negatives=5,
     )  # fmt: skip
-    assert pos2.tolist() == [[1]] and neg2.tolist() == [[True, False]]
+    assert pos2.tolist() == [[1]] and neg2.tolist() == [[[True, False]]]
 
 
 def test_negatives_are_capped_at_random():
@@ -80,7 +81,7 @@ def test_negatives_are_capped_at_random():
         cands, torch.ones(1, 31, dtype=torch.bool), queries, torch.ones(1, 1, dtype=torch.bool),
         fg_iou=0.5, num_negatives=12, generator=g,
     )  # fmt: skip
-    assert int(neg.sum()) == 12 and not neg[0, 30]
+    assert int(neg.sum()) == 12 and not neg[0, 0, 30]
 
 
 def test_similarity_and_regression_formulas():
@@ -111,3 +112,21 @@ def test_multilabel_softmax_ce():
     lse = math.log(math.exp(2) + 1 + math.exp(-1))
     want = 0.5 * (lse - 2) + 0.5 * (lse - 0)
     assert abs(multilabel_softmax_ce(logits, labels).item() - want) < 1e-6
+
+
+def test_query_negatives_include_other_queries_boxes():
+    queries = torch.tensor([[[10.0, 10, 30, 30], [40, 40, 60, 60], [0, 0, 0, 0]]])
+    mask = torch.tensor([[True, True, False]])
+    proposals = torch.tensor([[[11.0, 11, 31, 31], [41, 41, 59, 61], [0, 30, 20, 60]]])
+    cands = torch.cat([proposals, queries], 1)  # 3 proposals, then the 3 query slots
+    cvalid = torch.cat([torch.ones(1, 3, dtype=torch.bool), mask], 1)
+    _, pos, neg = assign_candidates(
+        cands, cvalid, queries, mask, fg_iou=0.5, num_negatives=10, query_negatives=True
+    )
+    assert neg[0, 0].nonzero().flatten().tolist() == [1, 2, 4]  # q1's proposal and box, far one
+    assert neg[0, 1].nonzero().flatten().tolist() == [0, 2, 3]
+    assert not neg[0, 2].any()  # an invalid query has nothing
+    _, _, capped = assign_candidates(
+        cands, cvalid, queries, mask, fg_iou=0.5, num_negatives=2, query_negatives=True
+    )
+    assert capped[0, :2].sum(1).tolist() == [2, 2] and not (capped & ~neg).any()
