@@ -1,0 +1,108 @@
+"""End to end on the built-in tiny world with the real model and data (slow, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from predet.cli import main
+from predet.utils import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "configs" / "pretrain" / "tiny_cpu.yaml")
+SHORT = ["train.steps=4", "train.batch_size=2", "ckpt.every=2", "train.warmup_steps=1"]
+
+pytestmark = pytest.mark.slow
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(builtin_cache, tmp_path_factory):
+    """``predet pretrain --config configs/pretrain/tiny_cpu.yaml`` as shipped; (run, seconds)."""
+    from predet.data.builtin import resolve_builtin
+
+    resolve_builtin("builtin:tiny", progress=False)  # generation is not part of the timing
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    t0 = time.perf_counter()
+    assert main(["pretrain", "--config", TINY, "--out", str(run)]) == 0
+    return run, time.perf_counter() - t0
+
+
+def test_tiny_config_learns_lookup(tiny_run):
+    run, seconds = tiny_run
+    rows = _rows(run)
+    steps = [r["step"] for r in rows]
+    assert steps == list(range(1, len(rows) + 1)) and len(rows) >= 20
+    keys = {"step", "lr", "loss", "loss_cls", "loss_crpn_cls", "loss_crpn_reg", "loss_info",
+            "loss_croi_reg", "lookup_top1", "crpn_recall", "valid_queries", "images_per_s",
+            "world_size"}  # fmt: skip
+    assert keys <= set(rows[-1]) and rows[-1]["world_size"] == 1
+    tenth = max(1, len(rows) // 10)
+    first = sum(r["lookup_top1"] for r in rows[:tenth]) / tenth
+    last = sum(r["lookup_top1"] for r in rows[-tenth:]) / tenth
+    print(f"tiny_cpu: {len(rows)} steps in {seconds:.1f} s, lookup_top1 {first:.3f} -> {last:.3f}")
+    assert last >= 3 * first, (first, last)
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.pt" in ckpts and any(n.startswith("step_") for n in ckpts)
+
+
+def test_tiny_run_exports(tiny_run, tmp_path):
+    run, _ = tiny_run
+    out = tmp_path / "tv.pth"
+    assert main(["export", "--run", str(run), "--format", "torchvision", "--out", str(out),
+                 "--box-head"]) == 0  # fmt: skip
+    state = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    exported = torch.load(out, weights_only=True)
+    assert set(exported) == {k.removeprefix("backbone.") for k in state if k.startswith("backbone.")}
+    assert all(torch.equal(v, state[f"backbone.{k}"]) for k, v in exported.items())
+    head = torch.load(tmp_path / "tv_box_head.pth", weights_only=True)
+    assert torch.equal(head["fc6.weight"], state["box_head.fc6.weight"])
+
+
+def test_resume_exact_with_real_model_and_workers(builtin_cache, tmp_path):
+    a, b = tmp_path / "straight", tmp_path / "split"
+    args = ["pretrain", "--config", TINY, *SHORT, "data.num_workers=1"]
+    assert main([*args[:3], "--out", str(a), *args[3:]]) == 0
+    assert main([*args[:3], "--out", str(b), *args[3:], "train.stop_at=2"]) == 0
+    assert main([*args[:3], "--out", str(b), "--resume", *args[3:]]) == 0
+    wa = load_checkpoint(a / "checkpoints" / "last.pt")["model"]
+    wb = load_checkpoint(b / "checkpoints" / "last.pt")["model"]
+    diff = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+    assert diff <= 1e-6
+    assert [r["loss"] for r in _rows(a)] == pytest.approx([r["loss"] for r in _rows(b)], abs=1e-6)
+
+
+def test_missing_manifest_exits_2_and_keeps_run(builtin_cache, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("mine")
+    code = main(["pretrain", "--config", TINY, "--out", str(run), "--overwrite",
+                 f"data.manifest={tmp_path / 'nope' / 'manifest.jsonl'}"])  # fmt: skip
+    assert code == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("predet:")]
+    assert len(err) == 1 and "manifest" in err[0] and "nope" in err[0]
+    assert (run / "keep.txt").read_text() == "mine"
+
+
+def test_torchrun_two_cpu_processes(builtin_cache, tmp_path):
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "predet", "pretrain", "--config", TINY, "--out", str(run), *SHORT[:2],
+           "train.batch_size=2", "data.num_workers=0"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = json.loads((run / "ranks.json").read_text())
+    assert ranks["world_size"] == 2 and len(set(ranks["param_sha1"])) == 1
+    assert {r["world_size"] for r in _rows(run)} == {2}
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 4
