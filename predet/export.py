@@ -6,7 +6,8 @@
   takes this file.
 - ``detectron2``: a ``.pkl`` with ``{"model": {name: numpy}, "__author__": "predet",
   "matching_heuristics": True}`` and detectron2's names (``backbone.bottom_up.stem.*``,
-  ``backbone.bottom_up.res{2..5}.*``, ``backbone.fpn_lateral{2..5}.*``, ``backbone.fpn_output{2..5}.*``).
+  ``backbone.bottom_up.res{2..5}.*``, ``backbone.fpn_lateral{2..5}.*``,
+  ``backbone.fpn_output{2..5}.*``).
   torchvision's ResNet strides in the 3x3 conv and takes RGB input normalised with ImageNet's
   mean/std, so use it with ``MODEL.RESNETS.STRIDE_IN_1X1=False``, ``INPUT.FORMAT=RGB``,
   ``MODEL.PIXEL_MEAN=[123.675,116.28,103.53]``, ``MODEL.PIXEL_STD=[58.395,57.12,57.375]``
@@ -73,7 +74,8 @@ def _model_state(ckpt_or_state: str | Path | Mapping[str, Any]) -> tuple[dict[st
 
 
 def extract_backbone(state: Mapping[str, Any], name: str = "state dict") -> dict[str, torch.Tensor]:
-    """``backbone.body.*``/``backbone.fpn.*`` (a PreDet model) or ``body.*``/``fpn.*`` -> ``body.*``/``fpn.*``.
+    """``backbone.body.*``/``backbone.fpn.*`` (a PreDet model) or ``body.*``/``fpn.*`` -> ``body.*``,
+    ``fpn.*`` (torchvision ``BackboneWithFPN`` names).
 
     A BatchNorm entry without ``num_batches_tracked`` (a model trained with frozen BN) gets a
     zero counter, so the file also loads strictly into torchvision's ``BatchNorm2d`` backbone.

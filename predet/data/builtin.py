@@ -86,7 +86,8 @@ def ensure_world(
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the world cache {root}: {e.strerror} (set PREDET_CACHE)") from None
+        msg = f"cannot create the world cache {root}: {e.strerror} (set PREDET_CACHE)"
+        raise UserError(msg) from None
     with open(root / f".{world.root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not (world.root / MARKER).is_file():  # another process may have finished meanwhile
@@ -112,7 +113,9 @@ def _generate(world: BuiltinWorld, *, progress: bool) -> None:
         workers=max(1, cores or 1),
         progress=progress,
     )
-    marker = {"preset": world.preset, "seed": world.seed, "counts": info.get("counts"), "queries": counts}
+    marker = {
+        "preset": world.preset, "seed": world.seed, "counts": info.get("counts"), "queries": counts
+    }
     (world.root / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 

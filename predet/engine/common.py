@@ -131,9 +131,8 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     version, py_state, gauss = state["python"]
     random.setstate((version, tuple(py_state), gauss))
     n = state["numpy"]
-    np.random.set_state(
-        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -150,7 +149,9 @@ class MetricLogger:
     two rows for the same step.
     """
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True) -> None:
+    def __init__(
+        self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True
+    ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self._tb = None
@@ -225,7 +226,7 @@ def save_training_checkpoint(
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a training checkpoint (``weights_only=True``); a truncated/foreign file is a UserError."""
+    """Load a training checkpoint (``weights_only=True``); a truncated/foreign file: UserError."""
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise UserError(f"{path}: not a predet training checkpoint (got {type(ckpt).__name__})")
@@ -242,7 +243,9 @@ class NonFiniteLossError(UserError):
     """A loss term became NaN/inf; the run stops before the optimizer step (weights stay good)."""
 
 
-def check_finite(names: Sequence[str], values: Sequence[float], *, step: int, hint: str = "") -> None:
+def check_finite(
+    names: Sequence[str], values: Sequence[float], *, step: int, hint: str = ""
+) -> None:
     """Raise :class:`NonFiniteLossError` naming ``step`` and the first non-finite term."""
     for name, value in zip(names, values):
         if not math.isfinite(value):

@@ -48,7 +48,10 @@ def epoch_permutation(num_items: int, *, seed: int, epoch: int) -> torch.Tensor:
 
 
 class EpochIndexedDataset(Dataset):
-    """Wraps a map-style dataset with ``set_epoch`` so that ``ds[(epoch, i)] == (set_epoch(epoch); ds[i])``."""
+    """A map-style dataset with ``set_epoch``, indexed by ``(epoch, i)``.
+
+    ``wrapped[(epoch, i)]`` is ``dataset[i]`` after ``dataset.set_epoch(epoch)``.
+    """
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -196,7 +199,7 @@ class BatchStream:
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Seed python/numpy in a loader worker from torch's per-worker seed (torch does only itself)."""
+    """Seed python/numpy in a loader worker from torch's per-worker seed (torch seeds itself)."""
     import random
 
     import numpy as np

@@ -140,7 +140,8 @@ def _wrap_model(model: torch.nn.Module, cfg: Any, device: torch.device) -> torch
     """DDP under torchrun (``model.norm=syncbn`` already gave the model SyncBatchNorm layers)."""
     if not dist_utils.is_initialized():
         return model
-    if device.type != "cuda" and any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
+    has_syncbn = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    if device.type != "cuda" and has_syncbn:
         raise UserError("model.norm=syncbn needs CUDA under torchrun; use model.norm=bn on CPU")
     find_unused = cfg.train.find_unused_parameters
     if find_unused is None:
@@ -158,7 +159,7 @@ def _wrap_model(model: torch.nn.Module, cfg: Any, device: torch.device) -> torch
 # The loop
 # --------------------------------------------------------------------------------------------
 def pretrain(cfg: Any, out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Pre-train PreDet with ``cfg`` (a :class:`~predet.config.PretrainConfig`) into run folder ``out``.
+    """Pre-train PreDet with ``cfg`` (a :class:`~predet.config.PretrainConfig`) into run ``out``.
 
     Nothing on disk is changed before the config, the data and (with ``resume``) the checkpoint
     have been checked. Returns ``out``.
@@ -202,7 +203,9 @@ def _build_optimization(
     return optimizer, scheduler, scaler, lr
 
 
-def _restore(ckpt: dict, model, optimizer, scheduler, scaler, *, cfg: Any, world: int) -> StreamPosition:
+def _restore(
+    ckpt: dict, model, optimizer, scheduler, scaler, *, cfg: Any, world: int
+) -> StreamPosition:
     """Load a checkpoint's training state; returns where the data stream resumes."""
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -221,7 +224,9 @@ def _restore(ckpt: dict, model, optimizer, scheduler, scaler, *, cfg: Any, world
     return StreamPosition(epoch + 1, 0)  # the data is split differently now: next epoch afresh
 
 
-def _step_values(outputs: dict[str, torch.Tensor], loss: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _step_values(
+    outputs: dict[str, torch.Tensor], loss: torch.Tensor, device: torch.device
+) -> torch.Tensor:
     """``[2, len(LOGGED_KEYS)]``: this step's values and presence flags, summed over ranks.
 
     A NaN on any rank makes the sum NaN on every rank, so all ranks stop together.
@@ -287,7 +292,7 @@ def _train(
         set_rng_state(rngs[rank])
     else:
         if rngs is not None and is_main:
-            print(f"predet pretrain: resuming a {len(rngs)}-process run on {world}: fresh RNG streams")
+            print(f"predet pretrain: resuming a {len(rngs)}-process run on {world}: new RNG streams")
         seed_everything(cfg.seed * 1000 + rank + 1)
 
     stop = min(t.steps, t.stop_at or t.steps)
@@ -327,7 +332,9 @@ def _train(
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
             "step": step,
-            "data_position": {**stream.position.state_dict(), "batch_size": t.batch_size, "world_size": world},
+            "data_position": {
+                **stream.position.state_dict(), "batch_size": t.batch_size, "world_size": world
+            },
             "rng": rng_states,
             "classes": classes,
             "config": to_dict(cfg),
@@ -349,7 +356,7 @@ def _train(
             outputs = model_ddp(batch)
         losses = [v for k, v in outputs.items() if k.startswith("loss_")]
         if not losses:
-            raise UserError("every loss is switched off (loss.cls/crpn/info/croi_reg): nothing to train")
+            raise UserError("every loss is switched off (loss.cls/crpn/info/croi_reg)")
         loss = sum(losses)
         vec = _step_values(outputs, loss, device)
         _check_losses(vec, step=step + 1, last_good=last_good)  # before the weights change
