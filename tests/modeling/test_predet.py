@@ -218,3 +218,17 @@ def test_bf16_autocast_and_channels_last(tiny_cfg, make_batch):
     for k in ("loss_cls", "loss_crpn_cls", "loss_info"):
         assert out[k].dtype == torch.float32, k
         assert abs(out[k].item() - ref[k].item()) < 0.05 * abs(ref[k].item()) + 1e-3, k
+
+
+def test_query_negatives_mode(tiny_cfg, make_batch):
+    outs = {}
+    for flag in ("false", "true"):
+        torch.manual_seed(0)
+        model = build_predet(tiny_cfg(f"model.croi_query_negatives={flag}"), num_classes=5)
+        torch.manual_seed(1)
+        outs[flag] = model(make_batch(q=4, seed=2))
+    _total(outs["true"]).backward()
+    _finite(outs["true"], model)
+    # more negatives per query (the other queries' boxes): a larger InfoNCE at init
+    assert outs["true"]["loss_info"].item() > outs["false"]["loss_info"].item()
+    torch.testing.assert_close(outs["true"]["loss_cls"], outs["false"]["loss_cls"])
