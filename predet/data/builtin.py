@@ -5,12 +5,15 @@ resolves to a world cached under ``$PREDET_CACHE/worlds/tiny-seed0`` (``$PREDET_
 to ``~/.cache/predet``), generated together with its query cache on first use. A file lock
 makes concurrent users (the ranks of one ``torchrun`` launch, parallel tests) wait for one
 generator instead of all writing the same folder; a ``.complete`` marker, written last, tells a
-finished world from one whose generation was interrupted (which is regenerated).
+finished world from one whose generation was interrupted (which is regenerated). The marker
+records a fingerprint of the generating code (synthesis and query caching): a world cached by an
+older ``predet`` is regenerated rather than silently reused.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -75,13 +78,32 @@ def parse_builtin(spec: str) -> tuple[str, int]:
     return parts[1], seed
 
 
+def generator_fingerprint() -> str:
+    """sha1 of the source of the modules that make a world (synthesis, rendering, query boxes)."""
+    from predet.data import queries, synth, synth_render
+
+    h = hashlib.sha1()
+    for module in (synth, synth_render, queries):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()
+
+
+def _is_complete(world: BuiltinWorld, fingerprint: str) -> bool:
+    try:
+        marker = json.loads((world.root / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return marker.get("fingerprint") == fingerprint
+
+
 def ensure_world(
     preset: str = "tiny", seed: int = 0, *, root: Optional[Path] = None, progress: bool = True
 ) -> BuiltinWorld:
     """The cached world ``(preset, seed)``, generated with its query cache if not there yet."""
     root = Path(root) if root is not None else cache_root()
     world = BuiltinWorld(root / f"{preset}-seed{seed}", preset, seed)
-    if (world.root / MARKER).is_file():
+    fingerprint = generator_fingerprint()
+    if _is_complete(world, fingerprint):
         return world
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -90,10 +112,13 @@ def ensure_world(
         raise UserError(msg) from None
     with open(root / f".{world.root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not (world.root / MARKER).is_file():  # another process may have finished meanwhile
-            if world.root.exists():  # left by an interrupted generation
+        if not _is_complete(world, fingerprint):  # another process may have finished meanwhile
+            if world.root.exists():  # left by an interrupted generation or older code
                 shutil.rmtree(world.root)
             _generate(world, progress=progress)
+            marker = json.loads((world.root / MARKER).read_text())
+            marker["fingerprint"] = fingerprint
+            (world.root / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return world
 
 

@@ -120,7 +120,12 @@ def test_concurrent_ensure_world_generates_once(tmp_path):
         p.join(30)
     assert [p.exitcode for p in procs] == [0, 0]
     assert (tmp_path / "generations.log").read_text() == "tiny-seed0\n"
-    # an interrupted generation (no marker) is redone
+    _ensure(str(tmp_path))  # complete: reused
+    assert (tmp_path / "generations.log").read_text() == "tiny-seed0\n"
+    # an interrupted generation (no marker) is redone, and so is a world made by other code
     (tmp_path / "tiny-seed0" / builtin.MARKER).unlink()
     _ensure(str(tmp_path))
-    assert (tmp_path / "generations.log").read_text() == "tiny-seed0\ntiny-seed0\n"
+    assert (tmp_path / "generations.log").read_text() == "tiny-seed0\n" * 2
+    (tmp_path / "tiny-seed0" / builtin.MARKER).write_text('{"fingerprint": "older"}')
+    _ensure(str(tmp_path))
+    assert (tmp_path / "generations.log").read_text() == "tiny-seed0\n" * 3
