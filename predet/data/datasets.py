@@ -60,12 +60,19 @@ def draft_side(transform: TwoViewTransform) -> int:
 
 
 def _init_cv2_threads() -> None:
-    # inside DataLoader workers: one thread each, the workers are the parallelism
+    """One OpenCV and one torch thread per process: the loader workers are the parallelism.
+
+    OpenCV's thread pool is not fork-safe: calling ``cv2.setNumThreads`` in a forked worker whose
+    parent had already run a multi-threaded OpenCV op can deadlock on the pool's copied lock. So
+    it is called in the parent (the dataset's constructor, before any worker forks), where it
+    also leaves the children without a pool; inside workers only torch's threads are set.
+    """
     if get_worker_info() is not None:
+        torch.set_num_threads(1)
+    else:
         import cv2
 
         cv2.setNumThreads(1)
-        torch.set_num_threads(1)
 
 
 class WeakLabelDataset(Dataset):
@@ -102,6 +109,7 @@ class WeakLabelDataset(Dataset):
         self.num_skipped = 0  # unreadable images met by this process
         self.bad: dict[int, str] = {}  # index -> reason, this process
         self._draft = draft_side(transform)
+        _init_cv2_threads()  # in the parent, before workers fork
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -175,6 +183,7 @@ class ShardDataset(IterableDataset):
         self.shuffle = shuffle
         self.epoch = 0
         self.num_skipped = 0
+        _init_cv2_threads()  # in the parent, before workers fork
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

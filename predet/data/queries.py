@@ -330,7 +330,9 @@ def _process_one(job: tuple[str, str, QueryParams]) -> tuple[str, Optional[np.nd
 
 
 def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one process per core: no nested thread pools
+    # one process per core: no nested thread pools. OpenCV's pool is set to one thread in the
+    # parent before the fork (calling cv2.setNumThreads in a forked child can deadlock on the
+    # copied pool lock); torch's is set here.
     torch.set_num_threads(1)
 
 
@@ -370,6 +372,7 @@ def cache_queries(
     counts = {"images": 0, "failed": 0, "boxes": 0, "shards_skipped": len(shards) - len(todo)}
     total = sum(len(es) for _, es in todo)
     bar = tqdm(total=total, desc=f"queries (rank {rank})", unit="img", disable=None if progress and total else True, mininterval=2.0)
+    cv2.setNumThreads(1)  # before any fork, see _init_worker
     pool = mp.get_context("fork" if hasattr(os, "fork") else "spawn").Pool(workers, _init_worker) if workers > 1 else None
     try:
         for k, es in todo:
