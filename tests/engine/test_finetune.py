@@ -296,7 +296,7 @@ def test_mask_rcnn_from_predet_export(tiny_world: Path, predet_export: Path, tmp
     logged = next(line for line in log.splitlines() if line.startswith("init loaded:")).split()[2:]
     assert set(exported) <= set(logged)
     saved = load_config(FinetuneConfig, run / "config.yaml")
-    assert (saved.model.fpn_channels, saved.model.box_head_dim) == (64, 256)
+    assert (saved.model.fpn_channels, saved.model.box_head_dim) == (32, 128)
     assert_matches_reference(results, load_coco_json(det / "val.json"), run)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [10, 20, 30, 40]
