@@ -107,8 +107,13 @@ def _fake_generate(world, *, progress):
 
 
 def _ensure(root: str) -> None:
-    builtin._generate = _fake_generate  # inherited state differs under spawn; fork only
-    builtin.ensure_world("tiny", 0, root=Path(root), progress=False)
+    # patched by hand (inherited by forked children), and restored: the test process goes on to
+    # generate real worlds in later tests
+    original, builtin._generate = builtin._generate, _fake_generate
+    try:
+        builtin.ensure_world("tiny", 0, root=Path(root), progress=False)
+    finally:
+        builtin._generate = original
 
 
 def test_concurrent_ensure_world_generates_once(tmp_path):
