@@ -210,7 +210,10 @@ def test_voc_conversion_and_difficult(tiny_world: Path, tmp_path: Path) -> None:
 def test_builtin_split_resolves_to_the_cached_world(tmp_path: Path, monkeypatch) -> None:
     world = tmp_path / "worlds" / "small-seed3"
     world.mkdir(parents=True)
-    (world / ".complete").write_text("{}")  # a finished world: nothing is generated
+    from predet.data.builtin import generator_fingerprint
+
+    # a finished world made by this code: nothing is generated
+    (world / ".complete").write_text(json.dumps({"fingerprint": generator_fingerprint()}))
     monkeypatch.setenv("PREDET_CACHE", str(tmp_path))
     assert resolve_split("builtin:small:3", "", "val") == (str(world / "det" / "val.json"), str(world / "det" / "images"))
     assert resolve_split("builtin:small:3", "/imgs", "train") == (str(world / "det" / "train.json"), "/imgs")
