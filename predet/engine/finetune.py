@@ -26,13 +26,11 @@ import bisect
 import copy
 import json
 import math
-import random
 import re
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
@@ -40,6 +38,7 @@ from torch.utils.data import DataLoader, Sampler
 from predet import distributed
 from predet.config import FinetuneConfig, load_config, save_config
 from predet.data.detection import DetectionDataset, collate_detection, load_gt, resolve_split
+from predet.engine.common import get_rng_state, set_rng_state
 from predet.engine.detectors import build_detector, init_widths, load_init
 from predet.engine.evaluate import evaluate_run, format_results
 from predet.errors import UserError
@@ -134,31 +133,6 @@ class StepBatchSampler(Sampler):
 
 
 # --------------------------------------------------------------------------------------------
-# RNG state (weights_only-loadable: tensors, ints, tuples)
-# --------------------------------------------------------------------------------------------
-def _rng_state() -> dict:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.copy()), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "torch": torch.get_rng_state(),
-    }  # fmt: skip
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --------------------------------------------------------------------------------------------
 # Logging
 # --------------------------------------------------------------------------------------------
 class _RunLog:
@@ -200,7 +174,7 @@ class _RunLog:
 def _checkpoint(path: Path, model: nn.Module, opt, sched, step: int, classes: list[str], init_name: str) -> None:
     save_checkpoint(
         {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-         "step": step, "rng": _rng_state(), "classes": classes, "init": init_name},
+         "step": step, "rng": get_rng_state(), "classes": classes, "init": init_name},
         path,
     )  # fmt: skip
 
@@ -293,7 +267,7 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = int(state["step"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         log.text(f"resumed from {last} at step {start}")
     ddp = model
     if world > 1:
