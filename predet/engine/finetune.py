@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Sampler
 from predet import distributed
 from predet.config import FinetuneConfig, load_config, save_config
 from predet.data.detection import DetectionDataset, collate_detection, load_gt, resolve_split
-from predet.engine.common import get_rng_state, set_rng_state
+from predet.engine.common import MetricLogger, get_rng_state, set_rng_state
 from predet.engine.detectors import build_detector, init_widths, load_init
 from predet.engine.evaluate import evaluate_run, format_results
 from predet.errors import UserError
@@ -136,16 +136,14 @@ class StepBatchSampler(Sampler):
 # Logging
 # --------------------------------------------------------------------------------------------
 class _RunLog:
-    """``log.txt`` + ``metrics.jsonl`` + TensorBoard, written by rank 0 only."""
+    """``log.txt`` (rank 0), plus ``metrics.jsonl`` and TensorBoard through the shared
+    :class:`~predet.engine.common.MetricLogger`."""
 
     def __init__(self, out: Path, *, enabled: bool) -> None:
         self.enabled = enabled
         self.out = out
-        self.tb = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tb"))
+        self.metric_logger = MetricLogger(out, enabled=enabled)
+        self.metrics = self.metric_logger.log
 
     def text(self, msg: str, *, echo: bool = True) -> None:
         if not self.enabled:
@@ -157,18 +155,8 @@ class _RunLog:
 
             tqdm.write(msg)
 
-    def metrics(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)):
-                self.tb.add_scalar(f"finetune/{k}", v, record["step"])
-
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        self.metric_logger.close()
 
 
 def _checkpoint(path: Path, model: nn.Module, opt, sched, step: int, classes: list[str], init_name: str) -> None:
@@ -268,6 +256,7 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
         sched.load_state_dict(state["scheduler"])
         start = int(state["step"])
         set_rng_state(state["rng"])
+        log.metric_logger.resume_from(start)  # rows logged after that checkpoint are redone
         log.text(f"resumed from {last} at step {start}")
     ddp = model
     if world > 1:
