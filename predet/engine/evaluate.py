@@ -11,8 +11,10 @@ Metrics are pycocotools' ``COCOeval`` (bbox; segm with a Mask R-CNN). A segm eva
 detections' ``bbox`` so that their area comes from the mask (as detectron2 does). LVIS-style JSON is
 scored with the LVIS rules on top of COCOeval (:class:`LVISStyleEval`): at most 300 detections per
 image, detections of a category neither annotated in the image nor in its ``neg_category_ids`` are
-dropped, unmatched detections of an image's ``not_exhaustive_category_ids`` are ignored, and AP is
-also reported per frequency group (``APr``, ``APc``, ``APf``). VOC XML is converted to COCO in memory.
+dropped, unmatched detections of an image's ``not_exhaustive_category_ids`` are ignored, detections
+and ground truth of zero area (a box of width or height 0, an empty mask) are dropped as the official
+``lvis`` API does (``LVIS.get_ann_ids`` keeps ``0 < area``), and AP is also reported per frequency
+group (``APr``, ``APc``, ``APf``). VOC XML is converted to COCO in memory.
 """
 
 from __future__ import annotations
@@ -68,8 +70,29 @@ class LVISStyleEval(COCOeval):
         return r
 
 
+def _positive_area(gt: dict) -> dict:
+    """``gt`` without its annotations of zero area, which the lvis API never sees (``0 < area``)."""
+    return {**gt, "annotations": [a for a in gt["annotations"] if a.get("area", 1.0) > 0]}
+
+
+def _drop_zero_area(coco_dt: COCO) -> COCO:
+    """``coco_dt`` (from ``loadRes``: area = w*h for boxes, the mask's pixels for segm) without the
+    detections of zero area, as ``LVISEval`` drops them (after the 300-per-image cut)."""
+    anns = coco_dt.dataset["annotations"]
+    if all(a["area"] > 0 for a in anns):
+        return coco_dt
+    coco_dt.dataset["annotations"] = [a for a in anns if a["area"] > 0]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt.createIndex()
+    return coco_dt
+
+
 def _lvis_filter(gt: dict, dets: list[dict]) -> list[dict]:
-    """The top 300 detections per image, of categories annotated in it or in its negative list."""
+    """The top 300 detections per image, of categories annotated in it or in its negative list.
+
+    ``gt`` is the evaluated ground truth (zero-area annotations already dropped: a category whose
+    only box in an image has zero area is not annotated there for the lvis API either).
+    """
     positive = defaultdict(set)
     for a in gt["annotations"]:
         positive[a["image_id"]].add(a["category_id"])
@@ -120,6 +143,8 @@ def evaluate_predictions(gt: dict, predictions: Sequence[dict], iou_types: Seque
     is 0 (or ``None`` where the ground truth makes it undefined).
     """
     lvis = is_lvis(gt)
+    if lvis:
+        gt = _positive_area(gt)
     coco_gt = _coco_from_dict(gt)
     results = {}
     for iou_type in iou_types:
@@ -132,6 +157,8 @@ def evaluate_predictions(gt: dict, predictions: Sequence[dict], iou_types: Seque
         with contextlib.redirect_stdout(io.StringIO()):
             if dets:
                 coco_dt = coco_gt.loadRes(dets)
+                if lvis:
+                    coco_dt = _drop_zero_area(coco_dt)
             else:  # loadRes cannot take an empty list
                 coco_dt = _coco_from_dict({"images": gt["images"], "categories": gt["categories"], "annotations": []})
             E = (LVISStyleEval if lvis else COCOeval)(coco_gt, coco_dt, iou_type)

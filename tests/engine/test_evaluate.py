@@ -148,3 +148,115 @@ def test_lvis_keeps_top_300_per_image() -> None:
     kept = _lvis_filter(gt, dets)
     assert len(kept) == LVIS_MAX_DETS
     assert min(d["score"] for d in kept) == pytest.approx(np.sort([d["score"] for d in dets])[-LVIS_MAX_DETS])
+
+
+# --------------------------------------------------------------------------------------------
+# Zero-area detections and ground truth under the LVIS rules, against the official lvis API
+# --------------------------------------------------------------------------------------------
+LVIS_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+
+
+def _rect_rle(box: list[float], size: int = 64) -> dict:
+    """Compressed RLE of the box's pixels (empty for a box of zero width or height)."""
+    m = np.zeros((size, size), dtype=np.uint8, order="F")
+    x, y, w, h = (int(round(v)) for v in box)
+    if w > 0 and h > 0:
+        m[y : y + h, x : x + w] = 1
+    rle = mask_utils.encode(m)
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+
+
+def _zero_area_case() -> tuple[dict, list[dict]]:
+    """Four 64x64 images, categories 1 (f), 2 (c), 3 (r); zero-area boxes in both gt and dets.
+
+    Image 3's only box of category 1 has zero area, so for the lvis API category 1 is not annotated
+    there and the detection of it on image 3 is dropped (neither positive nor negative).
+    """
+    def img(i: int, neg: list[int], nel: list[int]) -> dict:
+        return {"id": i, "width": 64, "height": 64, "file_name": f"{i}.jpg", "neg_category_ids": neg,
+                "not_exhaustive_category_ids": nel}  # fmt: skip
+
+    images = [img(1, [3], []), img(2, [], [1]), img(3, [], []), img(4, [2], [])]
+    gt_boxes = [  # image, category, box
+        (1, 1, [4, 4, 20, 20]), (1, 1, [40, 40, 0, 8]), (2, 2, [10, 10, 30, 20]), (2, 2, [40, 40, 16, 16]),
+        (3, 1, [5, 5, 12, 0]), (4, 3, [8, 8, 40, 40]), (4, 1, [30, 30, 20, 20]),
+    ]  # fmt: skip
+    anns = []
+    for k, (i, c, (x, y, w, h)) in enumerate(gt_boxes, start=1):
+        poly = [[x, y, x, y + h, x + w, y + h, x + w, y]]
+        anns.append({"id": k, "image_id": i, "category_id": c, "bbox": [x, y, w, h], "area": float(w * h),
+                     "segmentation": poly})  # fmt: skip
+    cats = [{"id": 1, "name": "one", "frequency": "f"}, {"id": 2, "name": "two", "frequency": "c"},
+            {"id": 3, "name": "three", "frequency": "r"}]  # fmt: skip
+    det_boxes = [  # image, category, box, score, empty mask despite a box
+        (1, 1, [5, 5, 20, 20], 0.6, False), (1, 1, [40, 40, 0, 8], 0.9, False), (1, 3, [30, 30, 10, 10], 0.5, False),
+        (1, 3, [10, 10, 10, 0], 0.95, False), (2, 2, [10, 10, 30, 20], 0.8, False), (2, 2, [42, 40, 14, 16], 0.4, False),
+        (2, 2, [0, 0, 0, 0], 0.99, False), (2, 1, [0, 0, 16, 16], 0.7, False), (3, 1, [5, 5, 12, 6], 0.85, False),
+        (4, 3, [10, 10, 38, 38], 0.7, False), (4, 3, [40, 40, 10, 10], 0.75, True), (4, 1, [28, 30, 20, 22], 0.3, False),
+        (4, 1, [50, 50, 0, 10], 0.88, False), (4, 1, [2, 2, 12, 12], 0.2, False),
+    ]  # fmt: skip
+    dets = [{"image_id": i, "category_id": c, "bbox": box, "score": s,
+             "segmentation": _rect_rle([0, 0, 0, 0] if empty else box)}
+            for i, c, box, s, empty in det_boxes]  # fmt: skip
+    return {"images": images, "annotations": anns, "categories": cats}, dets
+
+
+# The official lvis API (lvis 0.5.3: LVISEval(LVIS(gt file), LVISResults(gt, dets), iou_type).run(),
+# segm detections without their `bbox`, as detectron2 passes them), in 0-100; None where it is -1.
+# Before zero-area detections/gt were dropped, predet scored them as FPs: AP 33.72, APf 12.76 (both types).
+LVIS_ZERO_AREA_GOLDEN = {
+    "bbox": {"AP": 66.7161716171617, "AP50": 83.33333333333334, "AP75": 83.33333333333334, "APs": 77.57425742574257,
+             "APm": 89.99999999999999, "APl": None, "APr": 45.0, "APc": 90.0990099009901, "APf": 65.04950495049505},
+    # image 4's category-3 detection with an empty mask (and a box) is dropped here, scored as a FP in bbox
+    "segm": {"AP": 81.71617161716172, "AP50": 100.0, "AP75": 100.0, "APs": 77.57425742574257,
+             "APm": 89.99999999999999, "APl": None, "APr": 89.99999999999999, "APc": 90.0990099009901,
+             "APf": 65.04950495049505},
+}  # fmt: skip
+
+
+def _official_lvis(gt: dict, dets: list[dict], iou_type: str, tmp_path: Path) -> dict:
+    """The lvis API's 9 APs (0-100). lvis 0.5.3 still uses ``np.float`` (removed in numpy 1.24), which
+    the caller sets to ``float`` (what it aliased) for the call."""
+    from lvis import LVIS, LVISEval, LVISResults
+
+    ann_file = tmp_path / "lvis_gt.json"
+    ann_file.write_text(json.dumps(gt))
+    dets = [dict(d) for d in dets]
+    if iou_type == "segm":
+        for d in dets:
+            d.pop("bbox")
+    lvis_gt = LVIS(str(ann_file))
+    E = LVISEval(lvis_gt, LVISResults(lvis_gt, dets), iou_type)
+    E.run()
+    return {k: (None if v < 0 else 100 * float(v)) for k, v in E.get_results().items() if k in LVIS_KEYS}
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_lvis_zero_area_matches_official_api(iou_type: str, tmp_path: Path, monkeypatch) -> None:
+    gt, dets = _zero_area_case()
+    ours = evaluate_predictions(gt, dets, (iou_type,))[iou_type]
+    golden = LVIS_ZERO_AREA_GOLDEN[iou_type]
+    assert set(ours) == set(LVIS_KEYS) == set(golden)
+    for k in LVIS_KEYS:
+        assert (ours[k] is None) == (golden[k] is None), k
+        if golden[k] is not None:
+            assert ours[k] == pytest.approx(golden[k], abs=1e-9), (iou_type, k)
+    try:
+        import lvis  # noqa: F401
+    except ImportError:
+        return
+    monkeypatch.setattr(np, "float", float, raising=False)
+    official = _official_lvis(gt, dets, iou_type, tmp_path)
+    for k in LVIS_KEYS:
+        assert official[k] == pytest.approx(golden[k], abs=1e-9) if golden[k] is not None else official[k] is None, k
+
+
+def test_lvis_zero_area_items_count_for_nothing() -> None:
+    """Dropping every zero-area detection and gt box up front gives the same numbers."""
+    gt, dets = _zero_area_case()
+    positive_gt = {**gt, "annotations": [a for a in gt["annotations"] if a["area"] > 0]}
+    for iou_type in ("bbox", "segm"):
+        nonzero = [d for d in dets
+                   if (d["bbox"][2] * d["bbox"][3] if iou_type == "bbox" else mask_utils.area(d["segmentation"])) > 0]
+        assert len(nonzero) < len(dets)
+        assert evaluate_predictions(gt, dets, (iou_type,)) == evaluate_predictions(positive_gt, nonzero, (iou_type,))
