@@ -202,8 +202,10 @@ class FinetuneTrainConfig:
     iters_per_x: Optional[int] = None  # iterations of a 1x schedule; None: COCO's 90k scaled to data
     lr_steps: Optional[List[int]] = None  # lr x0.1 at these steps; None: at 2/3 and 8/9 of the run
     num_threads: Optional[int] = None  # torch CPU threads (None: torch's default); 1 is fastest on a busy CPU
-    batch_size: int = 16
-    lr: float = 0.02
+    batch_size: int = 16  # images per process per step
+    lr: Optional[float] = None  # None: base_lr * global batch / base_batch (linear scaling, with warm-up)
+    base_lr: float = 0.02  # lr at base_batch images per step (detectron2's 0.02 at 16, Goyal et al.)
+    base_batch: int = 16
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_steps: int = 1000

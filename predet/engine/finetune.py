@@ -9,6 +9,9 @@ Schedules: ``train.schedule`` ``Nx`` is N times a 1x schedule; 1x is COCO's 90k 
 images (~12.2 epochs of COCO's 118,287 train images), i.e. for another data set the same number of
 epochs at this global batch, unless ``train.iters_per_x`` says otherwise. ``train.steps`` overrides
 the total; the learning rate drops x0.1 at 2/3 and 8/9 of it unless ``train.lr_steps`` is given.
+The learning rate follows the global batch (linear scaling rule, after a linear warm-up):
+``train.base_lr`` x global batch / ``train.base_batch`` (0.02 at 16 images by default, so 0.01 at 8),
+unless ``train.lr`` is given; the resolved value is the run's ``config.yaml`` ``train.lr``.
 
 Batches are a pure function of the step: step ``s`` takes global items ``s*B*W .. (s+1)*B*W`` of the
 stream of per-epoch permutations (seeded by ``seed`` and the epoch), rank ``r`` its ``B``-slice; item
@@ -38,13 +41,14 @@ from torch.utils.data import DataLoader, Sampler
 from predet import distributed
 from predet.config import FinetuneConfig, load_config, save_config
 from predet.data.detection import DetectionDataset, collate_detection, load_gt, resolve_split
-from predet.engine.common import MetricLogger, get_rng_state, set_rng_state
+from predet.engine.common import MetricLogger, get_rng_state, scaled_lr, set_rng_state
 from predet.engine.detectors import build_detector, init_widths, load_init
 from predet.engine.evaluate import evaluate_run, format_results
 from predet.errors import UserError
 from predet.utils import load_checkpoint, prepare_run_dir, save_checkpoint, seed_everything, write_json
 
-__all__ = ["finetune", "resolve_init_widths", "schedule", "lr_factor", "StepBatchSampler", "build_optimizer", "run"]
+__all__ = ["finetune", "resolve_init_widths", "resolve_lr", "schedule", "lr_factor", "StepBatchSampler",
+           "build_optimizer", "run"]  # fmt: skip
 
 COCO_TRAIN_IMAGES = 118_287
 COCO_1X_ITERS, COCO_1X_BATCH = 90_000, 16
@@ -82,17 +86,33 @@ def lr_factor(step: int, *, warmup_steps: int, warmup_factor: float, lr_steps: S
     return factor
 
 
+def resolve_lr(cfg: FinetuneConfig, world_size: int = 1) -> float:
+    """``train.lr`` when given, else ``train.base_lr`` x global batch / ``train.base_batch`` (linear
+    scaling rule, Goyal et al.; detectron2's ``REFERENCE_WORLD_SIZE``), to 12 significant digits."""
+    t = cfg.train
+    if t.lr is not None:
+        if not t.lr > 0:
+            raise UserError(f"train.lr={t.lr}: must be positive")
+        return float(t.lr)
+    for key, value in (("train.base_lr", t.base_lr), ("train.base_batch", t.base_batch)):
+        if not value > 0:
+            raise UserError(f"{key}={value}: must be positive")
+    return float(f"{scaled_lr(t.base_lr, t.base_batch, t.batch_size * world_size):.12g}")
+
+
 def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.SGD:
-    """SGD; the mask head's parameters in their own group at ``mask_head_lr_mult`` x lr."""
+    """SGD at :func:`resolve_lr`; the mask head's parameters in their own group at
+    ``mask_head_lr_mult`` x lr."""
     mask, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (mask if ".mask_head." in f".{name}" or ".mask_predictor." in f".{name}" else rest).append(p)
     t = cfg.train
-    groups = [{"params": rest, "lr": t.lr}]
+    lr = resolve_lr(cfg, distributed.world_size())
+    groups = [{"params": rest, "lr": lr}]
     if mask:
-        groups.append({"params": mask, "lr": t.lr * cfg.model.mask_head_lr_mult})
-    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        groups.append({"params": mask, "lr": lr * cfg.model.mask_head_lr_mult})
+    return torch.optim.SGD(groups, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,6 +233,9 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
         prepare_run_dir(out, resume=resume, overwrite=overwrite)
     distributed.barrier()
     cfg = resolve_init_widths(cfg, init)
+    lr_note = "train.lr" if cfg.train.lr is not None else (
+        f"train.base_lr {cfg.train.base_lr:g} x {cfg.train.batch_size * world}/{cfg.train.base_batch} images")
+    cfg.train.lr = resolve_lr(cfg, world)  # config.yaml records the lr the run trains at
     if main:
         save_config(cfg, out / "config.yaml")
     log = _RunLog(out, enabled=main)
@@ -230,7 +253,7 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
     warmup = min(cfg.train.warmup_steps, total)
     log.text(f"train: {len(dataset)} images ({dataset.num_without_boxes} without boxes left out), "
              f"{len(classes)} classes; {total} steps at {cfg.train.batch_size}x{world} images, "
-             f"warm-up {warmup}, lr x0.1 at {lr_steps}")  # fmt: skip
+             f"lr {cfg.train.lr:g} ({lr_note}), warm-up {warmup}, lr x0.1 at {lr_steps}")  # fmt: skip
 
     model = build_detector(cfg, classes)
     report = load_init(model, init, name=cfg.name)

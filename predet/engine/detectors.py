@@ -1,0 +1,301 @@
+"""torchvision detectors on ResNet/ResNeXt + FPN of any depth, and loading ``--init`` into them.
+
+``build_detector(cfg, classes)`` builds ``mask_rcnn`` / ``faster_rcnn`` (FPN on C2..C5 + max-pool
+P6, as ``maskrcnn_resnet50_fpn``) or ``retinanet`` (FPN on C3..C5 + P6/P7, as
+``retinanet_resnet50_fpn``), with the backbone's norm layers chosen by ``model.norm``:
+``frozenbn`` (torchvision's FrozenBatchNorm2d), ``bn``, ``syncbn`` (BN converted to SyncBN once
+DDP is up) or ``gn`` (GroupNorm, 32 groups).
+
+``load_init(model, init)`` fills the backbone (``body.*`` + ``fpn.*``) from:
+
+- a ``predet export --format torchvision`` file (keys ``body.*``, ``fpn.*``, optionally the box
+  head's ``fc6.*``/``fc7.*``), or a whole torchvision detector's state dict (``backbone.*``);
+- a plain torchvision ResNet/ResNeXt state dict (``conv1.weight``, ``layer1.*``, ``fc.*``);
+- ``scratch``: nothing.
+
+For RetinaNet the export's FPN blocks for C2..C5 (``inner_blocks.0..3``) map to RetinaNet's C3..C5
+blocks by shifting the index (``1..3 -> 0..2``); the C2 blocks and RetinaNet's P6/P7 convs are
+reported as unused / not loaded. Every tensor is accounted for in the returned :class:`InitReport`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+from predet.errors import UserError
+from predet.utils import load_checkpoint
+
+__all__ = [
+    "ARCHS", "BACKBONES", "NORMS", "InitReport", "build_detector", "build_backbone", "load_init", "read_init",
+    "init_widths",
+]  # fmt: skip
+
+ARCHS = ("mask_rcnn", "faster_rcnn", "retinanet")
+NORMS = ("frozenbn", "bn", "syncbn", "gn")
+def _resnext101_32x16d(*, weights: None = None, **kwargs) -> resnet.ResNet:
+    """The paper's largest backbone; torchvision has no constructor for it."""
+    return resnet.ResNet(resnet.Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=16, **kwargs)
+
+
+_RESNETS: dict[str, Callable[..., resnet.ResNet]] = {
+    "resnet18": resnet.resnet18,
+    "resnet34": resnet.resnet34,
+    "resnet50": resnet.resnet50,
+    "resnet101": resnet.resnet101,
+    "resnet152": resnet.resnet152,
+    "resnext50_32x4d": resnet.resnext50_32x4d,
+    "resnext101_32x8d": resnet.resnext101_32x8d,
+    "resnext101_64x4d": resnet.resnext101_64x4d,
+    "resnext101_32x16d": _resnext101_32x16d,
+    "wide_resnet50_2": resnet.wide_resnet50_2,
+    "wide_resnet101_2": resnet.wide_resnet101_2,
+}
+BACKBONES = tuple(_RESNETS)
+
+
+def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
+    if norm == "frozenbn":
+        return FrozenBatchNorm2d
+    if norm in ("bn", "syncbn"):  # SyncBN: converted by the engine once the process group is up
+        return nn.BatchNorm2d
+    if norm == "gn":
+        return partial(nn.GroupNorm, 32)
+    raise UserError(f"model.norm: unknown norm '{norm}' (choose {', '.join(NORMS)})")
+
+
+def build_backbone(
+    *, name: str, norm: str, arch: str, trainable_layers: int = 5, fpn_channels: int = 256
+) -> BackboneWithFPN:
+    """ResNet body + FPN (``fpn_channels`` wide) named like torchvision's (``body.*``, ``fpn.*``).
+
+    ``trainable_layers`` (0..5) counts from ``layer4`` down to the stem, as torchvision's
+    ``resnet_fpn_backbone``; the rest is frozen.
+    """
+    if name not in _RESNETS:
+        raise UserError(f"model.backbone: unknown backbone '{name}' (choose {', '.join(BACKBONES)})")
+    if not 0 <= trainable_layers <= 5:
+        raise UserError(f"model.trainable_layers={trainable_layers}: must be in 0..5")
+    body = _RESNETS[name](weights=None, norm_layer=_norm_layer(norm))
+    layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        layers_to_train.append("bn1")
+    for pname, p in body.named_parameters():
+        if not any(pname.startswith(layer) for layer in layers_to_train):
+            p.requires_grad_(False)
+    if arch == "retinanet":  # C3..C5 -> P3..P5, then P6/P7 from P5
+        returned, extra = [2, 3, 4], LastLevelP6P7(fpn_channels, fpn_channels)
+    else:  # C2..C5 -> P2..P5, then max-pooled P6
+        returned, extra = [1, 2, 3, 4], LastLevelMaxPool()
+    c2 = body.inplanes // 8  # channels of layer1's output (64 for resnet18/34, 256 for resnet50+)
+    return BackboneWithFPN(
+        body,
+        return_layers={f"layer{k}": str(i) for i, k in enumerate(returned)},
+        in_channels_list=[c2 * 2 ** (k - 1) for k in returned],
+        out_channels=fpn_channels,
+        extra_blocks=extra,
+    )
+
+
+def build_detector(cfg, classes: Sequence[str], *, for_test: bool = False) -> nn.Module:
+    """A torchvision detector for ``cfg.model`` (a :class:`~predet.config.FinetuneConfig`).
+
+    Labels are ``1..len(classes)`` (0 is the background). Training resizes the shortest side to a
+    size drawn from ``model.train_sizes`` (torchvision's ``GeneralizedRCNNTransform``); with
+    ``for_test`` it is ``model.test_size``.
+    """
+    m = cfg.model
+    if m.arch not in ARCHS:
+        raise UserError(f"model.arch: unknown detector '{m.arch}' (choose {', '.join(ARCHS)})")
+    backbone = build_backbone(name=m.backbone, norm=m.norm, arch=m.arch, trainable_layers=m.trainable_layers,
+                              fpn_channels=m.fpn_channels or 256)  # fmt: skip
+    min_size = (m.test_size,) if for_test else tuple(m.train_sizes)
+    num_classes = len(classes) + 1
+    common = dict(min_size=min_size, max_size=m.max_size, detections_per_img=m.detections_per_img)
+    sizes = m.anchor_sizes
+    if sizes is not None and len(sizes) != 5:
+        raise UserError(f"model.anchor_sizes={list(sizes)}: give one size per FPN level (5)")
+    if m.arch == "retinanet":
+        base = sizes or [32, 64, 128, 256, 512]
+        anchors = AnchorGenerator(
+            tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in base), ((0.5, 1.0, 2.0),) * 5
+        )  # 3 scales x 3 ratios per level, as retinanet_resnet50_fpn
+        return RetinaNet(backbone, num_classes, anchor_generator=anchors, score_thresh=m.score_thresh, **common)
+    anchors = None
+    if sizes is not None:
+        anchors = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * 5)
+    box_dim = m.box_head_dim or 1024
+    rcnn_args = dict(
+        box_head=TwoMLPHead(backbone.out_channels * 7 * 7, box_dim),  # on 7x7 RoIAlign features
+        box_predictor=FastRCNNPredictor(box_dim, num_classes),
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=m.proposals_train,
+        rpn_post_nms_top_n_train=m.proposals_train,
+        rpn_pre_nms_top_n_test=m.proposals_test,
+        rpn_post_nms_top_n_test=m.proposals_test,
+        box_batch_size_per_image=m.roi_batch_size_per_image,
+        box_score_thresh=m.score_thresh,
+        box_detections_per_img=m.detections_per_img,
+        min_size=min_size,
+        max_size=m.max_size,
+    )
+    if m.arch == "faster_rcnn":
+        return FasterRCNN(backbone, None, **rcnn_args)
+    dim = m.mask_head_dim  # the heads of maskrcnn_resnet50_fpn, with a configurable width
+    mask_head = MaskRCNNHeads(backbone.out_channels, [dim] * 4, dilation=1)
+    return MaskRCNN(backbone, None, mask_head=mask_head, mask_predictor=MaskRCNNPredictor(dim, dim, num_classes),
+                    **rcnn_args)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation
+# --------------------------------------------------------------------------------------------
+@dataclass
+class InitReport:
+    """What ``--init`` put into the model.
+
+    ``loaded``/``missing``: the model's backbone (+ box head) tensors filled / left as initialised;
+    ``unused``: the file's tensors that went nowhere (e.g. a ResNet's ``fc.*``).
+    """
+
+    name: str
+    path: str | None
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"init": self.name, "path": self.path, "loaded": self.loaded, "missing": self.missing,
+                "unused": self.unused}  # fmt: skip
+
+    def summary(self) -> str:
+        return (f"init '{self.name}': loaded {len(self.loaded)} tensors, not loaded {len(self.missing)}, "
+                f"unused from the file {len(self.unused)}")  # fmt: skip
+
+
+_RESNET_KEY = re.compile(r"^(conv1|bn1|layer[1-4])\.")  # a plain ResNet (its fc.* stays unused)
+_FPN_BLOCK = re.compile(r"^fpn\.(inner_blocks|layer_blocks)\.(\d+)\.(.*)$")
+
+
+def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a file's keys onto ``body.*`` / ``fpn.*`` / ``fc6.*`` / ``fc7.*`` names."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "backbone."):
+            key = key.removeprefix(prefix)
+        key = re.sub(r"^roi_heads\.box_head\.", "", key)
+        if _RESNET_KEY.match(key):
+            key = "body." + key
+        out[key] = value
+    return out
+
+
+def _shift_fpn(state: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
+    """Re-index an FPN exported on C2..C5 for a target FPN on the top ``num_levels`` of them."""
+    blocks = [int(m.group(2)) for k in state if (m := _FPN_BLOCK.match(k))]
+    if not blocks:
+        return state
+    shift = max(blocks) + 1 - num_levels
+    if shift <= 0:
+        return state
+    out = {}
+    for key, value in state.items():
+        m = _FPN_BLOCK.match(key)
+        if m and int(m.group(2)) >= shift:
+            key = f"fpn.{m.group(1)}.{int(m.group(2)) - shift}.{m.group(3)}"
+        elif m:  # a block of a level the target has no FPN input for (C2 for RetinaNet)
+            key = f"unused.{key}"
+        out[key] = value
+    return out
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    obj = load_checkpoint(path)
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"--init {path}: not a state dict of tensors")
+    return obj
+
+
+def read_init(init: str | Path) -> dict[str, torch.Tensor]:
+    """The init file's tensors under ``body.*``/``fpn.*``/``fc6.*``/``fc7.*`` names.
+
+    ``predet export --box-head`` writes the box head beside the backbone file as
+    ``<stem>_box_head<suffix>``; when that file exists it is read too.
+    """
+    path = Path(init)
+    state = _read_state(path)
+    head = path.with_name(f"{path.stem}_box_head{path.suffix}")
+    if head.is_file():
+        state = {**state, **_read_state(head)}
+    return _normalise_keys(state)
+
+
+def init_widths(init: str) -> dict[str, int]:
+    """``fpn_channels`` / ``box_head_dim`` of an init file (those it has), for ``model.* = None``."""
+    if init == "scratch":
+        return {}
+    state = read_init(init)
+    out = {}
+    if "fpn.inner_blocks.0.0.weight" in state:
+        out["fpn_channels"] = int(state["fpn.inner_blocks.0.0.weight"].shape[0])
+    if "fc6.weight" in state:
+        out["box_head_dim"] = int(state["fc6.weight"].shape[0])
+    return out
+
+
+def load_init(model: nn.Module, init: str, *, name: str | None = None) -> InitReport:
+    """Load ``init`` (a file or ``scratch``) into ``model.backbone`` (and the box head's fc6/fc7).
+
+    A backbone/FPN tensor whose shape differs from the model's is a :class:`UserError` naming it
+    (usually a ``model.backbone`` that is not the file's depth); a box head of another width than
+    ``model.box_head_dim`` is left out (listed as unused).
+    """
+    targets: dict[str, torch.Tensor] = dict(model.backbone.state_dict())
+    box_head = getattr(getattr(model, "roi_heads", None), "box_head", None)
+    if box_head is not None:
+        targets.update(box_head.state_dict())  # fc6.*, fc7.* (TwoMLPHead)
+    if init == "scratch":
+        return InitReport(name=name or "scratch", path=None, missing=sorted(model.backbone.state_dict()))
+    path = Path(init)
+    state = read_init(path)
+    num_levels = len(model.backbone.fpn.inner_blocks)
+    state = _shift_fpn(state, num_levels)
+    report = InitReport(name=name or path.stem, path=str(path))
+    with torch.no_grad():
+        for key, value in state.items():
+            if key not in targets:
+                if not key.endswith("num_batches_tracked"):  # BN's counter; FrozenBN/GN have none
+                    report.unused.append(key.removeprefix("unused."))
+                continue
+            if targets[key].shape != value.shape and key.startswith(("fc6.", "fc7.")):
+                report.unused.append(key)  # a box head of another width (model.box_head_dim) is optional
+                continue
+            if targets[key].shape != value.shape:
+                raise UserError(
+                    f"--init {path}: tensor '{key}' has shape {tuple(value.shape)} but the model's is "
+                    f"{tuple(targets[key].shape)} (do model.backbone / fpn_channels / box_head_dim match it?)"
+                )
+            targets[key].copy_(value)  # state_dict() tensors share storage with the parameters
+            report.loaded.append(key)
+    backbone_keys = model.backbone.state_dict().keys()
+    report.missing = sorted(k for k in backbone_keys if k not in set(report.loaded))
+    report.loaded.sort()
+    report.unused.sort()
+    return report
