@@ -9,5 +9,5 @@ cfg=configs/pretrain/r50_fpn_480.yaml
 common=(--config "$cfg" --iters "${ITERS:-20}" --warmup "${WARMUP:-5}" train.batch_size=64 train.device=cuda)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 predet bench step "${common[@]}"
-predet bench step "${common[@]}" model.crpn_conv_dim=64
-predet bench step "${common[@]}" model.crpn_conv_dim=64 model.post_nms_top_n=128 model.pre_nms_top_n=300
+predet bench step "${common[@]}" model.crpn.conv_dim=64
+predet bench step "${common[@]}" model.crpn.conv_dim=64 model.crpn.post_nms_top_n=128 model.crpn.pre_nms_top_n=300

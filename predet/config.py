@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, List, Optional, Sequence, TypeVar
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -73,34 +74,63 @@ class PretrainDataConfig:
 
 
 @dataclass
+class ClsConfig:
+    """The classification head (``ClsHead``)."""
+
+    loss: str = "softmax"  # softmax (multi-label softmax CE) | bce
+
+
+@dataclass
+class CRPNConfig:
+    """The contrastive RPN (``ContrastiveRPN``): anchors, widths, matching, sampling, proposals."""
+
+    anchor_sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # P2..P6
+    aspect_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    dim: int = 64  # D
+    conv_dim: Optional[int] = None  # the shared 3x3 conv's width; None: C (as Faster R-CNN's RPN)
+    batch_per_view: int = 256  # anchors sampled per view
+    positive_fraction: float = 0.5
+    fg_iou: float = 0.7
+    bg_iou: float = 0.3
+    pre_nms_top_n: int = 1000  # K, per level
+    post_nms_top_n: int = 256  # K_nms, per view
+    nms_thresh: float = 0.7
+
+
+@dataclass
+class JitterConfig:
+    """CRPN off (paper Table 1): ``JitterProposals``, boxes jittered around each query."""
+
+    boxes_per_query: int = 16
+
+
+@dataclass
+class CROIConfig:
+    """The contrastive ROI head (``ContrastiveROIHead``)."""
+
+    embed_dim: int = 256
+    reg_dim: int = 64  # D'
+    num_negatives: int = 512
+    tau: float = 0.07
+    fg_iou: float = 0.5
+    query_negatives: bool = False  # True: q's negatives = all candidates with IoU < 0.5 to q
+
+
+@dataclass
 class PretrainModelConfig:
-    backbone: str = "resnet50"  # resnet18|34|50|101, resnext50_32x4d, resnext101_32x8d, resnext101_32x16d
+    """``model.*``: the trunk (backbone, FPN, box head) here, each head in its own section."""
+
+    backbone: str = "resnet50"  # one of predet.modeling.backbone.BACKBONES
     norm: str = "bn"  # bn | syncbn | gn | frozenbn
     input_size: int = 480
     fpn_channels: int = 256  # C
     num_classes: Optional[int] = None  # taken from the data's vocabulary when None
-    anchor_sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
-    aspect_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    crpn_dim: int = 64  # D
-    crpn_conv_dim: Optional[int] = None  # CRPN's shared 3x3 conv width; None: C (as Faster R-CNN's RPN)
-    crpn_batch_per_view: int = 256
-    crpn_positive_fraction: float = 0.5
-    crpn_fg_iou: float = 0.7
-    crpn_bg_iou: float = 0.3
-    pre_nms_top_n: int = 1000  # K, per level
-    post_nms_top_n: int = 256  # K_nms, per view
-    nms_thresh: float = 0.7
-    box_head_dim: int = 1024
-    croi_embed_dim: int = 256
-    croi_reg_dim: int = 64  # D'
-    num_negatives: int = 512
-    tau: float = 0.07
-    croi_fg_iou: float = 0.5
-    croi_query_negatives: bool = False  # True: q's negatives = all candidates with IoU < 0.5 to q
-    cls_loss: str = "softmax"  # softmax (multi-label softmax CE) | bce
-    # CRPN-off mode (paper Table 1): boxes jittered around each query train the CROI head
-    jitter_boxes_per_query: int = 16
+    box_head_dim: int = 1024  # TwoMLPHead, shared by the CRPN's queries and the CROI head
     roi_sampling_ratio: int = 2  # RoIAlign sampling points per bin side (torchvision: 2)
+    cls: ClsConfig = field(default_factory=ClsConfig)
+    crpn: CRPNConfig = field(default_factory=CRPNConfig)
+    jitter: JitterConfig = field(default_factory=JitterConfig)
+    croi: CROIConfig = field(default_factory=CROIConfig)
 
 
 @dataclass
@@ -113,6 +143,9 @@ class LossConfig:
     crpn_weight: float = 1.0
     info_weight: float = 1.0
     croi_reg_weight: float = 1.0
+
+
+LOSS_SWITCHES = ("cls", "crpn", "info", "croi_reg")  # the boolean fields of LossConfig
 
 
 @dataclass
@@ -266,9 +299,26 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# keys of earlier versions: the error names the new key
+RENAMED = {
+    **{f"model.{k}": f"model.crpn.{k}" for k in (
+        "anchor_sizes", "aspect_ratios", "pre_nms_top_n", "post_nms_top_n", "nms_thresh")},
+    **{f"model.crpn_{k}": f"model.crpn.{k}" for k in (
+        "dim", "conv_dim", "batch_per_view", "positive_fraction", "fg_iou", "bg_iou")},
+    **{f"model.croi_{k}": f"model.croi.{k}" for k in (
+        "embed_dim", "reg_dim", "fg_iou", "query_negatives")},
+    "model.num_negatives": "model.croi.num_negatives",
+    "model.tau": "model.croi.tau",
+    "model.cls_loss": "model.cls.loss",
+    "model.jitter_boxes_per_query": "model.jitter.boxes_per_query",
+}  # fmt: skip
+
+
 def _check_keys(given: dict[str, Any], valid: Sequence[str], source: str) -> None:
     valid_set = set(valid)
     for key in given:
+        if key in RENAMED and RENAMED[key] in valid_set:
+            raise UserError(f"{source}: config key '{key}' is now '{RENAMED[key]}'")
         if key not in valid_set:
             # a dict given for a leaf, or a leaf given for a section, is also an unknown key
             raise UserError(f"{source}: unknown config key '{key}'{_closest(key, valid)}")
@@ -333,7 +383,129 @@ def load_config(
     for item in overrides:
         key, value = _parse_override(item)
         cfg = _merge_one(cfg, _nest(key, value), f"override '{item}'", valid)
+    for check in _CHECKS.get(schema, ()):
+        check(cfg)
     return cfg  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Value checks: every one runs in load_config, so a bad value stops a command before it writes
+# anything. (Checks that need the data, e.g. model.num_classes against its vocabulary, or files
+# on disk, run where the data is read, still before a run folder is created.)
+# --------------------------------------------------------------------------------------------
+def _positive(section: str, obj: Any, keys: Sequence[str]) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if value is not None and value <= 0:
+            raise UserError(f"{section}.{key}: must be positive, got {value}")
+
+
+def _fraction(section: str, obj: Any, keys: Sequence[str]) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if not 0 < value <= 1:
+            raise UserError(f"{section}.{key}: must be in (0, 1], got {value}")
+
+
+def _one_of(key: str, value: Any, choices: Sequence[str], what: str = "value") -> None:
+    if value not in choices:
+        raise UserError(f"{key}: unknown {what} '{value}' (choose from {', '.join(choices)})")
+
+
+def _check_device(key: str, name: str) -> None:
+    if not (name in ("auto", "cpu") or name.startswith("cuda")):
+        raise UserError(f"{key}={name!r}: expected auto, cpu or cuda")
+
+
+def _check_pretrain_model(cfg: Any) -> None:
+    from predet.modeling.backbone import BACKBONES, NORMS  # torchvision: only when checking
+    from predet.modeling.cls_head import CLS_LOSSES
+
+    m = cfg.model
+    _one_of("model.backbone", m.backbone, BACKBONES, "backbone")
+    _one_of("model.norm", m.norm, NORMS, "norm")
+    _one_of("model.cls.loss", m.cls.loss, CLS_LOSSES, "loss")
+    keys = ("input_size", "fpn_channels", "num_classes", "box_head_dim", "roi_sampling_ratio")
+    _positive("model", m, keys)
+    c = m.crpn
+    if len(c.anchor_sizes) != 5:
+        raise UserError(
+            f"model.crpn.anchor_sizes: need one size per FPN level P2-P6 (5), "
+            f"got {list(c.anchor_sizes)}"
+        )
+    if not c.aspect_ratios or min(c.aspect_ratios) <= 0:
+        raise UserError(f"model.crpn.aspect_ratios: need positive ratios, got {list(c.aspect_ratios)}")
+    keys = ("dim", "conv_dim", "batch_per_view", "pre_nms_top_n", "post_nms_top_n")
+    _positive("model.crpn", c, keys)
+    _fraction("model.crpn", c, ("fg_iou", "bg_iou", "nms_thresh", "positive_fraction"))
+    if c.bg_iou > c.fg_iou:
+        raise UserError(
+            f"model.crpn.bg_iou ({c.bg_iou}) must not exceed model.crpn.fg_iou ({c.fg_iou})"
+        )
+    _positive("model.jitter", m.jitter, ("boxes_per_query",))
+    _positive("model.croi", m.croi, ("embed_dim", "reg_dim", "num_negatives", "tau"))
+    _fraction("model.croi", m.croi, ("fg_iou",))
+
+
+def _check_pretrain_rest(cfg: Any) -> None:
+    if not any(getattr(cfg.loss, s) for s in LOSS_SWITCHES):
+        raise UserError(
+            "every loss is switched off (" + ", ".join(f"loss.{s}" for s in LOSS_SWITCHES) + ")"
+        )
+    for s in LOSS_SWITCHES:
+        if getattr(cfg.loss, f"{s}_weight") < 0:
+            raise UserError(f"loss.{s}_weight: must be >= 0, got {getattr(cfg.loss, f'{s}_weight')}")
+    t = cfg.train
+    for key, value in (
+        ("train.steps", t.steps),
+        ("train.batch_size", t.batch_size),
+        ("train.log_every", t.log_every),
+        ("ckpt.every", cfg.ckpt.every),
+    ):
+        if value < 1:
+            raise UserError(f"config key '{key}' must be >= 1, got {value}")
+    if t.stop_at is not None and not 1 <= t.stop_at <= t.steps:
+        raise UserError(f"train.stop_at={t.stop_at} must lie in [1, train.steps={t.steps}]")
+    if t.amp_dtype not in ("bfloat16", "float16"):
+        raise UserError(f"train.amp_dtype={t.amp_dtype!r}: expected bfloat16 or float16")
+    if t.warmup_steps < 0 or t.decay_steps < 0:
+        raise UserError("train.warmup_steps and train.decay_steps must be >= 0")
+    _positive("train", t, ("lr", "base_lr", "base_batch", "clip_grad"))
+    _check_device("train.device", t.device)
+    d = cfg.data
+    _one_of("data.format", d.format, ("manifest", "shards", "coco"))
+    _positive("data", d, ("queries_per_image", "min_images"))
+    if d.num_workers < 0:
+        raise UserError(f"data.num_workers: must be >= 0, got {d.num_workers}")
+
+
+def _check_finetune(cfg: Any) -> None:
+    from predet.modeling.backbone import BACKBONES, NORMS
+    from predet.modeling.detectors import ARCHS
+
+    m, t = cfg.model, cfg.train
+    _one_of("model.arch", m.arch, ARCHS, "detector")
+    _one_of("model.backbone", m.backbone, BACKBONES, "backbone")
+    _one_of("model.norm", m.norm, NORMS, "norm")
+    if not 0 <= m.trainable_layers <= 5:
+        raise UserError(f"model.trainable_layers={m.trainable_layers}: must be in 0..5")
+    if m.anchor_sizes is not None and len(m.anchor_sizes) != 5:
+        raise UserError(f"model.anchor_sizes={list(m.anchor_sizes)}: give one size per FPN level (5)")
+    keys = ("num_classes", "test_size", "max_size", "fpn_channels", "box_head_dim", "mask_head_dim")
+    _positive("model", m, keys)
+    _one_of("data.format", cfg.data.format, ("coco", "lvis", "voc"))
+    _positive("data", cfg.data, ("subset", "eval_batch_size"))
+    if t.steps is None and not re.fullmatch(r"\d+(?:\.\d+)?x", t.schedule):
+        raise UserError(f"train.schedule='{t.schedule}': expected a multiple of 1x such as 1x, 2x, 9x")
+    _positive("train", t, ("steps", "iters_per_x", "batch_size", "log_every", "clip_grad"))
+    _positive("ckpt", cfg.ckpt, ("every",))
+    _check_device("train.device", t.device)
+
+
+_CHECKS: dict[type, tuple[Callable[[Any], None], ...]] = {
+    PretrainConfig: (_check_pretrain_model, _check_pretrain_rest),
+    FinetuneConfig: (_check_finetune,),
+}
 
 
 def to_dict(cfg: Any) -> dict:

@@ -9,13 +9,13 @@ from predet.errors import UserError
 
 def test_defaults_match_the_paper():
     cfg = load_config(PretrainConfig)
-    assert cfg.model.tau == pytest.approx(0.07)
+    assert cfg.model.croi.tau == pytest.approx(0.07)
     assert cfg.data.queries_per_image == 16
-    assert cfg.model.num_negatives == 512
+    assert cfg.model.croi.num_negatives == 512
     assert cfg.train.momentum == pytest.approx(0.9)
     assert cfg.train.weight_decay == pytest.approx(1e-4)
     assert cfg.train.base_lr == pytest.approx(0.2) and cfg.train.base_batch == 1024
-    assert cfg.model.crpn_fg_iou == pytest.approx(0.7) and cfg.model.crpn_bg_iou == pytest.approx(0.3)
+    assert cfg.model.crpn.fg_iou == pytest.approx(0.7) and cfg.model.crpn.bg_iou == pytest.approx(0.3)
 
 
 def test_yaml_then_overrides_take_precedence(tmp_path):

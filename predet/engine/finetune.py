@@ -18,6 +18,9 @@ stream of per-epoch permutations (seeded by ``seed`` and the epoch), rank ``r`` 
 ``i`` of epoch ``e`` flips with a generator seeded by ``(seed, e, i)``. Resuming from
 ``checkpoints/last.pt`` (model, optimizer, scheduler, step, RNG states) therefore continues exactly.
 
+A ``predet export`` file's ``F.json`` sidecar is checked against ``model.backbone``,
+``model.fpn_channels`` and ``model.norm`` first (a mismatch stops the run with a one-line error).
+
 The run folder gets ``config.yaml``, ``init.json`` (the init's name and the tensors loaded / not
 loaded / unused), ``log.txt``, ``metrics.jsonl``, ``tb/``, ``checkpoints/`` and, when the config has
 a val split, ``predictions.json`` + ``results.json`` (see :mod:`predet.engine.evaluate`).
@@ -42,9 +45,10 @@ from predet import distributed
 from predet.config import FinetuneConfig, load_config, save_config
 from predet.data.detection import DetectionDataset, collate_detection, load_gt, resolve_split
 from predet.engine.common import MetricLogger, get_rng_state, scaled_lr, set_rng_state
-from predet.engine.detectors import build_detector, init_widths, load_init
+from predet.modeling.detectors import build_detector, init_widths, load_init
 from predet.engine.evaluate import evaluate_run, format_results
 from predet.errors import UserError
+from predet.export import check_init_sidecar
 from predet.utils import load_checkpoint, prepare_run_dir, save_checkpoint, seed_everything, write_json
 
 __all__ = ["finetune", "resolve_init_widths", "resolve_lr", "schedule", "lr_factor", "StepBatchSampler",
@@ -224,6 +228,7 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
     Evaluates on ``cfg.data.val`` at the end when it is set. Returns ``out``.
     """
     out = Path(out)
+    check_init_sidecar(init, cfg.model)  # the init's F.json vs model.backbone/fpn_channels/norm, before any file
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
     device = distributed.init(cfg.train.device)

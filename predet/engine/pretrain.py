@@ -93,24 +93,6 @@ def _resolve_builtin(cfg: Any) -> Any:
     return cfg
 
 
-def _validate(cfg: Any) -> None:
-    t = cfg.train
-    for key, value in (
-        ("train.steps", t.steps),
-        ("train.batch_size", t.batch_size),
-        ("train.log_every", t.log_every),
-        ("ckpt.every", cfg.ckpt.every),
-    ):
-        if value < 1:
-            raise UserError(f"config key '{key}' must be >= 1, got {value}")
-    if t.stop_at is not None and not 1 <= t.stop_at <= t.steps:
-        raise UserError(f"train.stop_at={t.stop_at} must lie in [1, train.steps={t.steps}]")
-    if t.amp_dtype not in ("bfloat16", "float16"):
-        raise UserError(f"train.amp_dtype={t.amp_dtype!r}: expected bfloat16 or float16")
-    if t.warmup_steps < 0 or t.decay_steps < 0:
-        raise UserError("train.warmup_steps and train.decay_steps must be >= 0")
-
-
 def _prepare_run_dir_all_ranks(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Rank 0 creates (or clears) the run folder; every rank raises the same error if it refuses."""
     error = None
@@ -165,7 +147,6 @@ def pretrain(cfg: Any, out: str | Path, *, resume: bool = False, overwrite: bool
     have been checked. Returns ``out``.
     """
     out = Path(out)
-    _validate(cfg)
     device = torch.device(dist_utils.init(resolve_device(cfg.train.device)))
     rank, world = dist_utils.rank(), dist_utils.world_size()
     is_main = rank == 0

@@ -1,13 +1,16 @@
 """ResNet / ResNeXt + FPN backbones, built from torchvision, named like torchvision's detectors.
 
 Shape legend:
-    B: views in the batch (2N for N images), S: input side,
-    C: FPN channels, L = 5 FPN levels P2..P6 with strides 4, 8, 16, 32, 64.
+    B: views or images in the batch, S: input side,
+    C: FPN channels, L = 5 FPN levels P2..P6 with strides 4, 8, 16, 32, 64 (P3..P7 for RetinaNet).
 
-``build_backbone`` returns a torchvision ``BackboneWithFPN`` whose state-dict keys are ``body.*``
-(the ResNet trunk without ``fc``/``avgpool``) and ``fpn.*`` (FPN on layers 1-4 with a
-``LastLevelMaxPool`` P6). For ``resnet50`` with C=256 and ``norm="bn"`` its state dict loads with
-``strict=True`` into ``maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).backbone``.
+The one backbone builder of the package: pre-training (``PreDet``) and fine-tuning
+(``predet.modeling.detectors``) both call ``build_backbone``, so the exported ``body.*`` /
+``fpn.*`` names come from this single function. It returns a torchvision ``BackboneWithFPN``
+whose state-dict keys are ``body.*`` (the ResNet trunk without ``fc``/``avgpool``) and ``fpn.*``
+(FPN on layers 1-4 with a ``LastLevelMaxPool`` P6). For ``resnet50`` with C=256 and
+``norm="bn"`` its state dict loads with ``strict=True`` into
+``maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).backbone``.
 Forward: ``views [B, 3, S, S] -> OrderedDict {"0": P2, "1": P3, "2": P4, "3": P5, "pool": P6}``,
 each ``[B, C, S/stride, S/stride]`` (rounded up).
 """
@@ -21,22 +24,32 @@ import torch.nn as nn
 from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from predet.errors import UserError
 
 __all__ = ["BACKBONES", "NORMS", "build_backbone", "build_resnet"]
 
-# name -> (block, layers, groups, width_per_group); the torchvision ResNet class builds all of them
-BACKBONES: dict[str, tuple[type[nn.Module], list[int], int, int]] = {
-    "resnet18": (resnet.BasicBlock, [2, 2, 2, 2], 1, 64),
-    "resnet34": (resnet.BasicBlock, [3, 4, 6, 3], 1, 64),
-    "resnet50": (resnet.Bottleneck, [3, 4, 6, 3], 1, 64),
-    "resnet101": (resnet.Bottleneck, [3, 4, 23, 3], 1, 64),
-    "resnext50_32x4d": (resnet.Bottleneck, [3, 4, 6, 3], 32, 4),
-    "resnext101_32x8d": (resnet.Bottleneck, [3, 4, 23, 3], 32, 8),  # the paper's default
-    "resnext101_32x16d": (resnet.Bottleneck, [3, 4, 23, 3], 32, 16),  # not in torchvision's zoo
+
+def _resnext101_32x16d(*, weights: None = None, **kwargs) -> resnet.ResNet:
+    """The paper's largest backbone; torchvision has no constructor for it."""
+    return resnet.ResNet(resnet.Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=16, **kwargs)
+
+
+_RESNETS: dict[str, Callable[..., resnet.ResNet]] = {
+    "resnet18": resnet.resnet18,
+    "resnet34": resnet.resnet34,
+    "resnet50": resnet.resnet50,
+    "resnet101": resnet.resnet101,
+    "resnet152": resnet.resnet152,
+    "resnext50_32x4d": resnet.resnext50_32x4d,
+    "resnext101_32x8d": resnet.resnext101_32x8d,  # the paper's default
+    "resnext101_64x4d": resnet.resnext101_64x4d,
+    "resnext101_32x16d": _resnext101_32x16d,  # not in torchvision's zoo
+    "wide_resnet50_2": resnet.wide_resnet50_2,
+    "wide_resnet101_2": resnet.wide_resnet101_2,
 }
+BACKBONES = tuple(_RESNETS)
 NORMS = ("bn", "syncbn", "gn", "frozenbn")
 
 
@@ -52,38 +65,53 @@ def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
 
 def build_resnet(name: str, *, norm: str = "bn") -> resnet.ResNet:
     """A randomly initialised torchvision ``ResNet`` for ``name`` (see ``BACKBONES``)."""
-    if name not in BACKBONES:
+    if name not in _RESNETS:
         raise UserError(
             f"model.backbone: unknown backbone '{name}' (choose from {', '.join(BACKBONES)})"
         )
-    block, layers, groups, width = BACKBONES[name]
-    return resnet.ResNet(
-        block, layers, groups=groups, width_per_group=width, norm_layer=_norm_layer(norm)
-    )
+    return _RESNETS[name](weights=None, norm_layer=_norm_layer(norm))
 
 
-def build_backbone(name: str, *, norm: str = "bn", fpn_channels: int = 256) -> BackboneWithFPN:
-    """ResNet(``name``) + FPN on layers 1-4 + max-pool P6, all layers trainable.
+def build_backbone(
+    name: str,
+    *,
+    norm: str = "bn",
+    fpn_channels: int = 256,
+    trainable_layers: int = 5,
+    retinanet_levels: bool = False,
+) -> BackboneWithFPN:
+    """ResNet(``name``) + FPN, named like torchvision's detectors (``body.*``, ``fpn.*``).
 
     Args:
         name: one of ``BACKBONES``.
         norm: ``bn`` | ``syncbn`` (``nn.SyncBatchNorm``; needs a process group when training) |
             ``gn`` (GroupNorm, 32 groups) | ``frozenbn`` (``torchvision.ops.FrozenBatchNorm2d``).
         fpn_channels: C, the FPN width.
+        trainable_layers: 0..5, counted from ``layer4`` down to the stem as torchvision's
+            ``resnet_fpn_backbone``; the rest is frozen (5: everything trains).
+        retinanet_levels: FPN on C3..C5 with P6/P7 convs (``retinanet_resnet50_fpn``) instead
+            of C2..C5 with a max-pooled P6.
     """
-    if fpn_channels <= 0:
-        raise UserError(f"model.fpn_channels: must be positive, got {fpn_channels}")
+    if not 0 <= trainable_layers <= 5:
+        raise UserError(f"model.trainable_layers={trainable_layers}: must be in 0..5")
     body = build_resnet(name, norm=norm)
-    # stage widths: 64, 128, 256, 512 times the block expansion (1 basic, 4 bottleneck)
-    expansion = body.layer4[-1].expansion
-    in_channels_list = [64 * expansion * 2**i for i in range(4)]
-    return_layers = {f"layer{i + 1}": str(i) for i in range(4)}
+    layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        layers_to_train.append("bn1")
+    for pname, p in body.named_parameters():
+        if not any(pname.startswith(layer) for layer in layers_to_train):
+            p.requires_grad_(False)  # fc.* too, which BackboneWithFPN drops anyway
+    if retinanet_levels:  # C3..C5 -> P3..P5, then P6/P7 from P5
+        returned, extra = [2, 3, 4], LastLevelP6P7(fpn_channels, fpn_channels)
+    else:  # C2..C5 -> P2..P5, then max-pooled P6
+        returned, extra = [1, 2, 3, 4], LastLevelMaxPool()
+    c2 = body.inplanes // 8  # channels of layer1's output (64 for resnet18/34, 256 for resnet50+)
     backbone = BackboneWithFPN(
         body,
-        return_layers=return_layers,
-        in_channels_list=in_channels_list,
+        return_layers={f"layer{k}": str(i) for i, k in enumerate(returned)},
+        in_channels_list=[c2 * 2 ** (k - 1) for k in returned],
         out_channels=fpn_channels,
-        extra_blocks=LastLevelMaxPool(),
+        extra_blocks=extra,
     )
     if norm == "syncbn":
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)

@@ -12,10 +12,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from predet.errors import UserError
 from predet.modeling.losses import multilabel_bce, multilabel_softmax_ce
 
-__all__ = ["ClsHead"]
+__all__ = ["ClsHead", "CLS_LOSSES"]
+
+CLS_LOSSES = ("softmax", "bce")
 
 
 class ClsHead(nn.Module):
@@ -23,10 +24,8 @@ class ClsHead(nn.Module):
 
     def __init__(self, *, in_channels: int, num_classes: int, loss: str = "softmax") -> None:
         super().__init__()
-        if loss not in ("softmax", "bce"):
-            raise UserError(f"model.cls_loss: unknown loss '{loss}' (choose softmax or bce)")
-        if num_classes <= 0:
-            raise UserError(f"model.num_classes: must be positive, got {num_classes}")
+        if loss not in CLS_LOSSES:
+            raise ValueError(f"unknown classification loss '{loss}' (choose from {CLS_LOSSES})")
         self.loss_type = loss
         self.fc = nn.Linear(in_channels, num_classes)
         nn.init.normal_(self.fc.weight, std=0.01)

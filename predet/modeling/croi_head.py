@@ -5,10 +5,11 @@ Shape legend:
     query boxes appended), E: box-head width, F: similarity embedding width, D': regression width,
     M: (query, positive candidate) pairs.
 
-The box head (torchvision ``TwoMLPHead``, owned by ``PreDet``) turns RoI features into
-``b_p`` / ``b_q``; this head holds the layers after it: one FC shared by proposals and queries
-followed by cosine similarity, and the query-conditioned regression (``b_q -> 4 x D'``,
-``b_p -> D'``, dot product -> 4 deltas).
+The box head (torchvision ``TwoMLPHead``, owned by ``PreDet`` because the CRPN's queries use it
+too) turns RoI features into ``b_p`` / ``b_q``. ``ContrastiveROIHead`` is the rest of the part:
+one FC shared by proposals and queries followed by cosine similarity, the query-conditioned
+regression (``b_q -> 4 x D'``, ``b_p -> D'``, dot product -> 4 deltas), candidate assignment,
+its box coder, InfoNCE, the regression loss and the ``lookup_top1`` metric.
 """
 
 from __future__ import annotations
@@ -17,22 +18,80 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.models.detection._utils import BoxCoder
 
+from predet.config import CROIConfig
+from predet.modeling.losses import box_regression_loss, info_nce
 from predet.modeling.proposals import batched_box_iou
 
-__all__ = ["CROIHead", "assign_candidates"]
+__all__ = ["ContrastiveROIHead", "assign_candidates"]
 
 
-class CROIHead(nn.Module):
-    def __init__(self, *, in_dim: int, embed_dim: int, reg_dim: int) -> None:
+class ContrastiveROIHead(nn.Module):
+    """Scores each candidate box of a view against each query; InfoNCE and box regression.
+
+    Args:
+        in_dim: E, the box head's width.
+        cfg: the ``model.croi`` section (widths, tau, IoU threshold, negatives).
+        info, reg: which losses to compute (``loss.info``, ``loss.croi_reg``).
+    """
+
+    def __init__(
+        self, *, in_dim: int, cfg: CROIConfig, info: bool = True, reg: bool = True
+    ) -> None:
         super().__init__()
-        self.reg_dim = reg_dim
-        self.embed = nn.Linear(in_dim, embed_dim)  # shared by b_p and b_q
-        self.query_reg = nn.Linear(in_dim, 4 * reg_dim)
-        self.proposal_reg = nn.Linear(in_dim, reg_dim)
+        self.cfg, self.use_info, self.use_reg = cfg, info, reg
+        self.reg_dim = cfg.reg_dim
+        self.embed = nn.Linear(in_dim, cfg.embed_dim)  # shared by b_p and b_q
+        self.query_reg = nn.Linear(in_dim, 4 * cfg.reg_dim)
+        self.proposal_reg = nn.Linear(in_dim, cfg.reg_dim)
         for fc in (self.query_reg, self.proposal_reg):
             nn.init.normal_(fc.weight, std=0.01)
             nn.init.zeros_(fc.bias)
+        self.box_coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))  # torchvision's ROI heads
+
+    def forward(
+        self,
+        query_features: Tensor,
+        candidate_features: Tensor,
+        candidates: Tensor,
+        candidate_valid: Tensor,
+        query_boxes: Tensor,
+        query_mask: Tensor,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Losses and metrics of the lookup of each query among its view's candidates.
+
+        Args:
+            query_features: ``b_q [B, Q, E]``. candidate_features: ``b_p [B, P, E]``.
+            candidates: ``[B, P, 4]`` (the last Q are the query boxes themselves) with
+                ``candidate_valid [B, P]``.
+            query_boxes: ``[B, Q, 4]`` in the searched view, ``query_mask [B, Q]``.
+        Returns:
+            losses ``loss_info`` / ``loss_croi_reg`` (those switched on, unweighted) and metrics
+            ``lookup_top1``.
+        """
+        b_q, b_p, mask, cfg = query_features, candidate_features, query_mask, self.cfg
+        # iou [B, Q, P], one positive per query [B, Q], negatives [B, Q, P]
+        iou, pos_index, negative = assign_candidates(
+            candidates, candidate_valid, query_boxes, mask,
+            fg_iou=cfg.fg_iou, num_negatives=cfg.num_negatives,
+            query_negatives=cfg.query_negatives,
+        )  # fmt: skip
+        sim = self.similarity(b_q, b_p)  # [B, Q, P]
+        losses: dict[str, Tensor] = {}
+        if self.use_info:
+            losses["loss_info"] = info_nce(sim, pos_index, negative, mask, cfg.tau)
+        if self.use_reg:
+            view, query = mask.nonzero(as_tuple=True)  # [M] valid queries
+            pos = pos_index[view, query]
+            deltas = self.regression(b_q[view, query], b_p[view, pos])  # [M, 4]
+            target = self.box_coder.encode_single(query_boxes[view, query], candidates[view, pos])
+            losses["loss_croi_reg"] = box_regression_loss(deltas.float(), target, view.numel())
+        with torch.no_grad():
+            best = sim.masked_fill(~candidate_valid.unsqueeze(1), float("-inf")).argmax(dim=2)
+            hit = (iou.gather(2, best.unsqueeze(2)).squeeze(2) > cfg.fg_iou) & mask  # [B, Q]
+            top1 = hit.sum() / mask.sum().clamp(min=1)
+        return losses, {"lookup_top1": top1}
 
     def similarity(self, b_q: Tensor, b_p: Tensor) -> Tensor:
         """Cosine similarity ``s^{pq}``: ``b_q [B, Q, E]``, ``b_p [B, P, E]`` -> ``[B, Q, P]``."""

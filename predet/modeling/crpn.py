@@ -1,11 +1,17 @@
-"""Contrastive RPN (paper §3.2.1): query-conditioned anchor scores and regressions.
+"""Contrastive RPN (paper §3.2.1): query-conditioned anchor scores, regressions, proposals.
 
 Shape legend:
     B: searched views, Q: query slots per view, C: FPN channels, H: CRPN conv width,
-    A: anchors per location,
+    A: anchors per location, E: query feature width (box head),
     D: CRPN embedding width, Hl/Wl: size of level l, T = sum_l Hl*Wl*A anchors per view
     (ordered level, y, x, anchor as torchvision's ``AnchorGenerator``), G = sum_l Hl*Wl locations,
-    M: selected (view, anchor, query) triples.
+    M: selected (view, anchor, query) triples, K: anchors kept before NMS per view,
+    P: proposals per view (K_nms).
+
+``ContrastiveRPN`` is the whole part, as detectron2's ``RPN``: it owns the head (``CRPNHead``),
+the anchors, the box coder, matching, sampling, its losses and proposal selection, and its
+``forward`` returns ``(proposals, valid, losses, metrics)``. ``JitterProposals`` has the same
+interface and is the paper's CRPN-off ablation (Table 1).
 
 The score of query q for anchor a at location (y, x) is the dot product of two D-vectors: one
 from a 1x1 conv over the image features (``A*D`` channels) and one from a linear map of the
@@ -23,11 +29,186 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.ops import box_iou
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import box_iou, clip_boxes_to_image
 
+from predet.config import CRPNConfig
 from predet.modeling.losses import box_regression_loss
+from predet.modeling.proposals import box_recall, jitter_boxes, nms_per_view, top_k_per_level
 
-__all__ = ["CRPNHead", "match_anchors", "sample_anchors", "crpn_losses"]
+__all__ = ["ContrastiveRPN", "JitterProposals", "CRPNHead", "match_anchors", "sample_anchors"]
+
+# (proposals [B, P, 4], valid [B, P], losses {"loss_*": scalar}, metrics {name: scalar})
+ProposalOutput = tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]
+
+
+class ContrastiveRPN(nn.Module):
+    """The CRPN: per anchor and query a score and a box, trained against the query boxes.
+
+    Args:
+        in_channels: C of the FPN levels.
+        query_dim: E of the query features.
+        cfg: the ``model.crpn`` section (anchors, widths, matching, sampling, proposal sizes).
+    """
+
+    def __init__(self, *, in_channels: int, query_dim: int, cfg: CRPNConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_levels = len(cfg.anchor_sizes)
+        self.head = CRPNHead(
+            in_channels=in_channels,
+            num_anchors=len(cfg.aspect_ratios),
+            query_dim=query_dim,
+            embed_dim=cfg.dim,
+            conv_dim=cfg.conv_dim,
+        )
+        self.anchor_generator = AnchorGenerator(
+            sizes=tuple((s,) for s in cfg.anchor_sizes),
+            aspect_ratios=(tuple(cfg.aspect_ratios),) * self.num_levels,
+        )
+        self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))  # torchvision's RPN
+        self._anchor_cache: dict[tuple, tuple[Tensor, list[int]]] = {}
+
+    def forward(
+        self,
+        features: list[Tensor],
+        query_features: Tensor,
+        query_boxes: Tensor,
+        query_mask: Tensor,
+        image_size: tuple[int, int],
+    ) -> ProposalOutput:
+        """Proposals for the queries of each searched view, and the CRPN's losses.
+
+        Args:
+            features: L maps ``[B, C, Hl, Wl]`` of the searched views.
+            query_features: ``[B, Q, E]``, the queries (pooled on the other view).
+            query_boxes: ``[B, Q, 4]`` the same queries' boxes in the searched view.
+            query_mask: ``[B, Q]`` bool. image_size: (H, W) of the views.
+        Returns:
+            proposals ``[B, P, 4]`` (detached) and valid ``[B, P]``; losses ``loss_crpn_cls``,
+            ``loss_crpn_reg`` (unweighted); metrics ``crpn_recall``.
+        """
+        scores, hidden = self.head(features, query_features)  # [B, Q, T], [B, G, H]
+        q_reg = self.head.query_regression(query_features)  # [B, Q, A, 4, D]
+        anchors, per_level = self.anchors(features, image_size)  # [T, 4]
+        cfg = self.cfg
+        labels, matched = match_anchors(
+            anchors, query_boxes, query_mask, fg_iou=cfg.fg_iou, bg_iou=cfg.bg_iou
+        )  # [B, T] each
+        positive, negative = sample_anchors(
+            labels, batch_per_view=cfg.batch_per_view, positive_fraction=cfg.positive_fraction
+        )
+        losses = self.losses(scores, hidden, q_reg, anchors, query_boxes, matched, positive, negative)
+        proposals, valid = self.select_proposals(
+            scores.detach(), hidden, q_reg, query_mask, anchors, per_level, image_size
+        )
+        recall = box_recall(proposals, valid, query_boxes, query_mask)
+        return proposals, valid, losses, {"crpn_recall": recall}
+
+    def losses(
+        self,
+        scores: Tensor,
+        hidden: Tensor,
+        q_reg: Tensor,
+        anchors: Tensor,
+        boxes: Tensor,
+        matched: Tensor,
+        positive: Tensor,
+        negative: Tensor,
+    ) -> dict[str, Tensor]:
+        """BCE on the sampled (anchor, matched query) scores; smooth-L1 on the positives' deltas.
+
+        Both are normalised by the number of sampled anchors over all views (torchvision's RPN).
+        Args: ``scores [B, Q, T]``, ``hidden``/``q_reg`` from the head, ``anchors [T, 4]``,
+        ``boxes [B, Q, 4]``, ``matched [B, T]``, ``positive``/``negative`` ``[B, T]`` bool.
+        """
+        view, anchor = (positive | negative).nonzero(as_tuple=True)  # [M] each
+        query = matched[view, anchor]
+        logits = scores[view, query, anchor]  # [M]
+        target = positive[view, anchor].to(logits.dtype)
+        num_sampled = view.numel()
+        loss_cls = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / max(
+            num_sampled, 1
+        )
+        pview, panchor = positive.nonzero(as_tuple=True)  # [M+]
+        pquery = matched[pview, panchor]
+        deltas = self.head.regression(hidden, q_reg, pview, panchor, pquery)  # [M+, 4]
+        target_deltas = self.box_coder.encode_single(boxes[pview, pquery], anchors[panchor])
+        loss_reg = box_regression_loss(deltas, target_deltas, num_sampled)
+        return {"loss_crpn_cls": loss_cls, "loss_crpn_reg": loss_reg}
+
+    @torch.no_grad()
+    def select_proposals(
+        self,
+        scores: Tensor,
+        hidden: Tensor,
+        q_reg: Tensor,
+        query_mask: Tensor,
+        anchors: Tensor,
+        anchors_per_level: list[int],
+        image_size: tuple[int, int],
+    ) -> tuple[Tensor, Tensor]:
+        """Max over valid queries, decode with the argmax query's deltas, top-K per level, NMS
+        per (view, level), keep K_nms per view: boxes ``[B, P, 4]`` and valid ``[B, P]``."""
+        B = scores.shape[0]
+        objectness, best_query = (
+            scores.masked_fill(~query_mask.unsqueeze(2), float("-inf")).max(dim=1)  # [B, T] each
+        )
+        anchor, level = top_k_per_level(objectness, anchors_per_level, self.cfg.pre_nms_top_n)
+        K = anchor.shape[1]  # anchor [B, K] (indices into T), level [K]
+        view = torch.arange(B, device=scores.device).repeat_interleave(K)  # [B*K]
+        anchor = anchor.flatten()  # [B, K] -> [B*K]
+        query = best_query[view, anchor]
+        deltas = self.head.regression(hidden, q_reg, view, anchor, query)  # [B*K, 4]
+        boxes = self.box_coder.decode_single(deltas.float(), anchors[anchor].float())
+        boxes = clip_boxes_to_image(boxes, image_size).view(B, K, 4)
+        score = objectness[view, anchor].view(B, K)
+        return nms_per_view(
+            boxes, score, level,
+            nms_thresh=self.cfg.nms_thresh, post_nms_top_n=self.cfg.post_nms_top_n,
+        )  # fmt: skip
+
+    def anchors(self, features: list[Tensor], size: tuple[int, int]) -> tuple[Tensor, list[int]]:
+        """Anchors of one view, float32 whatever the autocast dtype: ``[T, 4]`` and T per level.
+
+        Cached per (level shapes, image size, device): every view of a batch has the same."""
+        shapes = tuple(tuple(x.shape[-2:]) for x in features)
+        device = features[0].device
+        key = (shapes, size, device)
+        if key not in self._anchor_cache:
+            image = ImageList(torch.empty((1, 0, *size), device=device), [size])
+            maps = [torch.empty((1, 0, *s), device=device) for s in shapes]  # only shapes are read
+            anchors = self.anchor_generator(image, maps)[0]
+            A = self.head.num_anchors
+            self._anchor_cache[key] = (anchors, [h * w * A for h, w in shapes])
+        return self._anchor_cache[key]
+
+
+class JitterProposals(nn.Module):
+    """CRPN off (paper Table 1): boxes jittered around each query replace the CRPN's proposals.
+
+    Same interface as :class:`ContrastiveRPN`; no parameters, no losses, no metrics.
+    """
+
+    def __init__(self, *, boxes_per_query: int) -> None:
+        super().__init__()
+        self.boxes_per_query = boxes_per_query
+
+    def forward(
+        self,
+        features: list[Tensor],
+        query_features: Tensor,
+        query_boxes: Tensor,
+        query_mask: Tensor,
+        image_size: tuple[int, int],
+    ) -> ProposalOutput:
+        """``query_boxes [B, Q, 4]``, ``query_mask [B, Q]`` -> boxes ``[B, Q*J, 4]``, valid
+        ``[B, Q*J]`` (features are not read)."""
+        boxes, valid = jitter_boxes(
+            query_boxes, query_mask, num_per_query=self.boxes_per_query, image_size=image_size
+        )
+        return boxes, valid, {}, {}
 
 
 class CRPNHead(nn.Module):
@@ -204,37 +385,3 @@ def _random_subset(candidates: Tensor, count: Tensor, key: Tensor) -> Tensor:
     rank = key.argsort(dim=1).argsort(dim=1)  # [B, T]: position of each entry in its row's order
     return candidates & (rank < count.unsqueeze(1))
 
-
-def crpn_losses(
-    head: CRPNHead,
-    scores: Tensor,
-    hidden: Tensor,
-    q_reg: Tensor,
-    anchors: Tensor,
-    boxes: Tensor,
-    matched: Tensor,
-    positive: Tensor,
-    negative: Tensor,
-    box_coder: BoxCoder,
-) -> tuple[Tensor, Tensor]:
-    """BCE on the sampled (anchor, matched query) scores; smooth-L1 on the positives' deltas.
-
-    Both are normalised by the number of sampled anchors over all views (torchvision's RPN).
-    Args: ``scores [B, Q, T]``, ``hidden``/``q_reg`` from the head, ``anchors [T, 4]``,
-    ``boxes [B, Q, 4]``, ``matched [B, T]``, ``positive``/``negative`` ``[B, T]`` bool.
-    """
-    view, anchor = (positive | negative).nonzero(as_tuple=True)  # [M] each
-    query = matched[view, anchor]
-    logits = scores[view, query, anchor]  # [M]
-    target = positive[view, anchor].to(logits.dtype)
-    num_sampled = view.numel()
-    loss_cls = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / max(
-        num_sampled, 1
-    )
-
-    pview, panchor = positive.nonzero(as_tuple=True)  # [M+]
-    pquery = matched[pview, panchor]
-    deltas = head.regression(hidden, q_reg, pview, panchor, pquery)  # [M+, 4]
-    target_deltas = box_coder.encode_single(boxes[pview, pquery], anchors[panchor])  # [M+, 4]
-    loss_reg = box_regression_loss(deltas, target_deltas, num_sampled)
-    return loss_cls, loss_reg

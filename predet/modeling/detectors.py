@@ -22,93 +22,23 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
-from torchvision.models import resnet
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from predet.errors import UserError
+from predet.modeling.backbone import build_backbone
 from predet.utils import load_checkpoint
 
-__all__ = [
-    "ARCHS", "BACKBONES", "NORMS", "InitReport", "build_detector", "build_backbone", "load_init", "read_init",
-    "init_widths",
-]  # fmt: skip
+__all__ = ["ARCHS", "InitReport", "build_detector", "load_init", "read_init", "init_widths"]
 
 ARCHS = ("mask_rcnn", "faster_rcnn", "retinanet")
-NORMS = ("frozenbn", "bn", "syncbn", "gn")
-def _resnext101_32x16d(*, weights: None = None, **kwargs) -> resnet.ResNet:
-    """The paper's largest backbone; torchvision has no constructor for it."""
-    return resnet.ResNet(resnet.Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=16, **kwargs)
-
-
-_RESNETS: dict[str, Callable[..., resnet.ResNet]] = {
-    "resnet18": resnet.resnet18,
-    "resnet34": resnet.resnet34,
-    "resnet50": resnet.resnet50,
-    "resnet101": resnet.resnet101,
-    "resnet152": resnet.resnet152,
-    "resnext50_32x4d": resnet.resnext50_32x4d,
-    "resnext101_32x8d": resnet.resnext101_32x8d,
-    "resnext101_64x4d": resnet.resnext101_64x4d,
-    "resnext101_32x16d": _resnext101_32x16d,
-    "wide_resnet50_2": resnet.wide_resnet50_2,
-    "wide_resnet101_2": resnet.wide_resnet101_2,
-}
-BACKBONES = tuple(_RESNETS)
-
-
-def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
-    if norm == "frozenbn":
-        return FrozenBatchNorm2d
-    if norm in ("bn", "syncbn"):  # SyncBN: converted by the engine once the process group is up
-        return nn.BatchNorm2d
-    if norm == "gn":
-        return partial(nn.GroupNorm, 32)
-    raise UserError(f"model.norm: unknown norm '{norm}' (choose {', '.join(NORMS)})")
-
-
-def build_backbone(
-    *, name: str, norm: str, arch: str, trainable_layers: int = 5, fpn_channels: int = 256
-) -> BackboneWithFPN:
-    """ResNet body + FPN (``fpn_channels`` wide) named like torchvision's (``body.*``, ``fpn.*``).
-
-    ``trainable_layers`` (0..5) counts from ``layer4`` down to the stem, as torchvision's
-    ``resnet_fpn_backbone``; the rest is frozen.
-    """
-    if name not in _RESNETS:
-        raise UserError(f"model.backbone: unknown backbone '{name}' (choose {', '.join(BACKBONES)})")
-    if not 0 <= trainable_layers <= 5:
-        raise UserError(f"model.trainable_layers={trainable_layers}: must be in 0..5")
-    body = _RESNETS[name](weights=None, norm_layer=_norm_layer(norm))
-    layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
-    if trainable_layers == 5:
-        layers_to_train.append("bn1")
-    for pname, p in body.named_parameters():
-        if not any(pname.startswith(layer) for layer in layers_to_train):
-            p.requires_grad_(False)
-    if arch == "retinanet":  # C3..C5 -> P3..P5, then P6/P7 from P5
-        returned, extra = [2, 3, 4], LastLevelP6P7(fpn_channels, fpn_channels)
-    else:  # C2..C5 -> P2..P5, then max-pooled P6
-        returned, extra = [1, 2, 3, 4], LastLevelMaxPool()
-    c2 = body.inplanes // 8  # channels of layer1's output (64 for resnet18/34, 256 for resnet50+)
-    return BackboneWithFPN(
-        body,
-        return_layers={f"layer{k}": str(i) for i, k in enumerate(returned)},
-        in_channels_list=[c2 * 2 ** (k - 1) for k in returned],
-        out_channels=fpn_channels,
-        extra_blocks=extra,
-    )
 
 
 def build_detector(cfg, classes: Sequence[str], *, for_test: bool = False) -> nn.Module:
@@ -118,17 +48,18 @@ def build_detector(cfg, classes: Sequence[str], *, for_test: bool = False) -> nn
     size drawn from ``model.train_sizes`` (torchvision's ``GeneralizedRCNNTransform``); with
     ``for_test`` it is ``model.test_size``.
     """
-    m = cfg.model
+    m = cfg.model  # values checked by load_config
     if m.arch not in ARCHS:
         raise UserError(f"model.arch: unknown detector '{m.arch}' (choose {', '.join(ARCHS)})")
-    backbone = build_backbone(name=m.backbone, norm=m.norm, arch=m.arch, trainable_layers=m.trainable_layers,
-                              fpn_channels=m.fpn_channels or 256)  # fmt: skip
+    # SyncBN: the fine-tuning engine converts BN once the process group is up (CUDA only)
+    norm = "bn" if m.norm == "syncbn" else m.norm
+    backbone = build_backbone(m.backbone, norm=norm, fpn_channels=m.fpn_channels or 256,
+                              trainable_layers=m.trainable_layers,
+                              retinanet_levels=m.arch == "retinanet")  # fmt: skip
     min_size = (m.test_size,) if for_test else tuple(m.train_sizes)
     num_classes = len(classes) + 1
     common = dict(min_size=min_size, max_size=m.max_size, detections_per_img=m.detections_per_img)
     sizes = m.anchor_sizes
-    if sizes is not None and len(sizes) != 5:
-        raise UserError(f"model.anchor_sizes={list(sizes)}: give one size per FPN level (5)")
     if m.arch == "retinanet":
         base = sizes or [32, 64, 128, 256, 512]
         anchors = AnchorGenerator(

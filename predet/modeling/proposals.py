@@ -1,4 +1,4 @@
-"""Proposal construction from CRPN outputs (paper §3.2.1), and jittered boxes for CRPN-off mode.
+"""Proposal selection steps of the CRPN (paper §3.2.1), and jittered boxes for CRPN-off mode.
 
 Shape legend:
     B: views, Q: query slots, T: anchors per view, L: FPN levels, Kl: top-K kept on level l,
@@ -9,14 +9,13 @@ Nothing here carries gradient: proposal boxes are detached (DESIGN §2).
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
-from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import box_area, clip_boxes_to_image, nms
 
-__all__ = ["build_proposals", "jitter_boxes", "box_recall", "batched_box_iou"]
+__all__ = ["top_k_per_level", "nms_per_view", "jitter_boxes", "box_recall", "batched_box_iou"]
+
+MAX_NMS_BOXES = 8192  # boxes per nms call: its suppression mask is O(n^2) bits
 
 
 def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -34,66 +33,51 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return inter / union.clamp(min=1e-9)  # two empty (padding) boxes: IoU 0, not NaN
 
 
-@torch.no_grad()
-def build_proposals(
-    scores: Tensor,
-    query_mask: Tensor,
-    anchors: Tensor,
-    anchors_per_level: list[int],
-    regress: Callable[[Tensor, Tensor, Tensor], Tensor],
-    box_coder: BoxCoder,
-    *,
-    image_size: tuple[int, int],
-    pre_nms_top_n: int,
-    post_nms_top_n: int,
-    nms_thresh: float,
+def top_k_per_level(
+    objectness: Tensor, anchors_per_level: list[int], k: int
 ) -> tuple[Tensor, Tensor]:
-    """Max over queries, decode with the argmax query's deltas, top-K per level, NMS, keep K_nms.
+    """The ``k`` best anchors of each level of each view (a loop over the L levels only).
+
+    ``objectness [B, T]`` -> anchor indices ``[B, K]`` (into T, level by level) and the level of
+    each of the K columns ``[K]``.
+    """
+    top, levels, start = [], [], 0
+    for level, n in enumerate(anchors_per_level):
+        kl = min(k, n)
+        top.append(objectness[:, start : start + n].topk(kl, dim=1).indices + start)  # [B, Kl]
+        levels.append(torch.full((kl,), level, device=objectness.device))
+        start += n
+    return torch.cat(top, dim=1), torch.cat(levels)
+
+
+@torch.no_grad()
+def nms_per_view(
+    boxes: Tensor, scores: Tensor, levels: Tensor, *, nms_thresh: float, post_nms_top_n: int
+) -> tuple[Tensor, Tensor]:
+    """NMS inside each (view, level), then each view's ``post_nms_top_n`` best boxes.
 
     Args:
-        scores: ``[B, Q, T]`` CRPN logits. query_mask: ``[B, Q]`` bool.
-        anchors: ``[T, 4]``; ``anchors_per_level`` splits T over the L levels.
-        regress: ``(view [M], anchor [M], query [M]) -> deltas [M, 4]``.
-        image_size: (H, W) of the views, for clipping.
+        boxes: ``[B, K, 4]`` decoded, clipped candidates. scores: ``[B, K]`` (-inf: drop it).
+        levels: ``[K]`` the FPN level of each column.
     Returns:
         boxes ``[B, P, 4]`` (zero-padded) and valid ``[B, P]`` bool, each view's proposals in
         decreasing score order, P = ``post_nms_top_n``.
     """
-    B = scores.shape[0]
-    objectness, best_query = (
-        scores.masked_fill(~query_mask.unsqueeze(2), float("-inf")).max(dim=1)  # [B, T] each
-    )
-    # top-K per level (a loop over the L levels, batched over views)
-    top, levels, start = [], [], 0
-    for level, n in enumerate(anchors_per_level):
-        k = min(pre_nms_top_n, n)
-        top.append(objectness[:, start : start + n].topk(k, dim=1).indices + start)  # [B, Kl]
-        levels.append(torch.full((k,), level, device=scores.device))
-        start += n
-    anchor = torch.cat(top, dim=1)  # [B, K]
-    K = anchor.shape[1]
-    view = torch.arange(B, device=scores.device).repeat_interleave(K)  # [B*K]
-    anchor = anchor.flatten()  # [B, K] -> [B*K]
-    query = best_query[view, anchor]
-    score = objectness[view, anchor]
-    deltas = regress(view, anchor, query)  # [B*K, 4]
-    boxes = box_coder.decode_single(deltas.float(), anchors[anchor].float())
-    boxes = clip_boxes_to_image(boxes, image_size)
-
+    B, K = scores.shape
+    boxes, score = boxes.reshape(B * K, 4), scores.reshape(B * K)  # [B, K, 4] -> [B*K, 4]
+    view = torch.arange(B, device=boxes.device).repeat_interleave(K)  # [B*K]
     wh = boxes[:, 2:] - boxes[:, :2]
     keep = torch.isfinite(score) & (wh > 1e-3).all(dim=1)  # views without queries score -inf
-    group = view * len(anchors_per_level) + torch.cat(levels).repeat(B)  # [B*K] (view, level)
-    views_per_chunk = max(1, MAX_NMS_BOXES // K)
+    num_levels = int(levels.max()) + 1 if levels.numel() else 1
+    group = view * num_levels + levels.repeat(B)  # [B*K] (view, level)
+    views_per_chunk = max(1, MAX_NMS_BOXES // max(K, 1))
     kept = []
     for start in range(0, B * K, views_per_chunk * K):  # whole views per chunk, in view order
         chunk = torch.arange(start, min(start + views_per_chunk * K, B * K), device=view.device)
         chunk = chunk[keep[chunk]]
         kept.append(chunk[_nms_per_group(boxes[chunk], score[chunk], group[chunk], nms_thresh)])
-    idx = torch.cat(kept)
+    idx = torch.cat(kept) if kept else torch.empty(0, dtype=torch.long, device=boxes.device)
     return _first_per_view(boxes[idx], view[idx], B, post_nms_top_n)
-
-
-MAX_NMS_BOXES = 8192  # boxes per nms call: its suppression mask is O(n^2) bits
 
 
 def _nms_per_group(boxes: Tensor, scores: Tensor, group: Tensor, thresh: float) -> Tensor:

@@ -19,9 +19,10 @@ from pycocotools.cocoeval import COCOeval
 from predet.cli import main
 from predet.config import FinetuneConfig, PretrainConfig, load_config
 from predet.data.detection import DetectionDataset, load_coco_json, load_voc, resolve_split, segm_to_mask
-from predet.engine.detectors import build_backbone, build_detector, load_init
 from predet.engine.finetune import StepBatchSampler, build_optimizer, finetune, lr_factor, schedule
 from predet.errors import UserError
+from predet.modeling.backbone import build_backbone
+from predet.modeling.detectors import build_detector, load_init
 
 TINY = "configs/finetune/mask_rcnn_tiny_cpu.yaml"
 KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -96,7 +97,7 @@ def test_step_batches_split_by_rank_and_resume() -> None:
 def export_file(tmp_path_factory) -> tuple[Path, dict]:
     """A torchvision-format export (``body.*``, ``fpn.*``) of a resnet18 + 64-channel FPN, random values."""
     torch.manual_seed(0)
-    backbone = build_backbone(name="resnet18", norm="bn", arch="mask_rcnn", fpn_channels=64)
+    backbone = build_backbone("resnet18", norm="bn", fpn_channels=64)
     state = {k: (v + torch.rand_like(v) if v.is_floating_point() else v) for k, v in backbone.state_dict().items()}
     path = tmp_path_factory.mktemp("init") / "predet.pth"
     torch.save(state, path)

@@ -79,4 +79,18 @@ def test_unknown_names_are_user_errors():
         build_backbone("resnet19")
     with pytest.raises(UserError, match="model.norm: unknown norm 'ln'"):
         build_backbone("resnet18", norm="ln")
-    assert len(BACKBONES) == 7
+    # one table for pre-training and fine-tuning (issue 10: pre-training lacked these four)
+    assert len(BACKBONES) == 11
+    assert {"resnet152", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"} <= set(BACKBONES)
+
+
+def test_frozen_layers_and_retinanet_levels():
+    """trainable_layers freezes from the stem up (torchvision's resnet_fpn_backbone); RetinaNet's
+    FPN reads C3..C5 and adds P6/P7."""
+    with torch.device("meta"):
+        bb = build_backbone("resnet18", fpn_channels=32, trainable_layers=2)
+        rn = build_backbone("resnet18", fpn_channels=32, retinanet_levels=True)
+    frozen = {n.split(".")[1] for n, p in bb.named_parameters() if not p.requires_grad}
+    trained = {n.split(".")[0] for n, p in bb.body.named_parameters() if p.requires_grad}
+    assert frozen == {"conv1", "bn1", "layer1", "layer2"} and trained == {"layer3", "layer4"}
+    assert len(rn.fpn.inner_blocks) == 3 and type(rn.fpn.extra_blocks).__name__ == "LastLevelP6P7"

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import box_iou
 
-from predet.modeling.croi_head import CROIHead, assign_candidates
+from predet.config import CROIConfig
+from predet.modeling.croi_head import ContrastiveROIHead, assign_candidates
 from predet.modeling.losses import info_nce, multilabel_softmax_ce
 
 
@@ -86,7 +87,7 @@ def test_negatives_are_capped_at_random():
 
 def test_similarity_and_regression_formulas():
     torch.manual_seed(0)
-    head = CROIHead(in_dim=10, embed_dim=6, reg_dim=3)
+    head = ContrastiveROIHead(in_dim=10, cfg=CROIConfig(embed_dim=6, reg_dim=3))
     b_q, b_p = torch.randn(2, 4, 10), torch.randn(2, 5, 10)
     sim = head.similarity(b_q, b_p)
     ref = F.cosine_similarity(head.embed(b_q)[:, :, None], head.embed(b_p)[:, None], dim=-1)

@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import box_iou
 
-from predet.modeling.crpn import CRPNHead, crpn_losses, match_anchors, sample_anchors
+from predet.config import CRPNConfig
+from predet.modeling.crpn import (
+    ContrastiveRPN,
+    CRPNHead,
+    JitterProposals,
+    match_anchors,
+    sample_anchors,
+)
+from predet.modeling.proposals import jitter_boxes
 
 B, Q, C, A, D, E = 2, 3, 8, 3, 4, 16
 SHAPES = [(5, 4), (3, 2), (1, 1)]  # three levels, the last one 1x1
@@ -177,9 +185,11 @@ def test_crpn_losses_golden(head_and_inputs):
     labels, matched = match_anchors(anchors, boxes, mask, fg_iou=0.5, bg_iou=0.3, generator=g)
     pos, neg = sample_anchors(labels, batch_per_view=16, positive_fraction=0.5, generator=g)
     coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
-    loss_cls, loss_reg = crpn_losses(
-        head, scores, hidden, q_reg, anchors, boxes, matched, pos, neg, coder
-    )
+    rpn = _rpn()
+    rpn.head = head
+    losses = rpn.losses(scores, hidden, q_reg, anchors, boxes, matched, pos, neg)
+    assert set(losses) == {"loss_crpn_cls", "loss_crpn_reg"}
+    loss_cls, loss_reg = losses["loss_crpn_cls"], losses["loss_crpn_reg"]
     # the same numbers written out pair by pair
     n = int((pos | neg).sum())
     bce, reg = 0.0, 0.0
@@ -194,3 +204,52 @@ def test_crpn_losses_golden(head_and_inputs):
     torch.testing.assert_close(loss_cls, bce / n, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss_reg, reg / n, atol=1e-5, rtol=1e-5)
     assert int(pos.sum()) > 0
+
+
+def _rpn(**cfg) -> ContrastiveRPN:
+    """A ContrastiveRPN of the fixture's sizes (3 levels)."""
+    c = CRPNConfig(anchor_sizes=[4, 8, 16], aspect_ratios=[0.5, 1.0, 2.0], dim=D, conv_dim=6, **cfg)
+    return ContrastiveRPN(in_channels=C, query_dim=E, cfg=c)
+
+
+def test_contrastive_rpn_forward(head_and_inputs):
+    """One call: proposals per view from the module's own head, anchors and coder; its losses;
+    crpn_recall; nothing for a view without valid queries."""
+    head, feats, queries = head_and_inputs
+    rpn = _rpn(batch_per_view=16, pre_nms_top_n=5, post_nms_top_n=7, fg_iou=0.5)
+    rpn.head = head
+    g = torch.Generator().manual_seed(4)
+    boxes = torch.stack([_random_boxes(Q, 16, g) for _ in range(B)])  # [B, Q, 4]
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    torch.manual_seed(0)
+    props, valid, losses, metrics = rpn(feats, queries, boxes, mask, (20, 16))
+    assert props.shape == (B, 7, 4) and valid.shape == (B, 7) and not props.requires_grad
+    assert valid[0].any() and not valid[1].any()
+    assert set(losses) == {"loss_crpn_cls", "loss_crpn_reg"} and set(metrics) == {"crpn_recall"}
+    assert all(torch.isfinite(v) and v.requires_grad for v in losses.values())
+    assert 0.0 <= metrics["crpn_recall"].item() <= 1.0
+    # the proposals are the selection over the full regression map (CRPNHead.full_regression)
+    with torch.no_grad():
+        scores, hidden = head(feats, queries)
+        anchors, per_level = rpn.anchors(feats, (20, 16))
+        assert anchors.shape[0] == sum(h * w * A for h, w in SHAPES) and len(per_level) == 3
+        q_reg = head.query_regression(queries)
+        again = rpn.select_proposals(scores, hidden, q_reg, mask, anchors, per_level, (20, 16))
+    torch.testing.assert_close(again[0], props)
+    assert torch.equal(again[1], valid)
+    assert rpn.anchors(feats, (20, 16))[0] is anchors  # cached
+
+
+def test_jitter_proposals_has_the_crpn_interface():
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.stack([_random_boxes(Q, 32, g) for _ in range(B)])
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    torch.manual_seed(3)
+    props, valid, losses, metrics = JitterProposals(boxes_per_query=5)(
+        [], torch.zeros(B, Q, E), boxes, mask, (32, 32)
+    )
+    torch.manual_seed(3)
+    ref, ref_valid = jitter_boxes(boxes, mask, num_per_query=5, image_size=(32, 32))
+    assert props.shape == (B, Q * 5, 4) and losses == {} and metrics == {}
+    assert torch.equal(props, ref) and torch.equal(valid, ref_valid)
+    assert int(valid.sum()) == 10 and not valid[1].any()

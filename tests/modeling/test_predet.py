@@ -174,18 +174,22 @@ GOLDEN = {
 
 
 def test_bad_model_config_is_user_error(tiny_cfg):
-    with pytest.raises(UserError, match="model.anchor_sizes"):
-        build_predet(tiny_cfg("model.anchor_sizes=[8,16]"), num_classes=5)
+    """Value errors are raised by load_config (inside ``tiny_cfg``), before any model is built;
+    the data-dependent num_classes check by ``build_predet``."""
+    with pytest.raises(UserError, match="model.crpn.anchor_sizes"):
+        build_predet(tiny_cfg("model.crpn.anchor_sizes=[8,16]"), num_classes=5)
     with pytest.raises(UserError, match="model.backbone: unknown backbone 'vgg16'"):
         build_predet(tiny_cfg("model.backbone=vgg16"), num_classes=5)
-    with pytest.raises(UserError, match=r"model.crpn_fg_iou: must be in \(0, 1\], got 1.5"):
-        build_predet(tiny_cfg("model.crpn_fg_iou=1.5"), num_classes=5)
-    with pytest.raises(UserError, match="model.post_nms_top_n: must be positive, got 0"):
-        build_predet(tiny_cfg("model.post_nms_top_n=0"), num_classes=5)
+    with pytest.raises(UserError, match=r"model.crpn.fg_iou: must be in \(0, 1\], got 1.5"):
+        build_predet(tiny_cfg("model.crpn.fg_iou=1.5"), num_classes=5)
+    with pytest.raises(UserError, match="model.crpn.post_nms_top_n: must be positive, got 0"):
+        build_predet(tiny_cfg("model.crpn.post_nms_top_n=0"), num_classes=5)
     with pytest.raises(UserError, match="model.num_classes: 7 given, but the data has 5 classes"):
         build_predet(tiny_cfg("model.num_classes=7"), num_classes=5)
-    with pytest.raises(UserError, match="model.cls_loss"):
-        build_predet(tiny_cfg("model.cls_loss=hinge"), num_classes=5)
+    with pytest.raises(UserError, match="model.cls.loss"):
+        build_predet(tiny_cfg("model.cls.loss=hinge"), num_classes=5)
+    with pytest.raises(UserError, match="'model.crpn_dim' is now 'model.crpn.dim'"):
+        tiny_cfg("model.crpn_dim=8")  # a key of the flat model section names its new place
 
 
 def test_backbone_state_dict_names(tiny_cfg):
@@ -224,7 +228,7 @@ def test_query_negatives_mode(tiny_cfg, make_batch):
     outs = {}
     for flag in ("false", "true"):
         torch.manual_seed(0)
-        model = build_predet(tiny_cfg(f"model.croi_query_negatives={flag}"), num_classes=5)
+        model = build_predet(tiny_cfg(f"model.croi.query_negatives={flag}"), num_classes=5)
         torch.manual_seed(1)
         outs[flag] = model(make_batch(q=4, seed=2))
     _total(outs["true"]).backward()

@@ -8,7 +8,13 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import box_iou, clip_boxes_to_image, nms
 
 from predet.modeling import proposals
-from predet.modeling.proposals import batched_box_iou, box_recall, build_proposals, jitter_boxes
+from predet.modeling.proposals import (
+    batched_box_iou,
+    box_recall,
+    jitter_boxes,
+    nms_per_view,
+    top_k_per_level,
+)
 
 SIZE = (48, 64)  # (H, W)
 
@@ -42,13 +48,7 @@ def test_proposals_equal_per_view_reference(monkeypatch, max_nms_boxes):
     coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
     pre, post, thresh = 8, 10, 0.5
 
-    def regress(view, anchor, query):
-        return deltas[view, query, anchor]
-
-    boxes, valid = build_proposals(
-        scores, mask, anchors, per_level, regress, coder, image_size=SIZE,
-        pre_nms_top_n=pre, post_nms_top_n=post, nms_thresh=thresh,
-    )  # fmt: skip
+    boxes, valid = select(scores, deltas, mask, anchors, per_level, pre, post, thresh)
     assert boxes.shape == (B, post, 4) and valid.shape == (B, post)
     assert not valid[1].any()  # no valid query, no proposal
     for b in (0, 2):
@@ -71,6 +71,38 @@ def test_proposals_equal_per_view_reference(monkeypatch, max_nms_boxes):
         assert int(valid[b].sum()) == len(ref)
         torch.testing.assert_close(boxes[b, : len(ref)], ref)
         assert (boxes[b, len(ref) :] == 0).all()
+
+
+def select(scores, deltas, mask, anchors, per_level, pre, post, thresh, size=SIZE):
+    """ContrastiveRPN.select_proposals' steps, with the deltas ``[B, Q, T, 4]`` given."""
+    B = scores.shape[0]
+    objectness, best = scores.masked_fill(~mask.unsqueeze(2), float("-inf")).max(dim=1)
+    anchor, level = top_k_per_level(objectness, per_level, pre)  # [B, K], [K]
+    view = torch.arange(B).unsqueeze(1).expand_as(anchor)  # [B, K]
+    query = best.gather(1, anchor)
+    coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+    boxes = coder.decode_single(deltas[view, query, anchor].reshape(-1, 4), anchors[anchor.flatten()])
+    boxes = clip_boxes_to_image(boxes, size).view(*anchor.shape, 4)
+    score = objectness.gather(1, anchor)
+    return nms_per_view(boxes, score, level, nms_thresh=thresh, post_nms_top_n=post)
+
+
+def test_max_nms_boxes_is_defined_before_the_functions_that_read_it():
+    """A module constant read by a function must be bound above it (readers go top down)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(proposals))
+    assigned = {
+        t.id: node.lineno
+        for node in tree.body if isinstance(node, ast.Assign)
+        for t in node.targets if isinstance(t, ast.Name) and t.id.isupper()
+    }  # fmt: skip
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            for name in ast.walk(node):
+                if isinstance(name, ast.Name) and name.id in assigned:
+                    assert assigned[name.id] < node.lineno, (name.id, node.name)
 
 
 def test_box_recall():
