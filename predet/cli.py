@@ -75,6 +75,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", required=True, choices=["torchvision", "detectron2"])
     p.add_argument("--out", required=True)
     p.add_argument("--box-head", action="store_true", help="also export fc6/fc7 (TwoMLPHead)")
+    p.add_argument("--norm", choices=["frozenbn", "bn", "syncbn", "gn"], default=None,
+                   help="detectron2 only: MODEL.RESNETS.NORM for the config fragment (default: as trained, "
+                        "BN as FrozenBN)")
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:

@@ -101,7 +101,7 @@ def demo(
         )
         run = pretrain(cfg, out / f"pretrain-{name}")
         pre_runs[name] = run
-        (init_file,) = export_backbone(run / "checkpoints" / "last.pt", "torchvision", out / f"{name}.pth")
+        init_file = export_backbone(run / "checkpoints" / "last.pt", "torchvision", out / f"{name}.pth")[0]
         inits[name] = init_file
         print(f"    exported {init_file}", flush=True)
         done()
