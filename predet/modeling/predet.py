@@ -35,7 +35,7 @@ from predet.modeling.cls_head import ClsHead
 from predet.modeling.croi_head import ContrastiveROIHead
 from predet.modeling.crpn import ContrastiveRPN, JitterProposals
 
-__all__ = ["PreDet", "build_predet", "loss_weight"]
+__all__ = ["PreDet", "build_predet", "check_num_classes", "loss_weight"]
 
 
 def loss_weight(loss: LossConfig, key: str) -> float:
@@ -141,14 +141,18 @@ class PreDet(nn.Module):
         return self.box_head(rois).view(B, n, -1)  # [B*n, E] -> [B, n, E]
 
 
+def check_num_classes(model: PretrainModelConfig, num_classes: int) -> None:
+    """``model.num_classes``, when set, must be the data's number of classes."""
+    if model.num_classes is not None and model.num_classes != num_classes:
+        raise UserError(
+            f"model.num_classes: {model.num_classes} given, but the data has {num_classes} classes"
+        )
+
+
 def build_predet(cfg: PretrainConfig, num_classes: int) -> PreDet:
     """The PreDet model of a pre-training config (its values checked by ``load_config``);
-    ``num_classes`` comes from the data's vocabulary (``model.num_classes``, when set, must
-    agree with it)."""
+    ``num_classes`` comes from the data's vocabulary."""
     m = cfg.model
-    if m.num_classes is not None and m.num_classes != num_classes:
-        raise UserError(
-            f"model.num_classes: {m.num_classes} given, but the data has {num_classes} classes"
-        )
+    check_num_classes(m, num_classes)
     backbone = build_backbone(m.backbone, norm=m.norm, fpn_channels=m.fpn_channels)
     return PreDet(backbone=backbone, num_classes=num_classes, model=m, loss=cfg.loss)

@@ -4,6 +4,9 @@ They honour the interfaces the engine codes against (DESIGN / issue 5): a map-st
 ``set_epoch`` whose item ``i`` at epoch ``e`` draws its randomness from a generator seeded by
 ``(seed, e, i)``, a picklable collate, and a model returning weighted ``loss_*`` terms plus
 detached metrics. The model uses dropout, so the global RNG state matters for exact resume.
+
+Loop tests pass them to ``pretrain(cfg, out, data=..., model=...)``; the CLI tests, which cannot,
+use ``toy_engine`` (the public builders ``predet pretrain`` calls, replaced for the test).
 """
 
 from __future__ import annotations
@@ -57,16 +60,31 @@ class ToyData:
     num_skipped: int = 0
 
 
-class ToyPreDet(nn.Module):
-    """conv -> BN -> GAP -> dropout -> linear; loss_cls (softmax CE) and loss_info (view agreement)."""
+def make_toy_data(n: int = 24, seed: int = 0) -> ToyData:
+    return ToyData(dataset=ToyTwoViewDataset(n, seed=seed))
 
-    def __init__(self, num_classes: int, nan_at_call: int = 0) -> None:
+
+def make_toy_model(num_classes: int = NUM_CLASSES, *, nan_at_call: int = 0, extra_loss: str = "") -> nn.Module:
+    """A ToyPreDet with the same initial weights at every call."""
+    torch.manual_seed(0)
+    return ToyPreDet(num_classes, nan_at_call=nan_at_call, extra_loss=extra_loss)
+
+
+class ToyPreDet(nn.Module):
+    """conv -> BN -> GAP -> dropout -> linear; loss_cls (softmax CE) and loss_info (view agreement).
+
+    ``extra_loss``: the name of one more ``loss_*`` term the model returns (a loss added to a model
+    needs no engine edit), NaN at ``nan_at_call`` like loss_info otherwise.
+    """
+
+    def __init__(self, num_classes: int, nan_at_call: int = 0, extra_loss: str = "") -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
         self.drop = nn.Dropout(0.3)
         self.fc = nn.Linear(8, num_classes)
         self.nan_at_call = nan_at_call  # 1-based forward call that returns a NaN loss_info
+        self.extra_loss = extra_loss
         self.calls = 0
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,30 +96,48 @@ class ToyPreDet(nn.Module):
         logits = self.fc(e1)
         loss_cls = -(batch["labels"] * logits.log_softmax(-1)).sum(-1).mean()
         loss_info = 0.1 * (e1 - e2).pow(2).sum(-1).mean()
+        extra = {self.extra_loss: 0.01 * logits.pow(2).mean()} if self.extra_loss else {}
         if self.calls == self.nan_at_call:
-            loss_info = loss_info * float("nan")
+            if extra:
+                extra[self.extra_loss] = extra[self.extra_loss] * float("nan")
+            else:
+                loss_info = loss_info * float("nan")
         top1 = (logits.argmax(-1) == batch["labels"].argmax(-1)).float().mean()
         return {
             "loss_cls": loss_cls,
             "loss_info": loss_info,
+            **extra,
             "lookup_top1": top1.detach(),
             "valid_queries": torch.tensor(4.0),
         }
 
 
 @pytest.fixture
+def toy_data():
+    """``toy_data(n=24, seed=0)``: the stand-in data."""
+    return make_toy_data
+
+
+@pytest.fixture
+def toy_model():
+    """``toy_model(num_classes=3, nan_at_call=0, extra_loss="")``: the stand-in model, seeded."""
+    return make_toy_model
+
+
+@pytest.fixture
 def toy_engine(monkeypatch):
-    """Swap the engine's data/model builders for the stand-ins; returns a settings dict."""
+    """For ``predet pretrain`` through the CLI: the data and model builders it calls return the
+    stand-ins; returns a settings dict."""
     settings = {"n": 24, "nan_at_call": 0}
 
     def build_data(cfg):
-        return ToyData(dataset=ToyTwoViewDataset(settings["n"], seed=cfg.seed))
+        return make_toy_data(settings["n"], seed=cfg.seed)
 
     def build_model(cfg, num_classes):
         return ToyPreDet(num_classes, nan_at_call=settings["nan_at_call"])
 
-    monkeypatch.setattr(pretrain_mod, "_build_data", build_data)
-    monkeypatch.setattr(pretrain_mod, "_build_model", build_model)
+    monkeypatch.setattr(pretrain_mod, "build_pretrain_data", build_data)
+    monkeypatch.setattr(pretrain_mod, "build_predet", build_model)
     return settings
 
 

@@ -87,6 +87,43 @@ def test_bad_numbers_exit_2(toy_engine, tmp_path, capsys):
     assert not (tmp_path / "a").exists()
 
 
+def test_every_loss_off_exits_2_before_the_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    off = ["loss.cls=false", "loss.crpn=false", "loss.info=false", "loss.croi_reg=false"]
+    assert _pretrain(out, *TOY, *off) == 2
+    assert "every loss is switched off" in _one_line(capsys)
+    assert not out.exists()
+
+
+def test_find_unused_parameters_only_when_a_loss_is_off(monkeypatch):
+    """DDP searches for unused parameters (a cost every step) only when a part has no loss."""
+    import torch
+
+    from predet.config import PretrainConfig, load_config
+    from predet.engine.pretrain import _wrap_model
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        got = {}
+        for over in ([], ["loss.info=false"], ["train.find_unused_parameters=true"]):
+            cfg = load_config(PretrainConfig, None, over)
+            ddp = _wrap_model(torch.nn.Linear(2, 2), cfg, torch.device("cpu"))
+            got[tuple(over)] = ddp.find_unused_parameters
+    finally:
+        torch.distributed.destroy_process_group()
+    assert got == {(): False, ("loss.info=false",): True, ("train.find_unused_parameters=true",): True}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # --------------------------------------------------------------------------------------------
 # builtin:<preset>
 # --------------------------------------------------------------------------------------------

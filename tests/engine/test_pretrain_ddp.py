@@ -24,15 +24,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out: str, extra: list, resume: bool, stub_module) -> None:
+def _worker(rank: int, port: int, out: str, extra: list, resume: bool, stubs) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
-    from predet.engine import pretrain as pretrain_mod
+    from predet.engine.pretrain import pretrain
 
-    pretrain_mod._build_data = stub_module["data"]
-    pretrain_mod._build_model = stub_module["model"]
-    pretrain_mod.pretrain(load_config(PretrainConfig, None, [*ARGS, *extra]), Path(out), resume=resume)
+    cfg = load_config(PretrainConfig, None, [*ARGS, *extra])
+    pretrain(cfg, Path(out), resume=resume, data=stubs["data"](), model=stubs["model"]())
 
 
 def _launch(out: Path, stubs: dict, *extra: str, resume: bool = False) -> None:
@@ -48,10 +47,8 @@ def _launch(out: Path, stubs: dict, *extra: str, resume: bool = False) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_two_ranks_identical_and_resume_exact(toy_engine, monkeypatch, tmp_path):
-    from predet.engine import pretrain as pretrain_mod
-
-    stubs = {"data": pretrain_mod._build_data, "model": pretrain_mod._build_model}
+def test_ddp_two_ranks_identical_and_resume_exact(toy_data, toy_model, tmp_path):
+    stubs = {"data": toy_data, "model": toy_model}
     straight = tmp_path / "straight"
     _launch(straight, stubs)
     ranks = json.loads((straight / "ranks.json").read_text())

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from predet.cli import main
 from predet.utils import load_checkpoint
@@ -54,6 +55,9 @@ def test_tiny_config_learns_lookup(tiny_run):
     assert last >= 3 * first, (first, last)
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.pt" in ckpts and any(n.startswith("step_") for n in ckpts)
+    saved = yaml.safe_load((run / "config.yaml").read_text())  # resolved: files and the lr used
+    assert Path(saved["data"]["manifest"]).is_file() and Path(saved["data"]["queries"]).is_dir()
+    assert saved["train"]["lr"] == rows[-1]["lr"] * 10  # tiny_cpu: x0.1 at step 60
 
 
 def test_tiny_run_exports(tiny_run, tmp_path):
@@ -92,6 +96,18 @@ def test_missing_manifest_exits_2_and_keeps_run(builtin_cache, tmp_path, capsys)
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("predet:")]
     assert len(err) == 1 and "manifest" in err[0] and "nope" in err[0]
     assert (run / "keep.txt").read_text() == "mine"
+
+
+def test_num_classes_other_than_the_data_exits_2_before_the_run_folder(builtin_cache, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", TINY, "--out", str(run), "model.num_classes=99"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("predet:")]
+    assert len(err) == 1 and "model.num_classes: 99 given, but the data has" in err[0], err
+    from predet.data.builtin import resolve_builtin
+
+    vocab = resolve_builtin("builtin:tiny", progress=False).manifest.parent / "synonyms.json"
+    assert f"the data has {len(json.loads(vocab.read_text()))} classes" in err[0]
+    assert not run.exists()
 
 
 def test_torchrun_two_cpu_processes(builtin_cache, tmp_path):

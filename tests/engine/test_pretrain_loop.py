@@ -91,10 +91,8 @@ def test_epoch_batch_sampler_splits_ranks_and_resumes():
     assert {e for (e, _) in next(resumed)} == {1}
 
 
-def test_batch_stream_position_tracks_epochs(toy_engine):
-    from predet.engine.pretrain import _build_data
-
-    data = _build_data(_cfg())  # the stand-in: 24 items
+def test_batch_stream_position_tracks_epochs(toy_data):
+    data = toy_data()  # 24 items
     stream = BatchStream(data.dataset, collate_fn=data.collate_fn, batch_size=5, seed=0)
     it = iter(stream)
     for _ in range(4):  # 4 steps per epoch
@@ -109,14 +107,15 @@ def _weights(run):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_is_exact(toy_engine, tmp_path, workers):
+def test_resume_is_exact(toy_data, toy_model, tmp_path, workers):
     """8 steps straight == 3 steps, stop, --resume to 8 (dropout + BN + momentum + lr decay)."""
-    straight = pretrain(_cfg(f"data.num_workers={workers}"), tmp_path / "straight")
+    cfg = _cfg(f"data.num_workers={workers}")
+    straight = pretrain(cfg, tmp_path / "straight", data=toy_data(), model=toy_model())
     split = tmp_path / "split"
-    pretrain(_cfg(f"data.num_workers={workers}", "train.stop_at=3"), split)
+    pretrain(_cfg(f"data.num_workers={workers}", "train.stop_at=3"), split, data=toy_data(), model=toy_model())
     assert _weights(split)["step"] == 3
     assert _weights(split)["data_position"]["batch"] == 3  # 24 // 4 = 6 batches per epoch
-    pretrain(_cfg(f"data.num_workers={workers}"), split, resume=True)
+    pretrain(cfg, split, resume=True, data=toy_data(), model=toy_model())
     a, b = _weights(straight), _weights(split)
     assert a["step"] == b["step"] == 8
     assert a["data_position"] == b["data_position"] == {
@@ -134,8 +133,9 @@ def test_resume_is_exact(toy_engine, tmp_path, workers):
     assert [r["loss"] for r in rows_b] == pytest.approx([r["loss"] for r in rows_a], abs=1e-6)
 
 
-def test_metrics_checkpoints_and_schedule(toy_engine, tmp_path):
-    run = pretrain(_cfg("train.log_every=2", "train.warmup_factor=0.5"), tmp_path / "run")
+def test_metrics_checkpoints_and_schedule(toy_data, toy_model, tmp_path):
+    cfg = _cfg("train.log_every=2", "train.warmup_factor=0.5")
+    run = pretrain(cfg, tmp_path / "run", data=toy_data(), model=toy_model())
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6, 8]
     for key in ("lr", "loss", "loss_cls", "loss_info", "lookup_top1", "valid_queries",
@@ -153,17 +153,37 @@ def test_metrics_checkpoints_and_schedule(toy_engine, tmp_path):
     assert ckpt["step"] == 4 and ckpt["classes"] == ["a", "b", "c"] and len(ckpt["rng"]) == 1
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_engine, tmp_path):
-    toy_engine["nan_at_call"] = 6
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_data, toy_model, tmp_path):
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError) as err:
-        pretrain(_cfg(), run)
+        pretrain(_cfg(), run, data=toy_data(), model=toy_model(nan_at_call=6))
     assert "step 6: loss_info=nan" in str(err.value)
     assert str(run / "checkpoints" / "last.pt") in str(err.value)
     last = load_checkpoint(run / "checkpoints" / "last.pt")
     assert last["step"] == 4  # the good one; nothing written after the NaN
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "step_000004.pt"]
+
+
+def test_a_new_loss_is_logged_summed_and_checked_without_engine_edits(toy_data, toy_model, tmp_path):
+    """The loop logs and NaN-checks whatever loss_* the model returns: no list to edit."""
+    run = pretrain(_cfg(), tmp_path / "run", data=toy_data(), model=toy_model(extra_loss="loss_dummy"))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_dummy"] > 0 for r in rows)
+    for r in rows:  # the total is the sum of the terms, the new one included
+        assert r["loss"] == pytest.approx(r["loss_cls"] + r["loss_info"] + r["loss_dummy"], rel=1e-5)
+    with pytest.raises(NonFiniteLossError, match="step 3: loss_dummy=nan"):
+        pretrain(_cfg(), tmp_path / "nan", data=toy_data(), model=toy_model(nan_at_call=3, extra_loss="loss_dummy"))
+
+
+def test_run_config_records_resolved_lr(toy_data, toy_model, tmp_path):
+    """config.yaml holds the lr the run trained at (train.lr unset: 0.2 x 4 / 1024)."""
+    cfg = _cfg("train.lr=null", "train.steps=2", "train.warmup_steps=0", "train.decay_steps=0")
+    run = pretrain(cfg, tmp_path / "run", data=toy_data(), model=toy_model())
+    saved = load_config(PretrainConfig, run / "config.yaml")
+    assert saved.train.lr == pytest.approx(0.2 * 4 / 1024) and cfg.train.lr is None
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([saved.train.lr] * 2)  # no warm-up, no decay
 
 
 class _Counting(torch.utils.data.IterableDataset):

@@ -1,0 +1,214 @@
+"""The training loop of ``predet pretrain`` and ``predet finetune`` (MAE's ``train_one_epoch``,
+counted in steps): built objects in, one step after the other out.
+
+Per step: ``outputs = model(*inputs)``; ``loss`` = the sum of every ``loss_*`` in ``outputs``;
+one finiteness check of every output and of ``loss`` on every rank (before the weights change);
+backward, optional clipping, optimizer step, per-step lr schedule. Every output the model returns
+(``loss_*`` terms and detached metrics alike) is averaged over the log window and over ranks and
+written to ``metrics.jsonl`` with ``step``, ``lr`` (of the logged step), ``loss``, ``images_per_s``
+and ``world_size``: a new loss or metric needs no edit here. Checkpoints every ``every`` steps and
+at the end, through one :class:`Checkpointer`.
+
+Same code on CPU, one GPU and under ``torchrun``: the finiteness flag is reduced every step (all
+ranks stop together), the metric sums at log steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from predet import distributed as dist_utils
+from predet.engine.common import (
+    MetricLogger,
+    NonFiniteLossError,
+    get_rng_state,
+    save_training_checkpoint,
+    set_rng_state,
+)
+from predet.utils import seed_everything
+
+__all__ = ["train", "Checkpointer", "restore_rng"]
+
+
+class Checkpointer:
+    """Writes ``RUN/checkpoints/last.pt`` (and ``step_<step>.pt`` every ``every`` steps).
+
+    A checkpoint holds model, optimizer, scheduler and grad-scaler states, the step, every rank's
+    RNG state (so each resumes its own stream) and ``extra_state()`` (e.g. the data position).
+    Every rank calls :meth:`save` (the RNG states are gathered); rank 0 writes.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler,
+        every: int,
+        keep_last: int = 0,
+        extra_state: Optional[Callable[[], dict[str, Any]]] = None,
+        last_good: Optional[Path] = None,
+    ) -> None:
+        self.run_dir, self.every, self.keep_last = Path(run_dir), every, keep_last
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.extra_state = extra_state or dict
+        self.last_good = last_good  # named in the error of a non-finite loss
+
+    def save(self, step: int) -> None:
+        rngs: list[Any] = [get_rng_state()]
+        if dist_utils.is_initialized():  # a collective: every rank gets here
+            rngs = [None] * dist_utils.world_size()
+            torch.distributed.all_gather_object(rngs, get_rng_state())
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": step,
+            "rng": rngs,
+            **self.extra_state(),
+        }
+        if dist_utils.is_main():
+            self.last_good = save_training_checkpoint(
+                state, self.run_dir, periodic=step % self.every == 0, keep_last=self.keep_last
+            )
+        dist_utils.barrier()
+
+
+def restore_rng(rngs: Any, *, seed: int) -> None:
+    """This rank's RNG state from a checkpoint's ``rng`` (one state per rank), or, when the run
+    had another number of processes (or no state), fresh streams seeded by ``seed`` and the rank."""
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    if isinstance(rngs, dict):  # fine-tuning checkpoints before the shared loop: rank 0's only
+        rngs = [rngs]
+    if rngs is not None and len(rngs) == world:
+        set_rng_state(rngs[rank])
+        return
+    if rngs is not None and rank == 0:
+        print(f"predet: resuming a {len(rngs)}-process run on {world}: new RNG streams")
+    seed_everything(seed * 1000 + rank + 1)
+
+
+def train(
+    model: nn.Module,
+    batches: Iterator[Sequence[Any]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    start: int,
+    stop: int,
+    logger: MetricLogger,
+    checkpointer: Checkpointer,
+    log_every: int,
+    images_per_step: int,
+    scaler: Optional[torch.amp.GradScaler] = None,
+    clip_grad: Optional[float] = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    progress: bool = True,
+) -> None:
+    """Train steps ``start+1 .. stop``.
+
+    Args:
+        model: what is called (a DDP wrapper or the module): ``model(*inputs) -> dict``.
+        batches: yields each step's ``inputs``, already on the model's device.
+        start, stop: steps already done, and the step to stop after.
+        images_per_step: over all ranks (for ``images_per_s``).
+        scaler: a float16 ``GradScaler`` (None: no scaling).
+        autocast: returns the forward's autocast context.
+    """
+    scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    window, window_start = _Window(), time.perf_counter()
+    bar = tqdm(total=stop, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    model.train()
+    for step in range(start + 1, stop + 1):
+        with autocast():
+            outputs = model(*next(batches))
+        loss = sum(v.float() for k, v in outputs.items() if k.startswith("loss_"))
+        if not isinstance(loss, torch.Tensor):
+            raise RuntimeError(f"the model returned no loss_* term (got {sorted(outputs)})")
+        values = _check_finite({**outputs, "loss": loss}, step=step, last_good=checkpointer.last_good)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if clip_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        lr = optimizer.param_groups[0]["lr"]  # the lr this step used
+        scheduler.step()
+        bar.update(1)
+        window.add(values)
+        if step % log_every == 0 or step == stop:
+            elapsed = time.perf_counter() - window_start
+            row = {"step": step, "lr": lr, **window.means()}
+            row["images_per_s"] = window.steps * images_per_step / max(elapsed, 1e-9)
+            row["world_size"] = dist_utils.world_size()
+            logger.log(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['images_per_s']:.1f}")
+            window, window_start = _Window(), time.perf_counter()
+        if step % checkpointer.every == 0 or step == stop:
+            checkpointer.save(step)
+    bar.close()
+
+
+def _check_finite(
+    outputs: dict[str, torch.Tensor], *, step: int, last_good: Optional[Path]
+) -> dict[str, float]:
+    """This step's values as floats; a :class:`NonFiniteLossError` on every rank when any rank
+    has a non-finite one, naming the step and the first such term (``loss_*``, metrics, ``loss``)."""
+    names = sorted(outputs, key=lambda k: (not k.startswith("loss_"), k == "loss"))
+    values = torch.stack([outputs[k].detach().float().reshape(()) for k in names]).tolist()
+    bad = next(((k, v) for k, v in zip(names, values) if not math.isfinite(v)), None)
+    if dist_utils.is_initialized():  # one flag per step, so that all ranks stop together
+        flag = torch.tensor([float(bad is not None)], device=outputs["loss"].device)
+        torch.distributed.all_reduce(flag)
+        if flag.item() > 0:
+            found: list[Any] = [None] * dist_utils.world_size()
+            torch.distributed.all_gather_object(found, bad)
+            bad = next(b for b in found if b is not None)
+    if bad is not None:
+        hint = f" (last good checkpoint: {last_good})" if last_good else " (no checkpoint written yet)"
+        raise NonFiniteLossError(f"non-finite loss at step {step}: {bad[0]}={bad[1]}{hint}")
+    return dict(zip(names, values))
+
+
+class _Window:
+    """Sums and counts of each logged key over the steps of a log window, reduced over ranks.
+
+    A key some steps or ranks did not return (a batch without valid queries) is averaged over
+    the (rank, step) pairs that had it."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.steps = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        parts = [(self.sums, self.counts)]
+        if dist_utils.is_initialized():  # every rank logs at the same steps
+            parts = [None] * dist_utils.world_size()
+            torch.distributed.all_gather_object(parts, (self.sums, self.counts))
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for s, c in parts:
+            for k in s:
+                sums[k], counts[k] = sums.get(k, 0.0) + s[k], counts.get(k, 0) + c[k]
+        order = ["loss", *sorted(k for k in sums if k.startswith("loss_")), *sorted(sums)]
+        return {k: sums[k] / counts[k] for k in dict.fromkeys(order)}
