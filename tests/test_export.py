@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,10 +12,13 @@ import torch
 import torchvision
 
 from predet.cli import main
-from predet.config import PretrainConfig, load_config
-from predet.export import export_backbone
+from predet.config import FinetuneConfig, PretrainConfig, load_config, to_dict
+from predet.errors import UserError
+from predet.export import check_init_sidecar, export_backbone
 from predet.modeling.predet import build_predet
 from predet.utils import save_checkpoint
+
+TINY_FT = Path(__file__).resolve().parents[1] / "configs" / "finetune" / "mask_rcnn_tiny_cpu.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,7 @@ def test_box_head_exports_beside_backbone(r50_ckpt, tmp_path):
     path, state = r50_ckpt
     out = tmp_path / "predet.pth"
     written = export_backbone(path, "torchvision", out, box_head=True)
-    assert written == [out, tmp_path / "predet_box_head.pth"]
+    assert written == [out, tmp_path / "predet_box_head.pth", tmp_path / "predet.json"]
     head = torchvision.models.detection.faster_rcnn.TwoMLPHead(256 * 7 * 7, 1024)
     head.load_state_dict(torch.load(written[1], weights_only=True), strict=True)
     assert torch.equal(head.fc6.weight, state["box_head.fc6.weight"])
@@ -101,3 +106,85 @@ def test_export_errors_exit_2(tmp_path, capsys):
     assert main(["export", "--run", str(tmp_path / "nope"), "--format", "torchvision",
                  "--out", str(out)]) == 2
     assert not out.exists()
+
+
+def test_torchvision_sidecar_json(r50_ckpt, tmp_path):
+    path, _ = r50_ckpt
+    out = tmp_path / "r50.pth"
+    export_backbone(path, "torchvision", out, box_head=True)
+    meta = json.loads((tmp_path / "r50.json").read_text())
+    assert meta == {
+        "format": "torchvision", "weights": "r50.pth", "box_head": "r50_box_head.pth", "architecture": "resnet50",
+        "depth": 50, "block": "bottleneck", "stage_blocks": [3, 4, 6, 3], "groups": 1, "width_per_group": 64,
+        "res2_out_channels": 256, "fpn_channels": 256, "fpn_levels": ["P2", "P3", "P4", "P5", "P6 (max-pool of P5)"],
+        "box_head_dim": 1024, "norm": "bn",  # no config in this checkpoint: the kind the tensors show
+        "input": {"channels": "RGB", "range": "0-1", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+        "source": {"checkpoint": str(path.resolve()), "run": None, "step": 3}, "producer": "predet export",
+    }  # fmt: skip
+    # the input normalisation is torchvision's Mask R-CNN's
+    transform = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).transform
+    assert meta["input"]["mean"] == transform.image_mean and meta["input"]["std"] == transform.image_std
+
+
+@pytest.fixture(scope="module")
+def narrow_exports(tmp_path_factory):
+    """torchvision exports of a resnet18 + 32-channel FPN run trained with BN, and one with GN."""
+    out = {}
+    for norm in ("bn", "gn"):
+        cfg = load_config(PretrainConfig, None, ["model.backbone=resnet18", "model.fpn_channels=32", f"model.norm={norm}"])
+        run = tmp_path_factory.mktemp(norm) / "run"
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "config.yaml").write_text("seed: 0\n")
+        ckpt = run / "checkpoints" / "last.pt"
+        save_checkpoint({"model": build_predet(cfg, num_classes=3).state_dict(), "config": to_dict(cfg)}, ckpt)
+        export_backbone(ckpt, "torchvision", run.parent / f"r18_{norm}.pth")
+        out[norm] = run.parent / f"r18_{norm}.pth"
+    return out
+
+
+@pytest.mark.parametrize(
+    "norm, override, message",
+    [
+        ("bn", "model.backbone=resnet34", "its r18_bn.json says backbone resnet18, but model.backbone=resnet34"),
+        ("bn", "model.fpn_channels=64", "its r18_bn.json says FPN width 32, but model.fpn_channels=64"),
+        ("bn", "model.norm=gn", "its r18_bn.json says norm bn, but model.norm=gn (use frozenbn, bn or syncbn)"),
+        ("gn", "model.norm=frozenbn", "its r18_gn.json says norm gn, but model.norm=frozenbn (use gn)"),
+    ],
+)
+def test_finetune_checks_the_init_sidecar(narrow_exports, tmp_path, capsys, norm, override, message):
+    init = narrow_exports[norm]
+    run = tmp_path / "ft"
+    args = ["finetune", "--config", str(TINY_FT), "--init", str(init), "--out", str(run), override]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == f"predet: error: --init {init}: {message}"
+    assert not run.exists()  # checked before anything is written
+
+
+def test_sidecar_accepts_matching_configs(narrow_exports, tmp_path):
+    tiny = load_config(FinetuneConfig, TINY_FT)  # resnet18, 32-channel FPN, bn
+    for norm in ("bn", "frozenbn", "syncbn"):
+        cfg = load_config(FinetuneConfig, TINY_FT, [f"model.norm={norm}"])
+        assert check_init_sidecar(narrow_exports["bn"], cfg.model)["norm"] == "bn"
+    gn = load_config(FinetuneConfig, TINY_FT, ["model.norm=gn", "model.fpn_channels=null"])
+    meta = check_init_sidecar(narrow_exports["gn"], gn.model)  # fpn_channels None: taken from the file
+    assert (meta["norm"], meta["fpn_channels"], meta["source"]["run"]) == ("gn", 32, str(narrow_exports["gn"].parent / "run"))
+    assert check_init_sidecar("scratch", tiny.model) is None
+    plain = tmp_path / "plain.pth"  # a file without a sidecar: nothing to check
+    plain.write_bytes(narrow_exports["bn"].read_bytes())
+    assert check_init_sidecar(plain, tiny.model) is None
+    (tmp_path / "plain.json").write_text("{not json")
+    with pytest.raises(UserError, match="plain.json: not readable JSON"):
+        check_init_sidecar(plain, tiny.model)
+
+
+def test_export_norm_option_errors(narrow_exports, tmp_path, capsys):
+    ckpt = narrow_exports["gn"].parent / "run" / "checkpoints" / "last.pt"
+    out = tmp_path / "x.pkl"
+    assert main(["export", "--ckpt", str(ckpt), "--format", "detectron2", "--out", str(out), "--norm", "frozenbn"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "predet: error: --norm frozenbn: the weights were trained with gn; choose gn")
+    assert main(["export", "--ckpt", str(ckpt), "--format", "torchvision", "--out", str(tmp_path / "x.pth"),
+                 "--norm", "gn"]) == 2  # fmt: skip
+    assert "--norm: only for --format detectron2" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "x.pth").exists()
