@@ -6,6 +6,11 @@ SGD step. After ``--warmup`` steps of each, the two steps alternate ``--iters`` 
 load change on a shared machine hits both alike) and the medians are reported. On CUDA the
 steps run under bf16 autocast with channels_last inputs and weights, as pre-training does.
 
+Proposal selection (the CRPN's ``select_proposals``: max over queries, decode, top-K per level,
+NMS, K_nms per view; or, with the CRPN off, the jittered boxes) is timed inside the PreDet step:
+CUDA events around it on CUDA (no extra sync in the step), the wall clock on CPU; its median per
+step is printed as ``predet_proposal_ms=<float> share=<float>`` (share: of the PreDet step).
+
 The last line is ``predet_step_ms=<float> cls_step_ms=<float> ratio=<float>``.
 """
 
@@ -18,6 +23,7 @@ import resource
 import statistics
 import time
 from contextlib import nullcontext
+from typing import Any, Callable
 
 import torch
 
@@ -25,7 +31,7 @@ from predet.config import PretrainConfig, load_config
 from predet.errors import UserError
 from predet.modeling.predet import PreDet, build_predet
 
-__all__ = ["random_batch", "time_steps", "run"]
+__all__ = ["random_batch", "time_steps", "SectionTimer", "run"]
 
 DEFAULT_NUM_CLASSES = 20
 
@@ -66,6 +72,58 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class SectionTimer:
+    """Time every call of one method of a module, summed per step.
+
+    On CUDA, events recorded around the call measure the stream's time from its start to its
+    end (read after the step's synchronize, so the step gains no sync); on CPU, the wall clock.
+    """
+
+    def __init__(self, module: torch.nn.Module, method: str, cuda: bool) -> None:
+        self.cuda = cuda
+        self._pending: list[Any] = []
+        inner: Callable[..., Any] = getattr(module, method)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if self.cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = inner(*args, **kwargs)
+                end.record()
+                self._pending.append((start, end))
+            else:
+                t0 = time.perf_counter()
+                out = inner(*args, **kwargs)
+                self._pending.append((time.perf_counter() - t0) * 1e3)
+            return out
+
+        self._module, self._method = module, method
+        setattr(module, method, timed)  # an instance attribute: shadows the class's method
+
+    def remove(self) -> None:
+        """Give the module its own method back."""
+        delattr(self._module, self._method)
+
+    def take(self) -> float:
+        """ms spent in the method since the last ``take`` (call after the step has synced)."""
+        if self.cuda:
+            total = sum(start.elapsed_time(end) for start, end in self._pending)
+        else:
+            total = sum(self._pending)
+        self._pending.clear()
+        return total
+
+
+def proposal_timer(model: PreDet, cuda: bool) -> SectionTimer | None:
+    """A timer on the model's proposal selection (None for the cls-only model)."""
+    if model.crpn is not None:
+        return SectionTimer(model.crpn, "select_proposals", cuda)
+    if model.jitter is not None:
+        return SectionTimer(model.jitter, "forward", cuda)
+    return None
+
+
 def time_steps(
     models: dict[str, PreDet],
     batch: dict[str, torch.Tensor],
@@ -75,20 +133,22 @@ def time_steps(
     amp: bool,
 ) -> dict[str, dict[str, float]]:
     """Median wall time per step (``ms``), median CPU time of this process per step (``cpu_ms``,
-    all threads) and peak memory (``peak_mib``; CUDA only, else NaN) of each model.
+    all threads), peak memory (``peak_mib``; CUDA only, else NaN) and median time in proposal
+    selection per step (``proposal_ms``; NaN for a model without proposals) of each model.
 
     Every model steps on the same ``batch``; timings alternate between the models.
     """
     device = batch["view1"].device
     cuda = device.type == "cuda"
+    timers = {k: proposal_timer(m, cuda) for k, m in models.items()}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and amp) else nullcontext()
     opts = {
         k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
         for k, m in models.items()
     }
 
-    def step(name: str) -> tuple[float, float]:
-        model, opt = models[name], opts[name]
+    def step(name: str) -> tuple[float, float, float]:
+        model, opt, timer = models[name], opts[name], timers[name]
         if cuda:
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
@@ -100,7 +160,8 @@ def time_steps(
         opt.step()
         if cuda:
             torch.cuda.synchronize()
-        return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
+        wall, cpu = (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
+        return wall, cpu, (timer.take() if timer is not None else float("nan"))
 
     peak = {}
     for name in models:  # warm-up, and the peak memory of each step on its own
@@ -109,15 +170,19 @@ def time_steps(
         for _ in range(max(warmup, 1)):
             step(name)
         peak[name] = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in models}
     for _ in range(iters):
         for name in models:
             times[name].append(step(name))
+    for timer in timers.values():
+        if timer is not None:
+            timer.remove()
     return {
         n: {
-            "ms": statistics.median(w for w, _ in t),
-            "cpu_ms": statistics.median(c for _, c in t),
+            "ms": statistics.median(w for w, _, _ in t),
+            "cpu_ms": statistics.median(c for _, c, _ in t),
             "peak_mib": peak[n],
+            "proposal_ms": statistics.median(p for _, _, p in t),
         }
         for n, t in times.items()
     }
@@ -174,5 +239,7 @@ def run(args: argparse.Namespace) -> int:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         print(f"load_avg_1min={load:.2f} cpus={os.cpu_count()}")
     p, c = res["predet"]["ms"], res["cls"]["ms"]
+    prop = res["predet"]["proposal_ms"]
+    print(f"predet_proposal_ms={prop:.2f} share={prop / p:.3f}")
     print(f"predet_step_ms={p:.2f} cls_step_ms={c:.2f} ratio={p / c:.3f}")
     return 0

@@ -155,8 +155,8 @@ class ContrastiveRPN(nn.Module):
         objectness, best_query = (
             scores.masked_fill(~query_mask.unsqueeze(2), float("-inf")).max(dim=1)  # [B, T] each
         )
-        anchor, level = top_k_per_level(objectness, anchors_per_level, self.cfg.pre_nms_top_n)
-        K = anchor.shape[1]  # anchor [B, K] (indices into T), level [K]
+        anchor, sizes = top_k_per_level(objectness, anchors_per_level, self.cfg.pre_nms_top_n)
+        K = anchor.shape[1]  # anchor [B, K] (indices into T), sizes: Kl of each level
         view = torch.arange(B, device=scores.device).repeat_interleave(K)  # [B*K]
         anchor = anchor.flatten()  # [B, K] -> [B*K]
         query = best_query[view, anchor]
@@ -165,7 +165,7 @@ class ContrastiveRPN(nn.Module):
         boxes = clip_boxes_to_image(boxes, image_size).view(B, K, 4)
         score = objectness[view, anchor].view(B, K)
         return nms_per_view(
-            boxes, score, level,
+            boxes, score, sizes,
             nms_thresh=self.cfg.nms_thresh, post_nms_top_n=self.cfg.post_nms_top_n,
         )  # fmt: skip
 

@@ -10,12 +10,13 @@ Nothing here carries gradient: proposal boxes are detached (DESIGN §2).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import box_area, clip_boxes_to_image, nms
+from torchvision.ops import box_area, clip_boxes_to_image
+
+from predet.modeling.nms import grouped_nms
 
 __all__ = ["top_k_per_level", "nms_per_view", "jitter_boxes", "box_recall", "batched_box_iou"]
-
-MAX_NMS_BOXES = 8192  # boxes per nms call: its suppression mask is O(n^2) bits
 
 
 def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -35,75 +36,69 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 
 def top_k_per_level(
     objectness: Tensor, anchors_per_level: list[int], k: int
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, list[int]]:
     """The ``k`` best anchors of each level of each view (a loop over the L levels only).
 
-    ``objectness [B, T]`` -> anchor indices ``[B, K]`` (into T, level by level) and the level of
-    each of the K columns ``[K]``.
+    ``objectness [B, T]`` -> anchor indices ``[B, K]`` (into T, level by level, each level's in
+    decreasing score order) and Kl, the number of columns of each level (K = sum Kl).
     """
-    top, levels, start = [], [], 0
-    for level, n in enumerate(anchors_per_level):
+    top, sizes, start = [], [], 0
+    for n in anchors_per_level:
         kl = min(k, n)
         top.append(objectness[:, start : start + n].topk(kl, dim=1).indices + start)  # [B, Kl]
-        levels.append(torch.full((kl,), level, device=objectness.device))
+        sizes.append(kl)
         start += n
-    return torch.cat(top, dim=1), torch.cat(levels)
+    return torch.cat(top, dim=1), sizes
 
 
 @torch.no_grad()
 def nms_per_view(
-    boxes: Tensor, scores: Tensor, levels: Tensor, *, nms_thresh: float, post_nms_top_n: int
+    boxes: Tensor, scores: Tensor, level_sizes: list[int], *, nms_thresh: float, post_nms_top_n: int
 ) -> tuple[Tensor, Tensor]:
     """NMS inside each (view, level), then each view's ``post_nms_top_n`` best boxes.
 
+    All (view, level) groups go through one ``grouped_nms`` (exact greedy NMS, equal to
+    ``torchvision.ops.nms`` per group); nothing here waits for the device except its
+    convergence tests.
+
     Args:
         boxes: ``[B, K, 4]`` decoded, clipped candidates. scores: ``[B, K]`` (-inf: drop it).
-        levels: ``[K]`` the FPN level of each column.
+        level_sizes: Kl, the columns of each level, level after level (K = sum Kl).
     Returns:
         boxes ``[B, P, 4]`` (zero-padded) and valid ``[B, P]`` bool, each view's proposals in
-        decreasing score order, P = ``post_nms_top_n``.
+        decreasing score order (equal scores: in column order), P = ``post_nms_top_n``.
     """
     B, K = scores.shape
-    boxes, score = boxes.reshape(B * K, 4), scores.reshape(B * K)  # [B, K, 4] -> [B*K, 4]
-    view = torch.arange(B, device=boxes.device).repeat_interleave(K)  # [B*K]
-    wh = boxes[:, 2:] - boxes[:, :2]
-    keep = torch.isfinite(score) & (wh > 1e-3).all(dim=1)  # views without queries score -inf
-    num_levels = int(levels.max()) + 1 if levels.numel() else 1
-    group = view * num_levels + levels.repeat(B)  # [B*K] (view, level)
-    views_per_chunk = max(1, MAX_NMS_BOXES // max(K, 1))
-    kept = []
-    for start in range(0, B * K, views_per_chunk * K):  # whole views per chunk, in view order
-        chunk = torch.arange(start, min(start + views_per_chunk * K, B * K), device=view.device)
-        chunk = chunk[keep[chunk]]
-        kept.append(chunk[_nms_per_group(boxes[chunk], score[chunk], group[chunk], nms_thresh)])
-    idx = torch.cat(kept) if kept else torch.empty(0, dtype=torch.long, device=boxes.device)
-    return _first_per_view(boxes[idx], view[idx], B, post_nms_top_n)
-
-
-def _nms_per_group(boxes: Tensor, scores: Tensor, group: Tensor, thresh: float) -> Tensor:
-    """NMS inside each group, in one ``torchvision.ops.nms`` call: boxes of different groups
-    are shifted apart so they never overlap (what ``batched_nms`` does for small inputs; for
-    large ones it launches one nms per group, i.e. per (view, level) here). Returns indices in
-    decreasing score order."""
-    if boxes.numel() == 0:
-        return torch.empty(0, dtype=torch.long, device=boxes.device)
-    offsets = group.to(boxes) * (boxes.max() + 1)
-    return nms(boxes + offsets[:, None], scores, thresh)
-
-
-def _first_per_view(boxes: Tensor, view: Tensor, num_views: int, k: int) -> tuple[Tensor, Tensor]:
-    """Scatter ``boxes [M, 4]`` (sorted by score) into ``[B, k, 4]`` keeping each view's first k."""
-    order = torch.argsort(view, stable=True)  # group by view, keep score order inside a group
-    boxes, view = boxes[order], view[order]
-    count = torch.bincount(view, minlength=num_views)  # [B]
-    first = torch.cumsum(count, 0) - count  # [B] start of each view's run
-    rank = torch.arange(len(view), device=view.device) - first[view]  # [M]
-    sel = rank < k
-    out = boxes.new_zeros(num_views, k, 4)
-    valid = torch.zeros(num_views, k, dtype=torch.bool, device=boxes.device)
-    out[view[sel], rank[sel]] = boxes[sel]
-    valid[view[sel], rank[sel]] = True
-    return out, valid
+    P, dev = post_nms_top_n, boxes.device
+    if K == 0 or P == 0:
+        return boxes.new_zeros(B, P, 4), torch.zeros(B, P, dtype=torch.bool, device=dev)
+    L, Kmax = len(level_sizes), max(level_sizes)
+    # groups [B, L, Kmax]: slot j of level l is column start_l + j; slots past Kl are padding
+    column, real, start = [], [], 0
+    slot = torch.arange(Kmax, device=dev)
+    for n in level_sizes:
+        column.append(slot.clamp(max=max(n - 1, 0)) + start)
+        real.append(slot < n)
+        start += n
+    column, real = torch.stack(column), torch.stack(real)  # [L, Kmax] each
+    g_boxes, g_scores = boxes[:, column], scores[:, column]  # [B, L, Kmax, 4], [B, L, Kmax]
+    wh = g_boxes[..., 2:] - g_boxes[..., :2]
+    ok = real & torch.isfinite(g_scores) & (wh > 1e-3).all(dim=3)  # views without queries: -inf
+    index, kept = grouped_nms(
+        g_boxes.flatten(0, 1), g_scores.flatten(0, 1), ok.flatten(0, 1), nms_thresh, max_keep=P
+    )  # [B*L, M] slots, level by level, each in decreasing score order
+    M = index.shape[1]
+    slot = index.view(B, L, M).clamp(min=0) + torch.arange(L, device=dev)[:, None] * Kmax
+    col = column.flatten()[slot].view(B, L * M)  # columns into K
+    kept = kept.view(B, L * M)
+    score = scores.gather(1, col).masked_fill(~kept, float("-inf"))
+    # merge the levels of a view: stable, so equal scores stay in level, then column order
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :P]
+    col, kept = col.gather(1, order), kept.gather(1, order)  # [B, min(P, L*M)]
+    out = boxes.gather(1, col.unsqueeze(2).expand(-1, -1, 4))
+    out = torch.where(kept.unsqueeze(2), out, 0.0)
+    pad = P - col.shape[1]  # fewer than P candidates in all
+    return F.pad(out, (0, 0, 0, pad)), F.pad(kept, (0, pad))
 
 
 @torch.no_grad()

@@ -35,9 +35,10 @@ def test_batched_box_iou_equals_box_iou():
     assert batched_box_iou(zero, zero).item() == 0.0  # padding vs padding: 0, not NaN
 
 
-@pytest.mark.parametrize("max_nms_boxes", [8192, 50, 1])  # one call; 2 views per call; 1 view
-def test_proposals_equal_per_view_reference(monkeypatch, max_nms_boxes):
-    monkeypatch.setattr(proposals, "MAX_NMS_BOXES", max_nms_boxes)
+# (pre, post): levels of 8, 8, 6 columns; 40, 20, 6 (padded groups) with P < each level's
+# survivors; 3, 3, 3 with fewer candidates than P (zero padding)
+@pytest.mark.parametrize("pre,post", [(8, 10), (40, 3), (3, 50)])
+def test_proposals_equal_per_view_reference(pre, post):
     g = torch.Generator().manual_seed(0)
     B, Q, per_level = 3, 4, [40, 20, 6]
     T = sum(per_level)
@@ -46,7 +47,7 @@ def test_proposals_equal_per_view_reference(monkeypatch, max_nms_boxes):
     deltas = torch.randn(B, Q, T, 4, generator=g) * 0.2
     mask = torch.tensor([[1, 1, 0, 1], [0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.bool)
     coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
-    pre, post, thresh = 8, 10, 0.5
+    thresh = 0.5
 
     boxes, valid = select(scores, deltas, mask, anchors, per_level, pre, post, thresh)
     assert boxes.shape == (B, post, 4) and valid.shape == (B, post)
@@ -77,14 +78,46 @@ def select(scores, deltas, mask, anchors, per_level, pre, post, thresh, size=SIZ
     """ContrastiveRPN.select_proposals' steps, with the deltas ``[B, Q, T, 4]`` given."""
     B = scores.shape[0]
     objectness, best = scores.masked_fill(~mask.unsqueeze(2), float("-inf")).max(dim=1)
-    anchor, level = top_k_per_level(objectness, per_level, pre)  # [B, K], [K]
+    anchor, sizes = top_k_per_level(objectness, per_level, pre)  # [B, K], Kl per level
+    assert sizes == [min(pre, n) for n in per_level]
     view = torch.arange(B).unsqueeze(1).expand_as(anchor)  # [B, K]
     query = best.gather(1, anchor)
     coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
     boxes = coder.decode_single(deltas[view, query, anchor].reshape(-1, 4), anchors[anchor.flatten()])
     boxes = clip_boxes_to_image(boxes, size).view(*anchor.shape, 4)
     score = objectness.gather(1, anchor)
-    return nms_per_view(boxes, score, level, nms_thresh=thresh, post_nms_top_n=post)
+    return nms_per_view(boxes, score, sizes, nms_thresh=thresh, post_nms_top_n=post)
+
+
+@pytest.mark.parametrize("post", [4, 9, 30])
+def test_nms_per_view_with_tied_scores_equals_torchvision_per_level(post):
+    """Ties within and across levels, -inf scores, boxes clipped to nothing: per (view, level)
+    torchvision nms, then the view's survivors by score, equal scores in column order."""
+    g = torch.Generator().manual_seed(3)
+    B, sizes, thresh = 4, [7, 5, 3], 0.4
+    K = sum(sizes)
+    boxes = _boxes((B, K), g)
+    boxes[0, 2, 2] = boxes[0, 2, 0]  # zero width: dropped
+    boxes[1, :4] = boxes[1, 4]  # identical boxes across levels 0 and 1
+    scores = (torch.rand(B, K, generator=g) * 4).floor()  # 0..3: many ties
+    scores[2] = float("-inf")  # a view without valid queries
+    scores[3, 5:9] = float("-inf")
+    out, valid = nms_per_view(boxes, scores, sizes, nms_thresh=thresh, post_nms_top_n=post)
+    assert out.shape == (B, post, 4) and valid.shape == (B, post)
+    for b in range(B):
+        cols, start = [], 0
+        for n in sizes:
+            c = torch.arange(start, start + n)
+            wh = boxes[b, c, 2:] - boxes[b, c, :2]
+            c = c[torch.isfinite(scores[b, c]) & (wh > 1e-3).all(1)]
+            cols.append(c[nms(boxes[b, c], scores[b, c], thresh)])
+            start += n
+        c = torch.cat(cols)
+        c = c[torch.sort(scores[b, c], descending=True, stable=True).indices][:post]
+        assert valid[b].tolist() == [True] * len(c) + [False] * (post - len(c))
+        assert torch.equal(out[b, : len(c)], boxes[b, c])
+        assert (out[b, len(c) :] == 0).all()
+    assert not valid[2].any() and valid[0, 0]
 
 
 def test_max_nms_boxes_is_defined_before_the_functions_that_read_it():
