@@ -40,6 +40,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
+from predet.data.transforms import sample_seed
 from predet.errors import UserError
 
 __all__ = [
@@ -54,7 +55,6 @@ __all__ = [
     "infer_format",
     "segm_to_mask",
     "collate_detection",
-    "item_seed",
 ]
 
 VOC_CLASSES = (
@@ -226,11 +226,6 @@ def segm_to_mask(segm: Any, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle)
 
 
-def item_seed(seed: int, epoch: int, index: int) -> int:
-    """Seed of item ``index`` at ``epoch``: augmentations do not depend on worker processes."""
-    return ((seed * 1_000_003 + epoch) * 1_000_003 + index) % (2**63)
-
-
 def _has_usable_box(anns: list[dict]) -> bool:
     return any(not a.get("iscrowd", 0) and a["bbox"][2] > 1 and a["bbox"][3] > 1 for a in anns)
 
@@ -245,7 +240,7 @@ class DetectionDataset(Dataset):
         with_masks: add ``masks`` to targets (every non-crowd annotation needs a segmentation).
         flip_p: horizontal-flip probability (training).
         seed: seed of the flips (item ``i`` at epoch ``e`` flips with a generator seeded by
-            :func:`item_seed`) and of the subset draw.
+            ``sample_seed(seed, e, i)``, as pre-training's items) and of the subset draw.
         subset: keep this many training images, drawn with ``seed`` (paper Table 7).
         classes: class names in label order (label ``l`` is ``classes[l - 1]``); default: the gt's
             categories sorted by id. Annotations of other categories are left out.
@@ -331,7 +326,7 @@ class DetectionDataset(Dataset):
                 masks[j] = segm_to_mask(a["segmentation"], h, w)
             target["masks"] = torch.from_numpy(masks)[keep]
         if self.train and self.flip_p > 0:
-            g = torch.Generator().manual_seed(item_seed(self.seed, epoch, index))
+            g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
             if torch.rand((), generator=g).item() < self.flip_p:
                 image, target = _hflip(image, target)
         return image, target

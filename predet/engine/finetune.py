@@ -1,7 +1,8 @@
 """Fine-tuning torchvision detectors: ``predet finetune --config CFG --init FILE|scratch [--out RUN]``.
 
-A plain step loop (one batch per step, no epochs to count): SGD with linear warm-up and x0.1 steps,
-the mask head at ``model.mask_head_lr_mult`` x the learning rate (the paper's 4x), multi-scale
+The shared step loop (:func:`predet.engine.loop.train`, one batch per step, no epochs to count):
+SGD with linear warm-up and x0.1 steps, the mask head at ``model.mask_head_lr_mult`` x the
+learning rate (the paper's 4x), multi-scale
 training (shortest side drawn per image from ``model.train_sizes`` by torchvision's transform) and
 horizontal flips, bf16 autocast on CUDA, DDP under ``torchrun`` (same code path as one CPU).
 
@@ -28,14 +29,12 @@ a val split, ``predictions.json`` + ``results.json`` (see :mod:`predet.engine.ev
 
 from __future__ import annotations
 
-import bisect
 import copy
-import json
+import functools
 import math
 import re
-import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -44,14 +43,22 @@ from torch.utils.data import DataLoader, Sampler
 from predet import distributed
 from predet.config import FinetuneConfig, load_config, save_config
 from predet.data.detection import DetectionDataset, collate_detection, load_gt, resolve_split
-from predet.engine.common import MetricLogger, get_rng_state, scaled_lr, set_rng_state
-from predet.modeling.detectors import build_detector, init_widths, load_init
+from predet.engine.common import (
+    MetricLogger,
+    build_lr_scheduler,
+    checkpoint_path,
+    load_training_checkpoint,
+    scaled_lr,
+)
+from predet.engine.data_stream import epoch_permutation
 from predet.engine.evaluate import evaluate_run, format_results
+from predet.engine.loop import Checkpointer, restore_rng, train
 from predet.errors import UserError
 from predet.export import check_init_sidecar
-from predet.utils import load_checkpoint, prepare_run_dir, save_checkpoint, seed_everything, write_json
+from predet.modeling.detectors import build_detector, init_widths, load_init
+from predet.utils import prepare_run_dir, seed_everything, write_json
 
-__all__ = ["finetune", "resolve_init_widths", "resolve_lr", "schedule", "lr_factor", "StepBatchSampler",
+__all__ = ["finetune", "resolve_init_widths", "resolve_lr", "schedule", "StepBatchSampler",
            "build_optimizer", "run"]  # fmt: skip
 
 COCO_TRAIN_IMAGES = 118_287
@@ -79,15 +86,6 @@ def schedule(cfg: FinetuneConfig, num_images: int, world_size: int = 1) -> tuple
         raise UserError(f"train.steps={total}: must be positive")
     steps = list(t.lr_steps) if t.lr_steps is not None else [round(total * 2 / 3), round(total * 8 / 9)]
     return total, sorted(steps)
-
-
-def lr_factor(step: int, *, warmup_steps: int, warmup_factor: float, lr_steps: Sequence[int]) -> float:
-    """Multiplier of the base lr at ``step``: linear warm-up, then x0.1 at each of ``lr_steps``."""
-    factor = 0.1 ** bisect.bisect_right(list(lr_steps), step)
-    if step < warmup_steps:
-        alpha = step / warmup_steps
-        factor *= warmup_factor * (1 - alpha) + alpha
-    return factor
 
 
 def resolve_lr(cfg: FinetuneConfig, world_size: int = 1) -> float:
@@ -142,9 +140,8 @@ class StepBatchSampler(Sampler):
 
     def _item(self, position: int) -> tuple[int, int]:
         epoch, offset = divmod(position, self.n)
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
+        if epoch != self._perm_epoch:  # the pre-training stream's permutation of (seed, epoch)
+            self._perm, self._perm_epoch = epoch_permutation(self.n, seed=self.seed, epoch=epoch), epoch
         return epoch, int(self._perm[offset])
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
@@ -181,14 +178,6 @@ class _RunLog:
 
     def close(self) -> None:
         self.metric_logger.close()
-
-
-def _checkpoint(path: Path, model: nn.Module, opt, sched, step: int, classes: list[str], init_name: str) -> None:
-    save_checkpoint(
-        {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-         "step": step, "rng": get_rng_state(), "classes": classes, "init": init_name},
-        path,
-    )  # fmt: skip
 
 
 def _device_setup(model: nn.Module, cfg: FinetuneConfig, device: torch.device, log: _RunLog) -> nn.Module:
@@ -270,20 +259,18 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
         write_json(out / "init.json", report.to_dict())
     model = _device_setup(model, cfg, device, log)
     opt = build_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, warmup_steps=warmup, warmup_factor=cfg.train.warmup_factor, lr_steps=lr_steps)
-    )
+    sched = build_lr_scheduler(opt, warmup_steps=warmup, milestones=lr_steps, warmup_factor=cfg.train.warmup_factor)
     start = 0
-    last = out / "checkpoints" / "last.pt"
+    last = checkpoint_path(out)
     if resume:
         if not last.is_file():
             raise UserError(f"--resume: no checkpoint at {last}")
-        state = load_checkpoint(last, map_location=device)
+        state = load_training_checkpoint(last)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = int(state["step"])
-        set_rng_state(state["rng"])
+        restore_rng(state["rng"], seed=cfg.seed)
         log.metric_logger.resume_from(start)  # rows logged after that checkpoint are redone
         log.text(f"resumed from {last} at step {start}")
     ddp = model
@@ -297,8 +284,18 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed),  # iterators must not draw from the global RNG
     )  # fmt: skip
-    _train(ddp, model, loader, opt, sched, cfg, out, log, start=start, total=total, classes=classes,
-           init_name=report.name, device=device, progress=progress and main)  # fmt: skip
+    checkpointer = Checkpointer(
+        out, model=model, optimizer=opt, scheduler=sched, scaler=torch.amp.GradScaler("cpu", enabled=False),
+        every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last, last_good=last if resume else None,
+        extra_state=functools.partial(dict, classes=classes, init=report.name),
+    )  # fmt: skip
+    use_amp = cfg.train.amp and device.type == "cuda"
+    train(
+        _LossNames(ddp), _on_device(loader, device), opt, sched, start=start, stop=total,
+        logger=log.metric_logger, checkpointer=checkpointer, log_every=cfg.train.log_every,
+        images_per_step=cfg.train.batch_size * world, clip_grad=cfg.train.clip_grad, progress=progress and main,
+        autocast=functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_amp),
+    )  # fmt: skip
     distributed.barrier()
     if main and d.val.ann:
         results = evaluate_run(out, progress=progress)
@@ -308,56 +305,25 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
     return out
 
 
-def _train(ddp, model, loader, opt, sched, cfg, out, log, *, start, total, classes, init_name, device, progress):
-    from tqdm import tqdm
+class _LossNames(nn.Module):
+    """A torchvision detector in training mode, every loss named ``loss_*`` (RetinaNet's are
+    ``classification``/``bbox_regression``) and in float32 (the shared loop sums ``loss_*``)."""
 
-    t = cfg.train
-    ckpt_dir = out / "checkpoints"
-    use_amp = t.amp and device.type == "cuda"
-    params = [p for p in model.parameters() if p.requires_grad]
-    ddp.train()
-    bar = tqdm(total=total, initial=start, desc="finetune", disable=not progress, dynamic_ncols=True)
-    window_t, window_images = time.perf_counter(), 0
-    for step, (images, targets) in enumerate(loader, start=start):
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
+        losses = self.detector(images, targets)
+        return {(k if k.startswith("loss_") else f"loss_{k}"): v.float() for k, v in losses.items()}
+
+
+def _on_device(loader: DataLoader, device: torch.device) -> Iterator[tuple[list, list]]:
+    """``(images, targets)`` of each step, moved to ``device``."""
+    for images, targets in loader:
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in tg.items()} for tg in targets]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            losses = ddp(images, targets)
-        losses = {(k if k.startswith("loss_") else f"loss_{k}"): v.float() for k, v in losses.items()}
-        loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            bad = next(k for k, v in losses.items() if not torch.isfinite(v))
-            raise UserError(f"training diverged at step {step}: {bad} is {losses[bad].item()} "
-                            f"(last good checkpoint: {ckpt_dir / 'last.pt'}); try a lower train.lr")  # fmt: skip
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
-        opt.step()
-        sched.step()
-        window_images += len(images) * distributed.world_size()
-        done = step + 1
-        bar.update(1)
-        if done % t.log_every == 0 or done == total:
-            values = {k: distributed.all_reduce_mean(v.detach()).item() for k, v in losses.items()}
-            elapsed = time.perf_counter() - window_t
-            record = {"step": done, "lr": opt.param_groups[0]["lr"], "loss": sum(values.values()), **values,
-                      "images_per_s": window_images / max(elapsed, 1e-9), "world_size": distributed.world_size()}
-            log.metrics(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.1f}")
-            window_t, window_images = time.perf_counter(), 0
-        if distributed.is_main() and (done % cfg.ckpt.every == 0 or done == total):
-            _checkpoint(ckpt_dir / "last.pt", model, opt, sched, done, classes, init_name)
-            if done % cfg.ckpt.every == 0:
-                _checkpoint(ckpt_dir / f"step_{done:06d}.pt", model, opt, sched, done, classes, init_name)
-                _prune(ckpt_dir, cfg.ckpt.keep_last)
-    bar.close()
-
-
-def _prune(ckpt_dir: Path, keep_last: int) -> None:
-    if keep_last > 0:
-        for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep_last]:
-            old.unlink()
+        yield images, targets
 
 
 def _default_out(config: str, init: str) -> Path:

@@ -19,7 +19,8 @@ from pycocotools.cocoeval import COCOeval
 from predet.cli import main
 from predet.config import FinetuneConfig, PretrainConfig, load_config
 from predet.data.detection import DetectionDataset, load_coco_json, load_voc, resolve_split, segm_to_mask
-from predet.engine.finetune import StepBatchSampler, build_optimizer, finetune, lr_factor, schedule
+from predet.engine.common import WarmupStepSchedule
+from predet.engine.finetune import StepBatchSampler, build_optimizer, finetune, schedule
 from predet.errors import UserError
 from predet.modeling.backbone import build_backbone
 from predet.modeling.detectors import build_detector, load_init
@@ -61,7 +62,9 @@ def test_schedule_coco_and_scaled() -> None:
 
 
 def test_lr_factor_warmup_and_steps() -> None:
-    f = [lr_factor(s, warmup_steps=10, warmup_factor=0.001, lr_steps=[60, 80]) for s in (0, 5, 10, 59, 60, 80)]
+    """Fine-tuning's schedule is pre-training's (one schedule): warm-up, x0.1 at the lr steps."""
+    lr_factor = WarmupStepSchedule(warmup_steps=10, warmup_factor=0.001, milestones=[60, 80])
+    f = [lr_factor(s) for s in (0, 5, 10, 59, 60, 80)]
     assert f == pytest.approx([0.001, 0.5005, 1.0, 1.0, 0.1, 0.01])
 
 
