@@ -1,14 +1,15 @@
 """The ``predet`` command line: argument parsing only; every verb calls ``run(args)`` of its module.
 
-A verb whose module is not installed is left out of ``--help``. User errors
-(:class:`predet.errors.UserError`) print one line on stderr and exit 2.
+Every verb is always listed in ``--help``; its module is imported when the verb runs (so ``--help``
+stays fast), and a dependency it lacks is a one-line error naming the package, never a verb that
+silently vanishes. User errors (:class:`predet.errors.UserError`) print one line on stderr and
+exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 from typing import Callable, Optional, Sequence
@@ -147,11 +148,22 @@ VERBS: list[_Verb] = [
 ]
 
 
-def _available(module: str) -> bool:
+# import name -> what to install, for the error of a verb whose dependency is missing
+_PACKAGES = {"cv2": "opencv-contrib-python-headless", "skimage": "scikit-image"}
+
+
+def _import(module: str, verb: str):
+    """The verb's module; a third-party package it lacks is a UserError naming the package."""
     try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] == "predet":
+            raise  # a module of this package is missing: a bug (or a broken install), not usage
+        package = _PACKAGES.get(e.name.split(".")[0], e.name.split(".")[0])
+        raise UserError(
+            f"'predet {verb}' needs the Python package '{e.name}', which is not installed "
+            f"(pip install {package})"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,8 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
     top = parser.add_subparsers(dest="verb", metavar="<verb>")
     groups: dict[str, argparse._SubParsersAction] = {}
     for path, module, help_, add_args in VERBS:
-        if not _available(module):
-            continue
         if len(path) == 1:
             p = top.add_parser(path[0], help=help_, description=help_)
         else:
@@ -172,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                 groups[path[0]] = g.add_subparsers(dest="subverb", metavar="<command>")
             p = groups[path[0]].add_parser(path[1], help=help_, description=help_)
         add_args(p)
-        p.set_defaults(_module=module)
+        p.set_defaults(_module=module, _verb=" ".join(path))
     return parser
 
 
@@ -184,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return importlib.import_module(module).run(args) or 0
+        return _import(module, args._verb).run(args) or 0
     except UserError as e:
         print(f"predet: error: {e}", file=sys.stderr)
         return 2
