@@ -7,12 +7,10 @@ Single process when ``RANK`` is unset; under ``torchrun`` it reads ``RANK``, ``W
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
-
-T = TypeVar("T")
 
 
 def env_rank() -> tuple[int, int]:
@@ -70,12 +68,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def split_for_rank(items: Sequence[T], rank_: int | None = None, world: int | None = None) -> list[T]:
-    """The items this process handles: every ``world``-th one, starting at ``rank``."""
-    r, w = env_rank() if rank_ is None and world is None else (rank_ or 0, world or 1)
-    return list(items[r::w])
 
 
 def cleanup() -> None:

@@ -50,7 +50,7 @@ from predet.engine.common import (
     load_training_checkpoint,
     scaled_lr,
 )
-from predet.engine.data_stream import epoch_permutation
+from predet.data.stream import epoch_permutation
 from predet.engine.evaluate import evaluate_run, format_results
 from predet.engine.loop import Checkpointer, restore_rng, train
 from predet.errors import UserError

@@ -40,7 +40,7 @@ from predet.engine.common import (
     to_device,
     uniform_milestones,
 )
-from predet.engine.data_stream import BatchStream, StreamPosition
+from predet.data.stream import BatchStream, StreamPosition
 from predet.engine.loop import Checkpointer, restore_rng, train
 from predet.errors import UserError
 from predet.modeling.predet import build_predet, check_num_classes

@@ -20,7 +20,7 @@ from predet.engine.common import (
     set_rng_state,
     uniform_milestones,
 )
-from predet.engine.data_stream import BatchStream, EpochBatchSampler, StreamPosition
+from predet.data.stream import BatchStream, EpochBatchSampler, StreamPosition
 from predet.engine.pretrain import pretrain
 from predet.utils import load_checkpoint
 

@@ -1,4 +1,4 @@
-"""Resumable, rank-split batch streams for step-based training loops.
+"""Resumable, rank-split batch streams for step-based training loops (map-style or shards).
 
 A training run is a number of *steps*, not epochs, so the loop pulls batches from one endless
 stream. The stream's position (epoch, batches consumed in that epoch) is part of every
