@@ -98,11 +98,28 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _correlation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", action="append", required=True, help="repeat for several models")
-    p.add_argument("--out", required=True)
-    p.add_argument("--data", default=None, help="manifest (default: the checkpoint's run data)")
-    p.add_argument("--images", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", action="append", required=True, metavar="FILE|scratch|RUN",
+                   help="torchvision-format backbone file, 'scratch' or a pre-training run; repeat")
+    p.add_argument("--data", required=True, help="COCO-format annotation JSON (or LVIS JSON, VOC)")
+    p.add_argument("--images", required=True, help="folder the images' file_name are relative to")
+    p.add_argument("--out", required=True, help="folder for correlation.json and correlation.png")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="the first N images with a usable box (default: all)")
+    p.add_argument("--boxes-per-gt", type=int, default=50,
+                   help="jittered boxes per ground-truth box, even over 10 IoU bins")
+    p.add_argument("--seed", type=int, default=0, help="seed of the jittered boxes and of 'scratch'")
+    p.add_argument("--size", type=int, default=None,
+                   help="resize the shorter side to this (as fine-tuning's test_size); "
+                        "default: keep the image size")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--backbone", default=None,
+                   help="scratch's architecture (default: the first file init's, else resnet50)")
+    p.add_argument("--fpn-channels", type=int, default=None,
+                   help="scratch's FPN width (default: the first file init's, else 256)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: small forward passes gain little from more, "
+                        "and lose much on a busy CPU)")
 
 
 def _compare_args(p: argparse.ArgumentParser) -> None:

@@ -75,9 +75,14 @@ def plot_curves(
     axes[0][0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    return save_figure(fig, out)
+
+
+def save_figure(fig: plt.Figure, out: str | Path, dpi: int = 110) -> Path:
+    """Lay out ``fig``, write it to ``out`` (parent folders made), close it; returns the path."""
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
