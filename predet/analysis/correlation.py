@@ -461,26 +461,28 @@ def _correlation(
             "fpn_channels": fpn_channels or (first["fpn_channels"] if first else 256),
             "norm": first["norm"] if first else "frozenbn",
         }
-        # the same boxes for every init: drawn once per image from (seed, image id)
-        batches = [usable[i : i + batch_size] for i in range(0, len(usable), batch_size)]
-        items = {i: _image_boxes(data, i, seed, boxes_per_gt, bins) for i in usable}
-        for name, weights in resolved:
-            model = _build(specs.get(name, scratch), weights, name, seed, size, max_size).to(device)
-            pairs: dict[str, tuple[list, list]] = {b: ([], []) for b in BUCKETS}
-            with torch.no_grad():
-                for batch in batches:
-                    sims = _forward(model, [items[i] for i in batch], size, device)
-                    for i, sim in zip(batch, sims):
-                        it = items[i]
+        models = {
+            name: _build(specs.get(name, scratch), weights, name, seed, size, max_size).to(device)
+            for name, weights in resolved
+        }
+        pairs = {name: {b: ([], []) for b in BUCKETS} for name in models}
+        with torch.no_grad():
+            for start in range(0, len(usable), batch_size):  # each image read once, for every init
+                # the same boxes for every init: drawn from (seed, image id)
+                items = [
+                    _image_boxes(data, i, seed, boxes_per_gt, bins)
+                    for i in usable[start : start + batch_size]
+                ]
+                for name, model in models.items():
+                    for it, sim in zip(items, _forward(model, items, size, device)):
                         for b in BUCKETS:
                             sel = it["bucket"] == b
-                            pairs[b][0].append(it["iou"][sel])
-                            pairs[b][1].append(sim[sel])
+                            pairs[name][b][0].append(it["iou"][sel])
+                            pairs[name][b][1].append(sim[sel])
+        for name, buckets in pairs.items():
             results[name] = {
-                b: bucket_stats(
-                    np.concatenate(x) if x else np.zeros(0), np.concatenate(y) if y else np.zeros(0)
-                )
-                for b, (x, y) in pairs.items()
+                b: bucket_stats(np.concatenate(x), np.concatenate(y))
+                for b, (x, y) in buckets.items()
             }
     return results
 
