@@ -39,6 +39,9 @@ D2_DEFAULTS = {
     "MODEL.ROI_BOX_HEAD.NUM_FC": int, "MODEL.ROI_BOX_HEAD.FC_DIM": int, "MODEL.ROI_BOX_HEAD.NUM_CONV": int,
     "MODEL.ROI_BOX_HEAD.CONV_DIM": int, "MODEL.ROI_BOX_HEAD.NORM": str,
     "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG": bool, "MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES": bool,
+    "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE": str, "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT": float,
+    "MODEL.ROI_BOX_HEAD.USE_FED_LOSS": bool, "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE": bool,
+    "MODEL.ROI_BOX_HEAD.FED_LOSS_FREQ_WEIGHT_POWER": float, "MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES": int,
 }  # fmt: skip
 D2_NORMS = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
 
@@ -172,12 +175,24 @@ def torchvision_backbone(e: dict) -> BackboneWithFPN:
     return backbone.eval()
 
 
+def stock_config() -> str:
+    """detectron2's ``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml`` (its ``model_zoo``
+    ``get_config_file`` needs ``pkg_resources``, which recent setuptools no longer ship)."""
+    import detectron2
+
+    package = Path(detectron2.__file__).parent
+    for folder in (package / "model_zoo" / "configs", package.parent / "configs"):
+        path = folder / "COCO-InstanceSegmentation" / "mask_rcnn_R_50_FPN_1x.yaml"
+        if path.is_file():
+            return str(path)
+    pytest.skip("detectron2 is installed without its configs/")
+
+
 def fpn_relative_errors(e: dict, image_path: Path, *, with_fragment: bool = True) -> dict[str, float]:
     """||P_d2 - P_tv|| / ||P_tv|| per level: detectron2's stock Mask R-CNN R50-FPN config (+ ``F.yaml``)
     reading the image as its data loader does vs torchvision's normalisation from ``F.json``."""
     import json
 
-    import detectron2
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import get_cfg
     from detectron2.data.detection_utils import read_image
@@ -185,10 +200,7 @@ def fpn_relative_errors(e: dict, image_path: Path, *, with_fragment: bool = True
     from PIL import Image
 
     cfg = get_cfg()
-    package = Path(detectron2.__file__).parent  # model_zoo.get_config_file needs pkg_resources
-    stock = [d / "COCO-InstanceSegmentation" / "mask_rcnn_R_50_FPN_1x.yaml"
-             for d in (package / "model_zoo" / "configs", package.parent / "configs")]  # fmt: skip
-    cfg.merge_from_file(str(next(p for p in stock if p.is_file())))
+    cfg.merge_from_file(stock_config())
     if with_fragment:
         cfg.merge_from_file(str(e["pkl"].with_suffix(".yaml")))
     else:
@@ -228,3 +240,37 @@ def test_detectron2_fpn_equals_torchvision(exports, image_path: Path, name: str)
     assert max(errors.values()) < 1e-4, errors
     if name == "bn":  # the stock config alone (BGR, Caffe mean, std 1, stride in 1x1) is far off
         assert min(fpn_relative_errors(exports[name], image_path, with_fragment=False).values()) > 0.1
+
+
+def test_train_net_line_sets_what_the_fragment_sets(exports) -> None:
+    """detectron2's ``merge_from_list`` of the printed options gives the config ``merge_from_file`` of
+    ``F.yaml`` gives (both over the stock Mask R-CNN R50-FPN config)."""
+    pytest.importorskip("detectron2.config", reason="detectron2 is not installed")
+    import shlex
+
+    from detectron2.config import get_cfg
+
+    from predet.export import train_net_command
+
+    stock = stock_config()
+    for e in exports.values():
+        fragment = e["pkl"].with_suffix(".yaml")
+        argv = shlex.split(train_net_command(yaml.safe_load(fragment.read_text())))
+        from_file, from_opts = get_cfg(), get_cfg()
+        for cfg in (from_file, from_opts):
+            cfg.merge_from_file(stock)
+        from_file.merge_from_file(str(fragment))
+        from_opts.merge_from_list(argv[argv.index("--config-file") + 2 :])
+        assert from_opts == from_file and from_file.MODEL.RESNETS.STRIDE_IN_1X1 is False
+
+
+def test_embedded_key_list_is_detectron2s() -> None:
+    """``D2_DEFAULTS`` holds every key of those sections in detectron2's defaults, with their types."""
+    pytest.importorskip("detectron2.config", reason="detectron2 is not installed")
+    from detectron2.config import get_cfg
+
+    flat = _flat(get_cfg())
+    sections = ("MODEL.RESNETS.", "MODEL.FPN.", "MODEL.ROI_BOX_HEAD.")
+    assert {k for k in flat if k.startswith(sections)} | {"MODEL.WEIGHTS", "MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD",
+                                                          "INPUT.FORMAT"} == set(D2_DEFAULTS)  # fmt: skip
+    assert {k: type(flat[k]) for k in D2_DEFAULTS} == D2_DEFAULTS
