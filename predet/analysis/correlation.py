@@ -259,7 +259,10 @@ def _resolve_init(name: str, value: Any, tmp: Path) -> tuple[str, Optional[Path]
         out = tmp / f"{len(list(tmp.iterdir()))}_{path.name}.pth"
         return name, Path(export_backbone(ckpt, "torchvision", out)[0])
     if not path.is_file():
-        raise UserError(f"--init {value}: no such file or run folder (or 'scratch')")
+        raise UserError(
+            f"--init {value}: no such file or run folder (expected a torchvision-format backbone "
+            "file, a pre-training run folder, or 'scratch')"
+        )
     return name, path
 
 
