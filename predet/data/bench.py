@@ -25,7 +25,8 @@ from PIL import Image
 
 from predet.data.color import _jitter_uint8, blur_radius
 from predet.data.datasets import draft_side
-from predet.data.manifest import BadImage, load_image, read_manifest
+from predet.data.images import BadImage, load_image
+from predet.data.manifest import read_manifest
 from predet.data.queries import QueryParams, _edge_boxes, compute_queries, gradient_edges
 from predet.data.transforms import TwoViewTransform, map_boxes, sample_seed, visible_fraction
 

@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from predet.data.manifest import BadImage, ManifestEntry, decode_image, load_image, load_synonyms, read_manifest
+from predet.data.images import BadImage, decode_image, load_image
+from predet.data.manifest import ManifestEntry, read_manifest
 from predet.data.queries import QueryCache
 from predet.data.transforms import TwoViewTransform, collate_two_view, sample_seed
-from predet.data.vocab import build_vocab
+from predet.data.vocab import build_vocab, load_synonyms
 from predet.errors import UserError
 
 __all__ = ["PretrainData", "WeakLabelDataset", "ShardDataset", "build_pretrain_data", "draft_side"]

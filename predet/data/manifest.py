@@ -1,4 +1,4 @@
-"""Manifests, tag normalisation and robust image loading (DESIGN §4).
+"""Manifests (DESIGN §4): reading the JSON Lines (or a COCO JSON as weak labels) into entries.
 
 A manifest is JSON Lines, one image per line (relative paths are relative to the manifest's folder)::
 
@@ -9,55 +9,25 @@ A first line without ``image`` is a header (metadata such as the synthetic world
 A COCO JSON file is also accepted wherever a manifest is: its images become entries whose ``labels``
 are the categories of their annotations (weak, image-level labels; the boxes are NOT used).
 
-Images are read through :func:`load_image`, which returns RGB whatever the file holds (EXIF
-rotation applied; CMYK, RGBA, LA, P, L, 16-bit converted) and raises :class:`BadImage` with a
-one-line reason for missing, truncated, corrupt or too-small files, so callers count and name them.
+Tags are mapped to classes by :mod:`predet.data.vocab`; images are decoded by
+:mod:`predet.data.images`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
 
+# analysis/cls_map.py still reads images through this module; image decoding is images.py's
+from predet.data.images import BadImage, load_image  # noqa: F401  (transition re-export)
 from predet.errors import UserError
 
-__all__ = [
-    "BadImage",
-    "ManifestEntry",
-    "Manifest",
-    "read_manifest",
-    "read_coco_as_manifest",
-    "normalize_tag",
-    "load_synonyms",
-    "tag_to_classes",
-    "load_image",
-    "decode_image",
-    "resolve_labels",
-    "MIN_IMAGE_SIDE",
-]
-
-MIN_IMAGE_SIDE = 32  # smaller images carry no usable query boxes at 480x480 views
-
-# A truncated JPEG must raise, not decode to a grey bottom half.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-class BadImage(Exception):
-    """An image that cannot be used; ``str(e)`` is a one-line reason. Callers count and name these."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = str(path)
-        self.reason = reason
-
+__all__ = ["ManifestEntry", "Manifest", "read_manifest", "read_coco_as_manifest"]
 
 @dataclass
 class ManifestEntry:
@@ -194,144 +164,3 @@ def read_coco_as_manifest(path: str | os.PathLike, images_root: Optional[str | o
     if not entries:
         raise UserError(f"{path}: COCO JSON has no images")
     return Manifest(path=path, entries=entries, header={"format": "coco"})
-
-
-# --------------------------------------------------------------------------------------------
-# Tags -> classes
-# --------------------------------------------------------------------------------------------
-def normalize_tag(tag: str) -> str:
-    """``"  #Dogs "`` -> ``"dogs"``: Unicode NFKC, case-folded, leading ``#`` and whitespace removed."""
-    t = unicodedata.normalize("NFKC", tag).strip().casefold()
-    return t.lstrip("#").strip()
-
-
-def load_synonyms(path: str | os.PathLike) -> dict[str, list[str]]:
-    """Read a synonyms file ``{class: [tag, ...]}``; raises UserError naming the file and the key."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"synonyms file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(data, dict) or not data:
-        raise UserError(f"{path}: expected a non-empty JSON object {{class: [tag, ...]}}")
-    for cls, tags in data.items():
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise UserError(f"{path}: class '{cls}' must map to a list of tag strings")
-    return data
-
-
-def tag_to_classes(synonyms: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Normalised tag -> classes it names. A class's own name is one of its tags (paper §4.1:
-    "dog" expands to "#dogs", "#canine", ...); a tag listed under two classes names both."""
-    out: dict[str, list[str]] = {}
-    for cls, tags in synonyms.items():
-        for t in [cls, *tags]:
-            key = normalize_tag(t)
-            if key and cls not in out.setdefault(key, []):
-                out[key].append(cls)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Images
-# --------------------------------------------------------------------------------------------
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. 16/32-bit greyscale is scaled by its dtype's range, alpha is
-    composited on white (a transparent background is not black in the photo the user saw)."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img)
-        if img.mode.startswith("I;16"):
-            arr8 = (arr.astype(np.uint32) >> 8).astype(np.uint8)
-        else:  # 32-bit int or float: map its own range to 0..255
-            arr = arr.astype(np.float64)
-            lo, hi = float(arr.min()), float(arr.max())
-            arr8 = ((arr - lo) * (255.0 / max(hi - lo, 1e-12))).astype(np.uint8)
-        return Image.fromarray(arr8, "L").convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
-
-
-def decode_image(
-    data: bytes | str | os.PathLike,
-    *,
-    name: str | os.PathLike = "<bytes>",
-    min_side: int = MIN_IMAGE_SIDE,
-    draft_short_side: Optional[int] = None,
-) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode an image file (path or bytes) to RGB; EXIF orientation applied.
-
-    Args:
-        data: a path or the file's bytes.
-        name: how errors name the image.
-        min_side: smaller images raise :class:`BadImage`.
-        draft_short_side: for JPEG, let libjpeg decode at 1/2, 1/4 or 1/8 scale as long as the
-            short side stays >= this (much faster for large photos); boxes must then be scaled by
-            ``image.size / full_size``.
-
-    Returns:
-        ``(image, full_size)``: the RGB image and the ``(width, height)`` the file has at full
-        resolution after EXIF rotation (the pixel frame of the query cache).
-    """
-    if isinstance(data, (str, os.PathLike)) and not os.path.isfile(data):
-        raise BadImage(name, "file not found")
-    try:
-        img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
-        full = img.size
-        if draft_short_side is not None and img.format == "JPEG":
-            scale = max(draft_short_side / max(min(full), 1), 1e-6)
-            img.draft("RGB", (max(1, int(full[0] * scale)), max(1, int(full[1] * scale))))
-        img.load()  # raises on truncated/corrupt data
-        transposed = ImageOps.exif_transpose(img)
-        if transposed is not None and transposed is not img:
-            if transposed.size != img.size:
-                full = (full[1], full[0])  # 90/270 degree orientation
-            img = transposed
-        img = _to_rgb(img)
-    except BadImage:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as e:
-        raise BadImage(name, f"cannot decode ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if min(full) < min_side:
-        raise BadImage(name, f"too small ({full[0]}x{full[1]} < {min_side} px)")
-    return img, full
-
-
-def load_image(
-    path: str | os.PathLike, *, min_side: int = MIN_IMAGE_SIDE, draft_short_side: Optional[int] = None
-) -> tuple[Image.Image, tuple[int, int]]:
-    """:func:`decode_image` for a file path (the error names the path)."""
-    return decode_image(path, name=path, min_side=min_side, draft_short_side=draft_short_side)
-
-
-def resolve_labels(
-    entries: Sequence[ManifestEntry], synonyms: Optional[dict[str, list[str]]]
-) -> tuple[list[list[str]], dict[str, int]]:
-    """Class names of each entry: its ``labels`` if given, else its tags mapped through ``synonyms``.
-
-    Returns the per-entry class lists (sorted, unique) and a count of unseen normalised tags.
-    """
-    t2c = tag_to_classes(synonyms) if synonyms else {}
-    unknown: dict[str, int] = {}
-    out = []
-    for e in entries:
-        if e.labels is not None:
-            out.append(sorted(set(e.labels)))
-            continue
-        classes: set[str] = set()
-        for t in e.tags:
-            key = normalize_tag(t)
-            if key in t2c:
-                classes.update(t2c[key])
-            elif key:
-                unknown[key] = unknown.get(key, 0) + 1
-        out.append(sorted(classes))
-    return out, unknown

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou, nms
 
-from predet.data.manifest import BadImage, ManifestEntry, load_image, read_manifest
+from predet.data.images import BadImage, load_image
+from predet.data.manifest import ManifestEntry, read_manifest
 from predet.distributed import env_rank
 from predet.errors import UserError
 from predet.utils import atomic_write_text

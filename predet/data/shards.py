@@ -23,9 +23,10 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from predet.data.manifest import BadImage, ManifestEntry, load_image, load_synonyms, read_manifest
+from predet.data.images import BadImage, load_image
+from predet.data.manifest import ManifestEntry, read_manifest
 from predet.data.queries import QueryCache
-from predet.data.vocab import build_vocab
+from predet.data.vocab import build_vocab, load_synonyms
 from predet.distributed import env_rank
 from predet.errors import UserError
 from predet.utils import atomic_write_text, write_json

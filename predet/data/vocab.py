@@ -1,6 +1,6 @@
 """``predet data vocab``: the paper's IG-50M recipe (§4.1) for any tagged images.
 
-Tags are normalised (:func:`~predet.data.manifest.normalize_tag`), mapped to classes through a
+Tags are normalised (:func:`normalize_tag`), mapped to classes through a
 synonyms file ``{class: [tag, ...]}``, unique images are counted per class, and classes with fewer
 than ``min_images`` images are dropped. Writes ``OUT/vocab.json`` =
 ``{"classes": [...], "counts": {class: images}, "dropped": {class: images}}`` and
@@ -13,15 +13,81 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from predet.data.manifest import ManifestEntry, load_synonyms, read_manifest, resolve_labels
+from predet.data.manifest import ManifestEntry, read_manifest
 from predet.errors import UserError
 from predet.utils import atomic_write_text, write_json
 
-__all__ = ["Vocab", "build_vocab", "run"]
+__all__ = [
+    "Vocab", "build_vocab", "normalize_tag", "load_synonyms", "tag_to_classes", "resolve_labels", "run"
+]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Tags -> classes
+# --------------------------------------------------------------------------------------------
+def normalize_tag(tag: str) -> str:
+    """``"  #Dogs "`` -> ``"dogs"``: Unicode NFKC, case-folded, leading ``#`` and whitespace removed."""
+    t = unicodedata.normalize("NFKC", tag).strip().casefold()
+    return t.lstrip("#").strip()
+
+
+def load_synonyms(path: str | os.PathLike) -> dict[str, list[str]]:
+    """Read a synonyms file ``{class: [tag, ...]}``; raises UserError naming the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"synonyms file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict) or not data:
+        raise UserError(f"{path}: expected a non-empty JSON object {{class: [tag, ...]}}")
+    for cls, tags in data.items():
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise UserError(f"{path}: class '{cls}' must map to a list of tag strings")
+    return data
+
+
+def tag_to_classes(synonyms: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Normalised tag -> classes it names. A class's own name is one of its tags (paper §4.1:
+    "dog" expands to "#dogs", "#canine", ...); a tag listed under two classes names both."""
+    out: dict[str, list[str]] = {}
+    for cls, tags in synonyms.items():
+        for t in [cls, *tags]:
+            key = normalize_tag(t)
+            if key and cls not in out.setdefault(key, []):
+                out[key].append(cls)
+    return out
+
+
+def resolve_labels(
+    entries: Sequence[ManifestEntry], synonyms: Optional[dict[str, list[str]]]
+) -> tuple[list[list[str]], dict[str, int]]:
+    """Class names of each entry: its ``labels`` if given, else its tags mapped through ``synonyms``.
+
+    Returns the per-entry class lists (sorted, unique) and a count of unseen normalised tags.
+    """
+    t2c = tag_to_classes(synonyms) if synonyms else {}
+    unknown: dict[str, int] = {}
+    out = []
+    for e in entries:
+        if e.labels is not None:
+            out.append(sorted(set(e.labels)))
+            continue
+        classes: set[str] = set()
+        for t in e.tags:
+            key = normalize_tag(t)
+            if key in t2c:
+                classes.update(t2c[key])
+            elif key:
+                unknown[key] = unknown.get(key, 0) + 1
+        out.append(sorted(classes))
+    return out, unknown
 
 
 @dataclass

@@ -10,15 +10,9 @@ import pytest
 from PIL import Image
 
 from predet.cli import main
-from predet.data.manifest import (
-    BadImage,
-    load_image,
-    normalize_tag,
-    read_coco_as_manifest,
-    read_manifest,
-    tag_to_classes,
-)
-from predet.data.vocab import build_vocab
+from predet.data.images import BadImage, load_image
+from predet.data.manifest import read_coco_as_manifest, read_manifest
+from predet.data.vocab import build_vocab, normalize_tag, tag_to_classes
 from predet.errors import UserError
 
 

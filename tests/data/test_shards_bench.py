@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from predet.cli import main
-from predet.data.manifest import load_image
+from predet.data.images import load_image
 
 
 def _tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
