@@ -145,7 +145,8 @@ class LossConfig:
     croi_reg_weight: float = 1.0
 
 
-LOSS_SWITCHES = ("cls", "crpn", "info", "croi_reg")  # the boolean fields of LossConfig
+# the on/off switches: a loss is a bool field here plus a float <switch>_weight
+LOSS_SWITCHES = tuple(f.name for f in fields(LossConfig) if f.type in (bool, "bool"))
 
 
 @dataclass

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from predet.config import LOSS_SWITCHES
 from predet.errors import UserError
-from predet.modeling.predet import build_predet
+from predet.modeling.predet import build_predet, loss_weight
 
 LOSSES = {"loss_cls", "loss_crpn_cls", "loss_crpn_reg", "loss_info", "loss_croi_reg"}
 METRICS = {"lookup_top1", "crpn_recall", "valid_queries"}
@@ -109,6 +110,15 @@ def test_loss_weights(tiny_cfg, make_batch):
     for k in ("loss_cls", "loss_crpn_cls", "loss_crpn_reg"):
         torch.testing.assert_close(outs[1][k], 2.5 * outs[0][k])
     torch.testing.assert_close(outs[1]["loss_info"], outs[0]["loss_info"])
+
+
+def test_each_loss_takes_the_weight_of_the_switch_that_owns_it(tiny_cfg):
+    cfg = tiny_cfg("loss.cls_weight=2", "loss.crpn_weight=3", "loss.info_weight=5", "loss.croi_reg_weight=7")
+    got = {k: loss_weight(cfg.loss, k) for k in LOSSES}
+    assert got == {"loss_cls": 2, "loss_crpn_cls": 3, "loss_crpn_reg": 3, "loss_info": 5, "loss_croi_reg": 7}
+    assert LOSS_SWITCHES == ("cls", "crpn", "info", "croi_reg")  # LossConfig's bool fields
+    with pytest.raises(ValueError, match="loss_dummy: no loss switch owns it"):
+        loss_weight(cfg.loss, "loss_dummy")
 
 
 @pytest.mark.parametrize(
