@@ -1,16 +1,14 @@
 """Two box-aware views of an image (MoCo-v2 augmentations) and the query-sampling collate.
 
 Shapes: N images (each gives two views), S view side (480 in the paper), M query boxes of an image,
-Q queries kept per image (config ``data.queries_per_image``), K classes, B views in a colour batch.
+Q queries kept per image (config ``data.queries_per_image``), K classes.
 
 Pipeline of one view (MoCo-v2 order; flip first because the colour ops commute with it)::
 
     random resized crop + resize to SxS   one ``cv2.resize`` of the crop (a view of the image)
     horizontal flip                        ``cv2.flip`` of the SxS result
     colour jitter (random order), grey,    ``predet.data.color``: OpenCV uint8 kernels per view
-    Gaussian blur                          in workers (default, ``backend="cv2"``), or batched
-                                           float ops on ``(B, 3, S, S)`` (``backend="torch"``,
-                                           what a GPU-side pipeline runs on a whole batch)
+    Gaussian blur                          in the loader workers
     normalise                              one in-place multiply-add on both views
 
 Boxes follow crop, flip and resize exactly (continuous pixel coordinates: the resize maps
@@ -29,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from predet.data.color import color_augment, color_augment_uint8
+from predet.data.color import color_augment_uint8
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -169,13 +167,9 @@ class TwoViewTransform:
         min_visible: float = 0.5,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-        backend: str = "cv2",
     ) -> None:
         if size < 8:
             raise ValueError(f"view size must be >= 8, got {size}")
-        if backend not in ("cv2", "torch"):
-            raise ValueError(f"backend must be 'cv2' or 'torch', got {backend!r}")
-        self.backend = backend
         self.size = int(size)
         self.crop = crop
         self.crop_scale = tuple(float(v) for v in crop_scale)
@@ -253,20 +247,6 @@ class TwoViewTransform:
         view = cv2.resize(img[y0 : y0 + h, x0 : x0 + w], (S, S), interpolation=interp)
         return cv2.flip(view, 1) if params.flip else view
 
-    def color(self, views: torch.Tensor, params: Sequence[ViewParams]) -> torch.Tensor:
-        """Batched tensor path: (B, 3, S, S) uint8 -> (B, 3, S, S) float, colour-augmented and
-        normalised (what a GPU-side pipeline runs on a whole batch)."""
-        x = views.float().div_(255)
-        x = color_augment(
-            x,
-            jitter=torch.tensor([p.jitter for p in params]),
-            jitter_factors=torch.tensor([p.jitter_factors for p in params], dtype=torch.float32),
-            jitter_order=torch.tensor([p.jitter_order for p in params]),
-            gray=torch.tensor([p.gray for p in params]),
-            blur_sigma=torch.tensor([p.blur_sigma for p in params], dtype=torch.float32),
-        )
-        return (x - self.mean) / self.std
-
     @staticmethod
     def to_chw(views: Sequence[np.ndarray]) -> torch.Tensor:
         """B views (S, S, 3) uint8 -> (B, 3, S, S) uint8; ``cv2.split`` copies planes ~4x faster
@@ -285,10 +265,8 @@ class TwoViewTransform:
         arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB")) if isinstance(img, Image.Image) else img
         height, width = arr.shape[:2]
         params = [self.sample_params(width, height, generator) for _ in range(2)]
-        if self.backend == "cv2":  # uint8 SIMD kernels per view, then one normalise for both
-            views = self.normalize(self.to_chw([color_augment_uint8(self.render(arr, p), **p.color_kwargs()) for p in params]))
-        else:  # (2, 3, S, S) uint8 through the batched float ops
-            views = self.color(self.to_chw([self.render(arr, p) for p in params]), params)
+        # uint8 SIMD kernels per view, then one normalise for both
+        views = self.normalize(self.to_chw([color_augment_uint8(self.render(arr, p), **p.color_kwargs()) for p in params]))
         vis = torch.stack([visible_fraction(boxes, p.crop) for p in params])  # (2, M)
         return {
             "view1": views[0],
