@@ -4,6 +4,7 @@
 and batch contracts; ``predet.data.datasets.build_pretrain_data(cfg)`` builds the data of a run.
 """
 
-from predet.data.transforms import TwoViewTransform, collate_two_view, sample_seed
+from predet.data.datasets import collate_two_view
+from predet.data.transforms import TwoViewTransform, sample_seed
 
 __all__ = ["TwoViewTransform", "collate_two_view", "sample_seed"]

@@ -33,11 +33,14 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from predet.data.images import BadImage, decode_image, load_image
 from predet.data.manifest import ManifestEntry, read_manifest
 from predet.data.queries import QueryCache
-from predet.data.transforms import TwoViewTransform, collate_two_view, sample_seed
+from predet.data.transforms import TwoViewTransform, sample_seed
 from predet.data.vocab import build_vocab, load_synonyms
 from predet.errors import UserError
 
-__all__ = ["PretrainData", "WeakLabelDataset", "ShardDataset", "build_pretrain_data", "draft_side"]
+__all__ = [
+    "PretrainData", "WeakLabelDataset", "ShardDataset", "build_pretrain_data", "collate_two_view",
+    "draft_side",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,42 @@ def _init_cv2_threads() -> None:
         import cv2
 
         cv2.setNumThreads(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Batches: up to Q of each image's valid queries
+# --------------------------------------------------------------------------------------------
+def collate_two_view(samples: Sequence[dict], num_queries: int = 16) -> dict[str, torch.Tensor]:
+    """Stack two-view samples and sample up to Q valid queries per image.
+
+    Each sample's queries are drawn with ``torch.Generator().manual_seed(sample["seed"])``, so a
+    batch does not depend on worker processes. Returns ``view1``, ``view2`` (N, 3, S, S);
+    ``boxes1``, ``boxes2`` (N, Q, 4) zero-padded; ``query_mask`` (N, Q) bool; ``labels`` (N, K);
+    ``num_skipped`` () long: unreadable images the dataset passed over to fill this batch.
+    """
+    N, Q = len(samples), int(num_queries)
+    boxes1 = torch.zeros(N, Q, 4)
+    boxes2 = torch.zeros(N, Q, 4)
+    mask = torch.zeros(N, Q, dtype=torch.bool)
+    # per-image loop: each image has its own number of valid queries (N is the batch, not a hot path)
+    for n, s in enumerate(samples):
+        idx = s["valid"].nonzero().squeeze(1)
+        if idx.numel() > Q:
+            g = torch.Generator().manual_seed(int(s["seed"]))
+            idx = idx[torch.randperm(idx.numel(), generator=g)[:Q]]
+        k = idx.numel()
+        boxes1[n, :k] = s["boxes1"][idx]
+        boxes2[n, :k] = s["boxes2"][idx]
+        mask[n, :k] = True
+    return {
+        "view1": torch.stack([s["view1"] for s in samples]),
+        "view2": torch.stack([s["view2"] for s in samples]),
+        "boxes1": boxes1,
+        "boxes2": boxes2,
+        "query_mask": mask,
+        "labels": torch.stack([s["labels"] for s in samples]).float(),
+        "num_skipped": torch.tensor(sum(int(s.get("skipped", 0)) for s in samples)),
+    }
 
 
 class WeakLabelDataset(Dataset):

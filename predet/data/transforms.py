@@ -1,4 +1,4 @@
-"""Two box-aware views of an image (MoCo-v2 augmentations) and the query-sampling collate.
+"""Two box-aware views of an image (MoCo-v2 augmentations), their boxes mapped into each view.
 
 Shapes: N images (each gives two views), S view side (480 in the paper), M query boxes of an image,
 Q queries kept per image (config ``data.queries_per_image``), K classes.
@@ -38,7 +38,6 @@ __all__ = [
     "sample_crop",
     "map_boxes",
     "visible_fraction",
-    "collate_two_view",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -275,39 +274,3 @@ class TwoViewTransform:
             "boxes2": map_boxes(boxes, params[1].crop, self.size, params[1].flip),
             "valid": (vis >= self.min_visible).all(dim=0) & (vis > 0).all(dim=0),
         }
-
-
-# --------------------------------------------------------------------------------------------
-# Collate
-# --------------------------------------------------------------------------------------------
-def collate_two_view(samples: Sequence[dict], num_queries: int = 16) -> dict[str, torch.Tensor]:
-    """Stack two-view samples and sample up to Q valid queries per image.
-
-    Each sample's queries are drawn with ``torch.Generator().manual_seed(sample["seed"])``, so a
-    batch does not depend on worker processes. Returns ``view1``, ``view2`` (N, 3, S, S);
-    ``boxes1``, ``boxes2`` (N, Q, 4) zero-padded; ``query_mask`` (N, Q) bool; ``labels`` (N, K);
-    ``num_skipped`` () long: unreadable images the dataset passed over to fill this batch.
-    """
-    N, Q = len(samples), int(num_queries)
-    boxes1 = torch.zeros(N, Q, 4)
-    boxes2 = torch.zeros(N, Q, 4)
-    mask = torch.zeros(N, Q, dtype=torch.bool)
-    # per-image loop: each image has its own number of valid queries (N is the batch, not a hot path)
-    for n, s in enumerate(samples):
-        idx = s["valid"].nonzero().squeeze(1)
-        if idx.numel() > Q:
-            g = torch.Generator().manual_seed(int(s["seed"]))
-            idx = idx[torch.randperm(idx.numel(), generator=g)[:Q]]
-        k = idx.numel()
-        boxes1[n, :k] = s["boxes1"][idx]
-        boxes2[n, :k] = s["boxes2"][idx]
-        mask[n, :k] = True
-    return {
-        "view1": torch.stack([s["view1"] for s in samples]),
-        "view2": torch.stack([s["view2"] for s in samples]),
-        "boxes1": boxes1,
-        "boxes2": boxes2,
-        "query_mask": mask,
-        "labels": torch.stack([s["labels"] for s in samples]).float(),
-        "num_skipped": torch.tensor(sum(int(s.get("skipped", 0)) for s in samples)),
-    }
