@@ -22,7 +22,7 @@ import contextlib
 import copy
 import functools
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -255,7 +255,8 @@ def _train(
         last_good=checkpoint_path(out) if ckpt is not None else None,
     )  # fmt: skip
     views_cl = ("view1", "view2") if on_cuda and t.channels_last else ()
-    batches = ((to_device(b, device, channels_last_keys=views_cl),) for b in stream)
+    skipped = [0]  # unreadable images the loaders passed over, this rank
+    batches = _inputs(stream, device, views_cl, skipped)
     amp_dtype = torch.bfloat16 if t.amp_dtype == "bfloat16" else torch.float16
     train(
         model_ddp, batches, optimizer, scheduler, start=step, stop=stop, logger=logger,
@@ -265,7 +266,28 @@ def _train(
         else contextlib.nullcontext,
     )  # fmt: skip
     logger.close()
+    _report_skipped(skipped[0], device)
     _check_ranks_agree(model, out, world=world, is_main=rank == 0)
+
+
+def _inputs(
+    stream: BatchStream, device: torch.device, channels_last: tuple[str, ...], skipped: list[int]
+) -> Iterator[tuple[dict[str, Any]]]:
+    """Each batch on ``device``, as the model's one input; ``skipped[0]`` counts the unreadable
+    images the loader replaced (the batch's ``num_skipped``)."""
+    for batch in stream:
+        skipped[0] += int(batch.pop("num_skipped", 0))
+        yield (to_device(batch, device, channels_last_keys=channels_last),)
+
+
+def _report_skipped(count: int, device: torch.device) -> None:
+    """Say how many unreadable images the run passed over (all ranks together), if any."""
+    total = torch.tensor(float(count), device=device)
+    if dist_utils.is_initialized():
+        torch.distributed.all_reduce(total)
+    if dist_utils.is_main() and total.item() > 0:
+        n = int(total.item())
+        print(f"predet pretrain: {n} unreadable images skipped (readable ones took their place)")
 
 
 def _check_ranks_agree(model: torch.nn.Module, out: Path, *, world: int, is_main: bool) -> None:

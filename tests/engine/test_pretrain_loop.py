@@ -186,6 +186,20 @@ def test_run_config_records_resolved_lr(toy_data, toy_model, tmp_path):
     assert [r["lr"] for r in rows] == pytest.approx([saved.train.lr] * 2)  # no warm-up, no decay
 
 
+def _collate_with_skips(samples: list) -> dict:
+    """The stand-ins' collate, saying (as ``collate_two_view`` does) that the loader replaced one
+    unreadable image of each batch."""
+    batch = {k: torch.stack([s[k] for s in samples]) for k in ("view1", "view2", "labels")}
+    return {**batch, "num_skipped": torch.tensor(1)}
+
+
+def test_skipped_images_are_counted_and_reported(toy_data, toy_model, tmp_path, capsys):
+    data = toy_data()
+    data.collate_fn = _collate_with_skips
+    pretrain(_cfg("train.steps=3"), tmp_path / "run", data=data, model=toy_model())
+    assert "predet pretrain: 3 unreadable images skipped" in capsys.readouterr().out
+
+
 class _Counting(torch.utils.data.IterableDataset):
     """One pass yields ``epoch * 100 + i`` for i < 7."""
 
