@@ -387,12 +387,10 @@ def build_pretrain_data(cfg: Any) -> PretrainData:
     if not cfg.data.manifest:
         raise UserError("data.manifest is empty: give a manifest (or a COCO JSON with data.format=coco)")
     path = Path(cfg.data.manifest)
-    if fmt == "coco":
-        from predet.data.manifest import read_coco_as_manifest
-
-        if not path.is_file():
-            raise UserError(f"data.manifest: COCO JSON not found: {path}")
-        manifest = read_coco_as_manifest(path, cfg.data.images)
+    # one reader: JSON Lines, or a COCO JSON as weak labels (read_coco_as_manifest, detected)
+    manifest = read_manifest(path, cfg.data.images if fmt == "coco" else None)
+    if manifest.header.get("format") == "coco":
         return _from_entries(cfg, path, manifest.entries, None)
-    manifest = read_manifest(path)
+    if fmt == "coco":
+        raise UserError(f"data.format=coco but data.manifest {path} is not a COCO JSON")
     return _from_entries(cfg, path, manifest.entries, _synonyms_for(cfg, path, manifest.entries))

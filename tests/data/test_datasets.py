@@ -130,6 +130,11 @@ def test_coco_weak_labels_with_cached_queries(tiny_world: Path, tmp_path: Path) 
     # queries are EdgeBoxes, not the annotation boxes
     gt = [a["bbox"] for a in coco["annotations"] if a["image_id"] == first["id"]]
     assert len(data.dataset.queries_of(0)) != len(gt) or not np.allclose(data.dataset.queries_of(0)[:, :2], np.array(gt)[:, :2])
+    # one reader: the same JSON as data.manifest without data.format=coco is detected and read alike
+    again = build_pretrain_data(_cfg(f"data.manifest={ann}", f"data.queries={q}"))
+    assert again.classes == data.classes and torch.equal(again.dataset.labels_of(0), data.dataset.labels_of(0))
+    with pytest.raises(UserError, match="is not a COCO JSON"):
+        build_pretrain_data(_cfg("data.format=coco", f"data.manifest={tiny_world / 'pretrain/manifest.jsonl'}"))
 
 
 def test_shards_round_trip_and_split_across_workers(tiny_world: Path, tiny_queries: Path, tmp_path: Path) -> None:
