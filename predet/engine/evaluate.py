@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader
 from predet import distributed
 from predet.config import FinetuneConfig, load_config
 from predet.data.detection import DetectionDataset, collate_detection, infer_format, is_lvis, load_gt
-from predet.engine.detectors import build_detector
 from predet.errors import UserError
+from predet.modeling.detectors import build_detector
 from predet.utils import load_checkpoint, write_json
 
 __all__ = ["LVISStyleEval", "evaluate_predictions", "evaluate_run", "predict", "run"]
