@@ -70,6 +70,9 @@ class PretrainDataConfig:
     min_images: int = 1  # classes with fewer images are dropped (as `predet data vocab`)
     num_workers: int = 2
     queries_per_image: int = 16  # Q
+    # a fixed slice of the manifest never trained on; the classification head is scored on it
+    # (cls_map, and cls_map_true when truth.jsonl is beside the manifest). 0: none
+    heldout: int = 256
     aug: AugConfig = field(default_factory=AugConfig)
 
 
@@ -166,6 +169,7 @@ class PretrainTrainConfig:
     amp_dtype: str = "bfloat16"  # bfloat16 | float16 (float16 uses a GradScaler; pre-Ampere GPUs)
     channels_last: bool = True  # on CUDA
     log_every: int = 10
+    eval_every: Optional[int] = None  # cls_map on the held-out slice every N steps; None: ckpt.every
     device: str = "auto"  # auto | cpu | cuda
     stop_at: Optional[int] = None  # stop (with a checkpoint) after this step; schedule keeps `steps`
     find_unused_parameters: Optional[bool] = None  # DDP; None: True when a loss is switched off
@@ -478,6 +482,10 @@ def _check_pretrain_rest(cfg: Any) -> None:
     _positive("data", d, ("queries_per_image", "min_images"))
     if d.num_workers < 0:
         raise UserError(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    if d.heldout < 0:
+        raise UserError(f"data.heldout: must be >= 0, got {d.heldout}")
+    if t.eval_every is not None and t.eval_every < 1:
+        raise UserError(f"train.eval_every: must be >= 1 (or null for ckpt.every), got {t.eval_every}")
 
 
 def _check_finetune(cfg: Any) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from predet.data.heldout import HeldOutSet, build_heldout_set, heldout_indices
 from predet.data.images import BadImage, decode_image, load_image
 from predet.data.manifest import ManifestEntry, read_manifest
 from predet.data.queries import QueryCache
@@ -281,6 +282,7 @@ class PretrainData:
     classes: list[str]
     collate_fn: Callable[[Sequence[dict]], dict[str, torch.Tensor]]
     counts: dict[str, int] = field(default_factory=dict)
+    heldout: Optional[HeldOutSet] = None  # images left out of training, for cls_map
 
     @property
     def num_skipped(self) -> int:
@@ -316,8 +318,13 @@ def _from_entries(cfg: Any, manifest_path: Path, entries: list[ManifestEntry], s
         )
     index = {c: k for k, c in enumerate(vocab.classes)}
     counts = {"images": len(entries), "no_class": 0, "excluded_unreadable": 0, "without_queries": 0}
+    held = set(heldout_indices(len(entries), cfg.data.heldout).tolist())
+    held_entries: list[tuple[ManifestEntry, list[str]]] = []
     paths, labels, queries = [], [], []
-    for e, classes in zip(entries, vocab.labels):
+    for i, (e, classes) in enumerate(zip(entries, vocab.labels)):
+        if i in held:
+            held_entries.append((e, classes))  # scored by cls_map, never trained on
+            continue
         if not classes:
             counts["no_class"] += 1
             continue
@@ -337,12 +344,19 @@ def _from_entries(cfg: Any, manifest_path: Path, entries: list[ManifestEntry], s
     if not paths:
         raise UserError(f"{manifest_path}: no usable image (counts: {counts})")
     counts["used"] = len(paths)
+    counts["heldout"] = len(held_entries)
     transform = TwoViewTransform.from_config(cfg.data.aug, cfg.model.input_size)
     dataset = WeakLabelDataset(
         paths=paths, labels=labels, queries=queries, num_classes=len(vocab.classes), transform=transform, seed=cfg.seed
     )
     collate = functools.partial(collate_two_view, num_queries=cfg.data.queries_per_image)
-    return PretrainData(dataset=dataset, classes=vocab.classes, collate_fn=collate, counts=counts)
+    return PretrainData(
+        dataset=dataset, classes=vocab.classes, collate_fn=collate, counts=counts,
+        heldout=build_heldout_set(
+            manifest_path, [e.image for e, _ in held_entries], [e.path for e, _ in held_entries],
+            [names for _, names in held_entries], vocab.classes,
+        ),
+    )  # fmt: skip
 
 
 def _shard_urls(spec: str) -> list[str]:

@@ -183,23 +183,31 @@ def _texture(appearance: str, rng: np.random.Generator, h: int, w: int, side: fl
 
 
 def render_scene(
-    rng: np.random.Generator, *, size: int, classes: Sequence[str]
+    rng: np.random.Generator,
+    *,
+    size: int,
+    classes: Sequence[str],
+    objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS),
+    sides: tuple[float, float] = (MIN_SIDE, MAX_SIDE),
 ) -> tuple[np.ndarray, list[SceneObject]]:
     """Draw one scene: returns the (size, size, 3) uint8 RGB image and its objects, bottom to top.
 
-    Objects are placed one at a time; a candidate that would leave an earlier object less than
-    ``MIN_VISIBLE`` of its area visible is re-drawn (up to 10 tries, then skipped).
+    ``objects``: the range (inclusive) of the number of objects drawn; ``sides``: the range of an
+    object's side as a fraction of the image side (log-uniform). Objects are placed one at a time;
+    a candidate that would leave an earlier object less than ``MIN_VISIBLE`` of its area visible
+    is re-drawn (up to 10 tries, then skipped).
     """
     image = _background(rng, size)
     full: list[np.ndarray] = []  # each object's whole mask
     visible: list[np.ndarray] = []  # each object's visible mask
     labels: list[int] = []
-    n_objects = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+    n_objects = int(rng.integers(objects[0], objects[1] + 1))
+    log_side = (math.log(sides[0]), math.log(sides[1]))
     for _ in range(n_objects):
         label = int(rng.integers(len(classes)))
         appearance, shape = classes[label].split("_")
         for _try in range(10):
-            side = size * math.exp(rng.uniform(math.log(MIN_SIDE), math.log(MAX_SIDE)))
+            side = size * math.exp(rng.uniform(*log_side))
             radius = side / 2
             center = rng.uniform(radius, size - radius, size=2)
             mask = _shape_mask(shape, rng, size, radius, center).astype(bool)

@@ -115,6 +115,8 @@ def train(
     clip_grad: Optional[float] = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     progress: bool = True,
+    evaluate: Optional[Callable[[], dict[str, float]]] = None,
+    eval_every: int = 0,
 ) -> None:
     """Train steps ``start+1 .. stop``.
 
@@ -125,6 +127,8 @@ def train(
         images_per_step: over all ranks (for ``images_per_s``).
         scaler: a float16 ``GradScaler`` (None: no scaling).
         autocast: returns the forward's autocast context.
+        evaluate: held-out metrics (e.g. ``cls_map``), computed every ``eval_every`` steps and at
+            ``stop``, logged with that step's row (or a row of their own between log steps).
     """
     scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -149,14 +153,21 @@ def train(
         scheduler.step()
         bar.update(1)
         window.add(values)
+        evals: dict[str, float] = {}
+        if evaluate is not None and ((eval_every and step % eval_every == 0) or step == stop):
+            t_eval = time.perf_counter()
+            evals = evaluate()
+            window_start += time.perf_counter() - t_eval  # images_per_s counts training only
         if step % log_every == 0 or step == stop:
             elapsed = time.perf_counter() - window_start
             row = {"step": step, "lr": lr, **window.means()}
             row["images_per_s"] = window.steps * images_per_step / max(elapsed, 1e-9)
             row["world_size"] = dist_utils.world_size()
-            logger.log(row)
+            logger.log({**row, **evals})
             bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['images_per_s']:.1f}")
             window, window_start = _Window(), time.perf_counter()
+        elif evals:
+            logger.log({"step": step, **evals})
         if step % checkpointer.every == 0 or step == stop:
             checkpointer.save(step)
     bar.close()

@@ -254,6 +254,13 @@ def _train(
         every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last, extra_state=extra_state,
         last_good=checkpoint_path(out) if ckpt is not None else None,
     )  # fmt: skip
+    evaluate = None
+    heldout = getattr(data, "heldout", None)
+    if rank == 0 and cfg.loss.cls and heldout is not None:  # cls_map on the held-out slice
+        from predet.analysis.cls_map import ClsEvaluator
+
+        evaluator = ClsEvaluator(heldout.paths, heldout.tags, heldout.truth, input_size=cfg.model.input_size)
+        evaluate = functools.partial(evaluator, model)
     views_cl = ("view1", "view2") if on_cuda and t.channels_last else ()
     skipped = [0]  # unreadable images the loaders passed over, this rank
     batches = _inputs(stream, device, views_cl, skipped)
@@ -262,6 +269,7 @@ def _train(
         model_ddp, batches, optimizer, scheduler, start=step, stop=stop, logger=logger,
         checkpointer=checkpointer, log_every=t.log_every, images_per_step=t.batch_size * world,
         scaler=scaler, clip_grad=t.clip_grad, progress=rank == 0,
+        evaluate=evaluate, eval_every=t.eval_every or cfg.ckpt.every,
         autocast=functools.partial(torch.autocast, "cuda", dtype=amp_dtype) if use_amp
         else contextlib.nullcontext,
     )  # fmt: skip

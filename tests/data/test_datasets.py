@@ -19,7 +19,9 @@ from predet.errors import UserError
 
 
 def _cfg(*overrides: str):
-    return load_config(PretrainConfig, None, ["model.input_size=64", "data.queries_per_image=8", *overrides])
+    return load_config(
+        PretrainConfig, None, ["model.input_size=64", "data.queries_per_image=8", "data.heldout=0", *overrides]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +31,27 @@ def tiny_queries(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     entries = read_manifest(tiny_world / "pretrain/manifest.jsonl").entries[:40]
     cache_queries(entries, out, QueryParams(max_boxes=30), progress=False)
     return out
+
+
+def test_heldout_slice_is_never_trained_on(tiny_world: Path, tiny_queries: Path) -> None:
+    manifest = tiny_world / "pretrain/manifest.jsonl"
+    entries = read_manifest(manifest).entries
+    q = f"data.queries={tiny_queries}"
+    data = build_pretrain_data(_cfg(f"data.manifest={manifest}", q, "data.heldout=30"))
+    held = data.heldout
+    assert len(held.paths) == 30 == data.counts["heldout"]
+    assert not set(held.paths) & {str(p) for p in data.dataset.paths}
+    # every image is either held out, trained on, or without a class
+    assert len(held.paths) + data.counts["used"] + data.counts["no_class"] == len(entries)
+    # tags -> the same classes as training uses; truth.jsonl beside the manifest gives true labels
+    assert held.tags.shape == held.truth.shape == (30, len(data.classes))
+    truth = {json.loads(l)["image"]: json.loads(l)["labels"] for l in (tiny_world / "pretrain/truth.jsonl").open()}
+    by_path = {str(e.path): e.image for e in entries}
+    for i, p in enumerate(held.paths):
+        assert sorted(data.classes[k] for k in np.nonzero(held.truth[i])[0]) == sorted(truth[by_path[p]])
+    # the same slice for another seed
+    again = build_pretrain_data(_cfg(f"data.manifest={manifest}", q, "data.heldout=30", "seed=5"))
+    assert again.heldout.paths == held.paths
 
 
 def test_manifest_tags_map_like_vocab_and_queries_come_from_cache(tiny_world: Path, tiny_queries: Path) -> None:

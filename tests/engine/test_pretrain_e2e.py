@@ -122,3 +122,20 @@ def test_torchrun_two_cpu_processes(builtin_cache, tmp_path):
     assert ranks["world_size"] == 2 and len(set(ranks["param_sha1"])) == 1
     assert {r["world_size"] for r in _rows(run)} == {2}
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 4
+
+
+def test_cls_map_logged_on_heldout_slice(builtin_cache, tmp_path):
+    """With a held-out slice, cls_map (tags) and cls_map_true (truth.jsonl) are logged at every
+    eval step and at the end, as mAPs in [0, 1]; without one, neither key appears."""
+    run = tmp_path / "run"
+    args = ["pretrain", "--config", TINY, "--out", str(run), *SHORT, "data.heldout=40", "train.eval_every=3"]
+    assert main(args) == 0
+    rows = _rows(run)
+    evals = [r for r in rows if "cls_map" in r]
+    assert [r["step"] for r in evals] == [3, 4]
+    for r in evals:
+        assert 0.0 < r["cls_map"] <= 1.0 and 0.0 < r["cls_map_true"] <= 1.0
+    assert all("loss" in r for r in evals)  # merged into the step's row (tiny_cpu logs every step)
+    plain = tmp_path / "plain"
+    assert main(["pretrain", "--config", TINY, "--out", str(plain), *SHORT]) == 0  # data.heldout: 0
+    assert not any("cls_map" in r for r in _rows(plain))

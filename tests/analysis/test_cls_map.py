@@ -1,0 +1,84 @@
+"""cls_map: average precision against hand-computed values and the textbook formula; the held-out
+slice is fixed and never trained on; pre-training logs cls_map / cls_map_true."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from predet.analysis.cls_map import average_precision, chance_map, mean_average_precision
+from predet.data.heldout import build_heldout_set, heldout_indices
+
+
+def _textbook_ap(scores: np.ndarray, labels: np.ndarray) -> float:
+    """sum_k P@k * rel_k / #positives over the list ranked by score (distinct scores)."""
+    order = np.argsort(-scores)
+    hits, total = 0, 0.0
+    for k, i in enumerate(order, start=1):
+        if labels[i]:
+            hits += 1
+            total += hits / k
+    return total / labels.sum()
+
+
+def test_ap_hand_built() -> None:
+    # ranks: + - + -  -> (1/1 + 2/3) / 2
+    assert average_precision(np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, 0, 1, 0])) == pytest.approx(5 / 6)
+    # a perfect ranking and a reversed one
+    assert average_precision(np.array([3.0, 2.0, 1.0]), np.array([1, 1, 0])) == pytest.approx(1.0)
+    assert average_precision(np.array([1.0, 2.0, 3.0]), np.array([1, 0, 0])) == pytest.approx(1 / 3)
+    # tied scores form one threshold: {0.5, 0.5} holds 1 of 2 positives at precision 1/2, then 2/3
+    assert average_precision(np.array([0.5, 0.5, 0.1]), np.array([0, 1, 1])) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3)
+    assert np.isnan(average_precision(np.array([0.1, 0.2]), np.array([0, 0])))
+
+
+def test_ap_equals_textbook_formula_and_is_order_free_under_ties() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(rng.integers(5, 60))
+        scores, labels = rng.normal(size=n), rng.random(n) < 0.3
+        labels[0] = True
+        assert average_precision(scores, labels) == pytest.approx(_textbook_ap(scores, labels), abs=1e-12)
+    # ties: the value does not depend on the order of the tied images
+    scores = np.array([0.3, 0.3, 0.3, 0.9, 0.1, 0.3])
+    labels = np.array([1, 0, 0, 1, 1, 0])
+    perm = rng.permutation(len(scores))
+    assert average_precision(scores, labels) == pytest.approx(average_precision(scores[perm], labels[perm]))
+
+
+def test_map_skips_classes_without_positives_and_chance() -> None:
+    scores = np.array([[0.9, 0.1, 0.5], [0.2, 0.8, 0.5], [0.1, 0.3, 0.5]])
+    labels = np.array([[1, 0, 0], [0, 1, 0], [0, 1, 0]])
+    # class 0: AP 1; class 1: ranks 0.8(+) 0.3(+) 0.1(-) -> 1; class 2 has no positive
+    assert mean_average_precision(scores, labels) == pytest.approx(1.0)
+    assert chance_map(labels) == pytest.approx((1 / 3 + 2 / 3) / 2)
+    # random scores average to about the label frequency
+    rng = np.random.default_rng(1)
+    y = rng.random((4000, 5)) < np.array([0.05, 0.1, 0.2, 0.3, 0.5])
+    assert mean_average_precision(rng.random(y.shape), y) == pytest.approx(chance_map(y), abs=0.02)
+    with pytest.raises(ValueError):
+        mean_average_precision(scores, labels[:2])
+
+
+def test_heldout_indices_fixed_and_bounded() -> None:
+    a, b = heldout_indices(2000, 256), heldout_indices(2000, 256)
+    assert np.array_equal(a, b) and len(a) == 256 and len(np.unique(a)) == 256
+    assert np.all(np.diff(a) > 0) and a.min() >= 0 and a.max() < 2000
+    assert len(heldout_indices(100, 256)) == 20  # at most a fifth of the manifest
+    assert len(heldout_indices(100, 0)) == 0
+
+
+def test_heldout_set_reads_truth(tmp_path) -> None:
+    (tmp_path / "truth.jsonl").write_text(
+        json.dumps({"image": "a.jpg", "labels": ["cat", "dog"]}) + "\n"
+        + json.dumps({"image": "b.jpg", "labels": ["emu"]}) + "\n"
+    )
+    hs = build_heldout_set(tmp_path / "manifest.jsonl", ["b.jpg", "a.jpg"], ["B", "A"], [["dog"], ["cat"]],
+                           ["cat", "dog", "emu"])
+    assert hs.tags.tolist() == [[0, 1, 0], [1, 0, 0]]
+    assert hs.truth.tolist() == [[0, 0, 1], [1, 1, 0]]
+    # truth.jsonl that does not cover every held-out image: no true labels
+    hs = build_heldout_set(tmp_path / "manifest.jsonl", ["c.jpg"], ["C"], [["dog"]], ["cat", "dog", "emu"])
+    assert hs.truth is None
