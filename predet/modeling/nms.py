@@ -23,7 +23,7 @@ dtype) with the threshold as a double; the CUDA kernel with the threshold rounde
 On CPU the IoU is the same IEEE expression evaluated the same way, so the result is identical
 bit for bit. nvcc may fuse the CUDA kernel's multiply-adds (FMA), so on CUDA a pair whose IoU is
 within a rounding error of the threshold can be decided differently by the two (either answer is
-a correct rounding of the same formula); boxes with integer coordinates are always identical.
+a correct rounding of the same formula); small integer coordinates (exact products) agree.
 
 Cost: ``G * K^2`` for the IoU block and for each step, where torchvision's CPU kernel tests
 only the pairs whose first box is kept: all groups in a few launches and no serial pass, which
