@@ -96,7 +96,7 @@ class ClsEvaluator:
         input_size: int,
         batch_size: int = 64,
     ) -> None:
-        from predet.data.manifest import BadImage, load_image
+        from predet.data.images import BadImage, load_image
 
         keep, arrays = [], []
         for i, p in enumerate(paths):

@@ -23,11 +23,10 @@ from typing import Optional
 
 import numpy as np
 
-# analysis/cls_map.py still reads images through this module; image decoding is images.py's
-from predet.data.images import BadImage, load_image  # noqa: F401  (transition re-export)
 from predet.errors import UserError
 
 __all__ = ["ManifestEntry", "Manifest", "read_manifest", "read_coco_as_manifest"]
+
 
 @dataclass
 class ManifestEntry:
