@@ -129,7 +129,12 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--preset", default="small", choices=["tiny", "small"])
+    p.add_argument("--preset", default="small", choices=["tiny", "small", "gpu"],
+                   help="budget and built-in world (small: the CPU demo; tiny: seconds, for tests; "
+                   "gpu: R50-FPN on one GPU)")
+    p.add_argument("--world", default=None, metavar="W",
+                   help="run the recipe on the DESIGN §6 world in W instead of the built-in one")
+    p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds per init (default: 3)")
     p.add_argument("--overwrite", action="store_true")
 
 

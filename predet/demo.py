@@ -1,41 +1,68 @@
-"""``predet demo``: the whole PreDet pipeline on the built-in synthetic world.
+"""``predet demo``: the PreDet comparison on the built-in world or on any DESIGN §6 world.
 
-world (tags only + COCO detection set) -> cached query boxes -> pre-train PreDet and a cls-only
-baseline with the same budget -> export both to torchvision format -> fine-tune Mask R-CNN from
-PreDet, cls-only and scratch with the same schedule on a low-shot subset -> evaluate -> a
-comparison table, loss curves and the numbers as measured, all under ``--out``.
+world (tags + COCO detection set) -> cached query boxes -> pre-train PreDet and a cls-only
+baseline with the same budget (each scored on a held-out slice: ``cls_map``) -> export both to
+torchvision format -> fine-tune Mask R-CNN from PreDet, cls-only and scratch on a low-shot subset,
+``seeds`` times each (same weights; the seed draws the subset order, augmentation and head init)
+-> ``compare.md`` (mean ± std per init), the IoU-similarity correlation of the three inits
+(paper Fig. 5b), curves, and ``summary.json`` with every stage's time.
+
+``--world W`` runs the same recipe on a user's world: ``W/pretrain/manifest.jsonl`` (tags and a
+``synonyms.json`` beside it, or labels), ``W/det/train.json``, ``W/det/val.json`` and
+``W/det/images/``; a query cache is used from ``W/queries`` when present, else computed into
+``OUT/queries``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Optional, Sequence
 
 import predet
 from predet.errors import UserError
 
+__all__ = ["DemoPlan", "DemoWorld", "PLANS", "demo", "resolve_world", "run"]
+
 # Loss switches of the cls-only baseline: same backbone + FPN + classification head, no detection losses.
 CLS_ONLY = ["loss.crpn=false", "loss.info=false", "loss.croi_reg=false"]
+INITS = ("predet", "cls-only", "scratch")
 
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """What the demo runs for one preset: configs (under ``configs/``) and their overrides."""
+    """What the demo runs for one preset: configs (under ``configs/``), overrides, seeds."""
 
     pretrain_config: str
     finetune_config: str
     pretrain_overrides: tuple[str, ...] = ()
     finetune_overrides: tuple[str, ...] = ()
+    seeds: int = 3  # fine-tuning runs per init
+    correlation_images: int = 40  # val images of the correlation analysis
 
 
 PLANS = {
     "small": DemoPlan("pretrain/small_cpu.yaml", "finetune/mask_rcnn_small_cpu.yaml"),
-    "tiny": DemoPlan("pretrain/tiny_cpu.yaml", "finetune/mask_rcnn_tiny_cpu.yaml"),
+    "tiny": DemoPlan("pretrain/tiny_cpu.yaml", "finetune/mask_rcnn_tiny_cpu.yaml", correlation_images=8),
+    # one GPU (bench/transfer_gpu.sh): R50-FPN, ~34 epochs of pre-training at 224 px
+    "gpu": DemoPlan("pretrain/r50_fpn_small_gpu.yaml", "finetune/mask_rcnn_r50_small_gpu.yaml",
+                    correlation_images=100),
 }
+
+
+@dataclass(frozen=True)
+class DemoWorld:
+    """The files the recipe reads (DESIGN §6 layout)."""
+
+    manifest: Path
+    queries: Path
+    det_train: Path
+    det_val: Path
+    det_images: Path
 
 
 def config_dir() -> Path:
@@ -47,53 +74,130 @@ def config_dir() -> Path:
     raise UserError(f"cannot find the shipped configs/ folder next to {here}; run from a source checkout")
 
 
-def _stage(title: str) -> Callable[[], None]:
-    """Print a stage header now; the returned function prints its wall time."""
-    t0 = time.time()
-    print(f"\n==> {title}", flush=True)
-    return lambda: print(f"    done in {time.time() - t0:.0f}s", flush=True)
+@dataclass
+class _Clock:
+    """Prints stage headers and records each stage's wall time."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def stage(self, key: str, title: str):
+        t0 = time.time()
+        print(f"\n==> {title}", flush=True)
+
+        def done() -> None:
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.time() - t0
+            print(f"    done in {time.time() - t0:.0f}s", flush=True)
+
+        return done
+
+
+def resolve_world(world: Optional[str | Path], *, preset: str, seed: int, out: Path) -> DemoWorld:
+    """The built-in world of ``preset`` (generated with its query cache on first use), or the
+    §6 world at ``world`` (its query cache computed into ``out/queries`` when it has none)."""
+    if world is None:
+        from predet.data.builtin import ensure_world
+
+        w = ensure_world(preset, seed, root=out / "world")
+        return DemoWorld(w.manifest, w.queries, w.det_train, w.det_val, w.det_images)
+    root = Path(world)
+    files = {
+        "manifest": root / "pretrain" / "manifest.jsonl",
+        "det_train": root / "det" / "train.json",
+        "det_val": root / "det" / "val.json",
+    }
+    for path in [root, *files.values()]:
+        if not path.exists():
+            raise UserError(
+                f"--world {root}: {path} not found (expected pretrain/manifest.jsonl, det/train.json, "
+                "det/val.json, det/images/)"
+            )
+    images = root / "det" / "images"
+    if not images.is_dir():
+        raise UserError(f"--world {root}: {images} is not a folder of detection images")
+    queries = root / "queries"
+    if not any(queries.glob("queries-*.npz")):
+        from predet.data.manifest import read_manifest
+        from predet.data.queries import cache_queries
+
+        queries = out / "queries"
+        entries = read_manifest(files["manifest"]).entries
+        print(f"    computing query boxes of {len(entries)} images into {queries}", flush=True)
+        counts = cache_queries(entries, queries, workers=os.cpu_count() or 1)
+        print(f"    query cache: {counts}", flush=True)
+    return DemoWorld(files["manifest"], queries, files["det_train"], files["det_val"], images)
+
+
+def _last_eval(run: Path) -> dict[str, float]:
+    """The last ``cls_map`` / ``cls_map_true`` a pre-training run logged."""
+    out: dict[str, float] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out.update({k: row[k] for k in ("cls_map", "cls_map_true") if k in row})
+    return out
+
+
+def _verdict(stats: dict[str, dict]) -> str:
+    """Whether PreDet's mean box AP beats cls-only's and scratch's by more than the larger std."""
+    ap = {n: stats[n]["bbox"]["AP"] for n in INITS if n in stats}
+    if len(ap) < 3 or any(v[0] is None for v in ap.values()):
+        return "not every init has a box AP: no verdict"
+    (p, p_sd), others = ap["predet"], [ap["cls-only"], ap["scratch"]]
+    margin = min(p - m for m, _ in others)
+    noise = max(sd for _, sd in [ap["predet"], *others])
+    ok = margin > noise
+    return (
+        f"PreDet box AP {p:.1f} ± {p_sd:.1f}: {margin:+.1f} over the better of cls-only/scratch, "
+        f"largest std {noise:.1f} -> {'beyond' if ok else 'NOT beyond'} noise"
+    )
 
 
 def demo(
     out: str | Path,
     *,
     preset: str = "small",
+    world: Optional[str | Path] = None,
     seed: int = 0,
+    seeds: Optional[int] = None,
     overwrite: bool = False,
     pretrain_overrides: Sequence[str] = (),
     finetune_overrides: Sequence[str] = (),
 ) -> dict:
-    """Run the demo into ``out``; returns ``{"table": markdown, "results": {name: results}}``.
+    """Run the demo into ``out``; returns ``{"table", "results", "stats", "correlation", "cls_map"}``.
 
     ``pretrain_overrides`` / ``finetune_overrides`` are extra ``key=value`` items applied to every
-    run of that kind (the tests use them to shrink the budget).
+    run of that kind (the tests use them to shrink the budget); ``seeds`` overrides the plan's
+    number of fine-tuning seeds.
     """
-    from predet.analysis.compare import compare
+    from predet.analysis.compare import compare, group_results, summarize
+    from predet.analysis.correlation import correlation, format_table, plot_correlation
     from predet.analysis.plots import plot_curves
     from predet.config import FinetuneConfig, PretrainConfig, load_config
-    from predet.data.builtin import ensure_world
     from predet.engine.finetune import finetune
     from predet.engine.pretrain import pretrain
     from predet.export import export_backbone
-    from predet.utils import prepare_run_dir
+    from predet.utils import atomic_write_text, prepare_run_dir
 
     if preset not in PLANS:
         raise UserError(f"demo preset '{preset}' unknown (choose from {', '.join(PLANS)})")
     plan, cfgs = PLANS[preset], config_dir()
+    n_seeds = int(seeds or plan.seeds)
+    if n_seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {n_seeds}")
+    if world is not None and not Path(world).is_dir():
+        raise UserError(f"--world {world}: folder not found")
     out = prepare_run_dir(out, overwrite=overwrite)
-    t_start = time.time()
+    clock, t_start = _Clock(), time.time()
 
-    done = _stage(f"1/5 built-in '{preset}' world and its query-box cache")
-    world = ensure_world(preset, seed, root=out / "world")
-    meta = json.loads((world.root / "pretrain" / "meta.json").read_text())
-    print(f"    {world.root}: {meta['counts']}", flush=True)
+    done = clock.stage("world", f"1/6 {'world ' + str(world) if world else f'built-in {preset!r} world'} and its query boxes")
+    w = resolve_world(world, preset=preset, seed=seed, out=out)
     done()
 
-    data = [f"data.manifest={world.manifest}", f"data.queries={world.queries}", f"seed={seed}"]
-    inits: dict[str, Path | str] = {"scratch": "scratch"}
+    data = [f"data.manifest={w.manifest}", f"data.queries={w.queries}", f"seed={seed}"]
+    inits: dict[str, Path | str] = {}
     pre_runs: dict[str, Path] = {}
+    cls_map: dict[str, dict[str, float]] = {}
     for i, (name, switches) in enumerate((("predet", []), ("cls-only", CLS_ONLY))):
-        done = _stage(f"2/5 pre-train {name} ({i + 1}/2, same budget)")
+        done = clock.stage(f"pretrain-{name}", f"2/6 pre-train {name} ({i + 1}/2, same budget)")
         cfg = load_config(
             PretrainConfig,
             cfgs / plan.pretrain_config,
@@ -101,56 +205,82 @@ def demo(
         )
         run = pretrain(cfg, out / f"pretrain-{name}")
         pre_runs[name] = run
-        init_file = export_backbone(run / "checkpoints" / "last.pt", "torchvision", out / f"{name}.pth")[0]
-        inits[name] = init_file
-        print(f"    exported {init_file}", flush=True)
+        inits[name] = export_backbone(run / "checkpoints" / "last.pt", "torchvision", out / f"{name}.pth")[0]
+        cls_map[name] = _last_eval(run)
+        print(f"    exported {inits[name]}; held-out {cls_map[name] or 'cls_map: no held-out slice'}", flush=True)
         done()
+    inits["scratch"] = "scratch"
 
     det = [
-        f"data.train.ann={world.det_train}",
-        f"data.train.images={world.det_images}",
-        f"data.val.ann={world.det_val}",
-        f"data.val.images={world.det_images}",
-        f"seed={seed}",
+        f"data.train.ann={w.det_train}",
+        f"data.train.images={w.det_images}",
+        f"data.val.ann={w.det_val}",
+        f"data.val.images={w.det_images}",
     ]
-    # every detector gets the pre-trained width (the CPU configs use a narrow FPN), scratch included
+    # every detector gets the pre-trained widths (the CPU configs use a narrow FPN), scratch included
     widths = [f"model.backbone={cfg.model.backbone}", f"model.fpn_channels={cfg.model.fpn_channels}",
-              f"model.box_head_dim={cfg.model.box_head_dim}"]
-    ft_runs: dict[str, Path] = {}
-    for i, (name, init) in enumerate(inits.items()):
-        done = _stage(f"3/5 fine-tune Mask R-CNN from {name} ({i + 1}/{len(inits)}, same schedule)")
-        cfg = load_config(
-            FinetuneConfig,
-            cfgs / plan.finetune_config,
-            [*det, *widths, *plan.finetune_overrides, *finetune_overrides],
+              f"model.box_head_dim={cfg.model.box_head_dim}"]  # fmt: skip
+    ft_runs: dict[str, list[Path]] = {name: [] for name in INITS}
+    for i, name in enumerate(INITS):
+        done = clock.stage(
+            f"finetune-{name}", f"3/6 fine-tune Mask R-CNN from {name} ({i + 1}/3), {n_seeds} seed(s)"
         )
-        ft_runs[name] = finetune(cfg, str(init), out / f"finetune-{name}")
+        for s in range(n_seeds):
+            cfg_ft = load_config(
+                FinetuneConfig,
+                cfgs / plan.finetune_config,
+                [*det, *widths, f"seed={seed + s}", *plan.finetune_overrides, *finetune_overrides],
+            )
+            ft_runs[name].append(finetune(cfg_ft, str(inits[name]), out / f"finetune-{name}-s{s}"))
         done()
 
-    done = _stage("4/5 compare")
-    table = compare(list(ft_runs.values()))
-    (out / "compare.md").write_text(table)
-    print(table, flush=True)
+    done = clock.stage("compare", "4/6 compare (mean ± std over fine-tuning seeds)")
+    all_runs = [r for name in INITS for r in ft_runs[name]]
+    stats = summarize(group_results(all_runs))
+    verdict = _verdict(stats)
+    table = compare(all_runs)
+    lines = [table, f"\n{verdict}\n", "\nHeld-out classification mAP of the pre-trained heads (last evaluation):\n"]
+    for name, vals in cls_map.items():
+        lines.append(f"- {name}: " + (", ".join(f"{k} {v:.3f}" for k, v in vals.items()) or "no held-out slice") + "\n")
     done()
 
-    done = _stage("5/5 plots")
+    done = clock.stage("correlation", "5/6 IoU-similarity correlation of the three inits (paper Fig. 5b)")
+    corr = correlation(
+        {name: str(inits[name]) for name in INITS}, w.det_val, w.det_images,
+        seed=seed, max_images=plan.correlation_images, threads=1,
+    )  # fmt: skip
+    atomic_write_text(out / "correlation.json", json.dumps(corr, indent=2) + "\n")
+    plot_correlation(corr, out / "correlation.png")
+    lines += ["\nIoU vs cosine similarity of pooled backbone + FPN features (Pearson / Spearman):\n\n",
+              format_table(corr)]  # fmt: skip
+    atomic_write_text(out / "compare.md", "".join(lines))
+    print("".join(lines), flush=True)
+    done()
+
+    done = clock.stage("plots", "6/6 plots")
     plots = [
         plot_curves(pre_runs, ["loss", "loss_cls", "lookup_top1", "crpn_recall"], out / "pretrain_curves.png",
                     title="pre-training"),
-        plot_curves(ft_runs, ["loss", "loss_classifier", "loss_box_reg", "loss_mask"], out / "finetune_curves.png",
-                    title="Mask R-CNN fine-tuning"),
-    ]
+        plot_curves({f"{n}-s0": ft_runs[n][0] for n in INITS}, ["loss", "loss_classifier", "loss_box_reg", "loss_mask"],
+                    out / "finetune_curves.png", title="Mask R-CNN fine-tuning (seed 0)"),
+    ]  # fmt: skip
     for p in plots:
         print(f"    {p}", flush=True)
     done()
 
-    results = {name: json.loads((run / "results.json").read_text()) for name, run in ft_runs.items()}
-    summary = {"preset": preset, "seed": seed, "minutes": (time.time() - t_start) / 60, "results": results}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\npredet demo: finished in {summary['minutes']:.1f} min; table in {out / 'compare.md'}", flush=True)
-    return {"table": table, "results": results}
+    results = {name: [json.loads((r / "results.json").read_text()) for r in runs] for name, runs in ft_runs.items()}
+    summary = {
+        "preset": preset, "world": str(world) if world else None, "seed": seed, "seeds": n_seeds,
+        "minutes": (time.time() - t_start) / 60, "stage_seconds": clock.seconds,
+        "stats": stats, "verdict": verdict, "cls_map": cls_map, "correlation": corr, "results": results,
+    }  # fmt: skip
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    times = ", ".join(f"{k} {v:.0f}s" for k, v in clock.seconds.items())
+    print(f"\npredet demo: finished in {summary['minutes']:.1f} min ({times}); table in {out / 'compare.md'}",
+          flush=True)  # fmt: skip
+    return {"table": table, "results": results, "stats": stats, "correlation": corr, "cls_map": cls_map}
 
 
 def run(args: argparse.Namespace) -> int:
-    demo(args.out, preset=args.preset, overwrite=args.overwrite)
+    demo(args.out, preset=args.preset, world=args.world, seeds=args.seeds, overwrite=args.overwrite)
     return 0

@@ -1,41 +1,100 @@
-"""`predet demo` end to end on the tiny world, with a few steps per stage."""
+"""`predet demo` end to end on a copy of the tiny world (as `--world`), with a few steps per stage."""
 
 import json
+import shutil
 
 import pytest
 
 from predet import cli
-from predet.demo import demo
+from predet.demo import demo, resolve_world
+from predet.errors import UserError
+
+
+def _world_copy(tmp_path, src):
+    """A tiny world in the §6 layout, without a query cache."""
+    w = tmp_path / "w"
+    for sub in ("pretrain", "det"):
+        shutil.copytree(src / sub, w / sub)
+    return w
 
 
 @pytest.mark.slow
-def test_demo_tiny_end_to_end(tmp_path, capsys):
+def test_demo_on_a_world_end_to_end(tmp_path, tiny_world, capsys):
+    w = _world_copy(tmp_path, tiny_world)
     out = tmp_path / "demo"
-    r = demo(out, preset="tiny", pretrain_overrides=["train.steps=3", "ckpt.every=3"],
-             finetune_overrides=["train.steps=3", "train.warmup_steps=1"])
-    # one row per initialisation, in the printed table and the written one
+    r = demo(out, preset="tiny", world=w, seeds=2,
+             pretrain_overrides=["train.steps=3", "ckpt.every=3", "data.heldout=40"],
+             finetune_overrides=["train.steps=3", "train.warmup_steps=1"])  # fmt: skip
+    assert any((out / "queries").glob("queries-*.npz"))  # the world had no query cache
+    # one row per initialisation with n = 2 seeds, mean ± std cells
     table = (out / "compare.md").read_text()
-    assert table == r["table"]
-    rows = [line for line in table.splitlines() if line.startswith("|") and "---" not in line][1:]
-    assert {row.split("|")[1].strip() for row in rows} == {"scratch", "cls-only", "predet"}
-    assert set(r["results"]) == {"scratch", "cls-only", "predet"}
-    for name, res in r["results"].items():
-        for iou_type in ("bbox", "segm"):
-            assert set(res[iou_type]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
-            ap = res[iou_type]["AP"]
+    assert table.startswith(r["table"])
+    rows = [line for line in r["table"].splitlines() if line.startswith("|") and "---" not in line][1:]
+    assert [row.split("|")[1].strip() for row in rows] == ["predet", "cls-only", "scratch"]
+    assert all(row.split("|")[2].strip() == "2" and "±" in row for row in rows)
+    assert "beyond" in table or "no verdict" in table
+    for name, results in r["results"].items():
+        assert len(results) == 2
+        for res in results:
+            ap = res["bbox"]["AP"]
             assert ap is None or 0.0 <= ap <= 100.0
-    # both pre-training runs logged the same number of steps, only PreDet has detection losses
+    # both pre-trainings logged the same steps, only PreDet has detection losses; both scored cls_map
     pre = {n: [json.loads(l) for l in (out / f"pretrain-{n}" / "metrics.jsonl").read_text().splitlines()]
-           for n in ("predet", "cls-only")}
+           for n in ("predet", "cls-only")}  # fmt: skip
     assert [row["step"] for row in pre["predet"]] == [row["step"] for row in pre["cls-only"]]
     assert "loss_info" in pre["predet"][-1] and "loss_info" not in pre["cls-only"][-1]
-    # every backbone + FPN tensor of the PreDet export was loaded by the fine-tune
-    init = json.loads((out / "finetune-predet" / "init.json").read_text())
-    assert init["init"] == "predet" and init["missing"] == [] and len(init["loaded"]) > 100
-    for png in ("pretrain_curves.png", "finetune_curves.png"):
+    for n in ("predet", "cls-only"):
+        assert 0.0 < r["cls_map"][n]["cls_map_true"] <= 1.0 and f"{n}: cls_map" in table
+    # the correlation of the three inits, under the demo's names, in the json and the png
+    corr = json.loads((out / "correlation.json").read_text())
+    assert set(corr) == {"predet", "cls-only", "scratch"} == set(r["correlation"])
+    assert all(set(v) == {"small", "medium", "large"} for v in corr.values())
+    assert sum(corr["scratch"][b]["pairs"] for b in corr["scratch"]) > 0
+    for png in ("pretrain_curves.png", "finetune_curves.png", "correlation.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # every backbone + FPN tensor of the PreDet export was loaded by each fine-tune
+    init = json.loads((out / "finetune-predet-s1" / "init.json").read_text())
+    assert init["init"] == "predet" and init["missing"] == [] and len(init["loaded"]) > 100
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["results"] == r["results"]
+    assert summary["results"] == r["results"] and summary["seeds"] == 2
+    assert {"world", "pretrain-predet", "pretrain-cls-only", "finetune-scratch", "correlation"} <= set(
+        summary["stage_seconds"]
+    )
     # an existing demo folder is not overwritten
     assert cli.main(["demo", "--out", str(out), "--preset", "tiny"]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_world_layout_errors_name_the_missing_file(tmp_path, capsys):
+    w = tmp_path / "w"
+    (w / "pretrain").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"pretrain/manifest\.jsonl not found"):
+        resolve_world(w, preset="tiny", seed=0, out=tmp_path / "o")
+    (w / "pretrain" / "manifest.jsonl").write_text("")
+    (w / "det").mkdir()
+    (w / "det" / "train.json").write_text("{}")
+    with pytest.raises(UserError, match=r"det/val\.json not found"):
+        resolve_world(w, preset="tiny", seed=0, out=tmp_path / "o")
+    (w / "det" / "val.json").write_text("{}")
+    with pytest.raises(UserError, match=r"det/images is not a folder"):
+        resolve_world(w, preset="tiny", seed=0, out=tmp_path / "o")
+    assert cli.main(["demo", "--world", str(tmp_path / "nowhere"), "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nowhere" in err[0] and "not found" in err[0]
+    assert not (tmp_path / "d").exists()  # nothing written for a bad --world
+
+
+@pytest.mark.slow
+def test_gpu_preset_runs_on_cpu_with_a_tiny_budget(tmp_path, tiny_world):
+    """`predet demo --preset gpu` (bench/transfer_gpu.sh): its shipped configs load and the recipe
+    runs end to end on the CPU when only the step counts, batch and sizes are shrunk."""
+    pre = ["train.device=cpu", "train.steps=2", "train.batch_size=2", "train.eval_every=2", "ckpt.every=2",
+           "data.num_workers=0", "data.heldout=40", "model.input_size=64"]  # fmt: skip
+    ft = ["train.device=cpu", "train.steps=2", "train.batch_size=1", "train.warmup_steps=1", "data.num_workers=0",
+          "data.subset=4", "model.train_sizes=[64]", "model.test_size=64", "data.eval_batch_size=4"]  # fmt: skip
+    r = demo(tmp_path / "d", preset="gpu", world=_world_copy(tmp_path, tiny_world), seeds=1,
+             pretrain_overrides=pre, finetune_overrides=ft)  # fmt: skip
+    saved = (tmp_path / "d" / "pretrain-predet" / "config.yaml").read_text()
+    assert "backbone: resnet50" in saved and "fpn_channels: 256" in saved
+    assert set(r["stats"]) == {"predet", "cls-only", "scratch"}
+    assert all(s["n"] == 1 for s in r["stats"].values())

@@ -1,9 +1,11 @@
 """``predet compare RUN [RUN ...]``: a markdown table of fine-tuning results, like the paper's Table 2.
 
-One row per run, named by its initialisation (``RUN/init.json``'s ``init``: ``scratch``,
-``predet``, ``cls-only`` or the init file's stem), with box AP, AP50, AP75 and, when any run has
-masks, mask AP, AP50, AP75 from ``RUN/results.json``. With a ``scratch`` row, a last column gives
-each run's box AP gain over it. Numbers are printed as measured (one decimal; ``-`` if undefined).
+One row per initialisation (``RUN/init.json``'s ``init``: ``scratch``, ``predet``, ``cls-only``
+or the init file's stem), with box AP, AP50, AP75 and, when any run has masks, mask AP, AP50,
+AP75 from ``RUN/results.json``. Runs of the same init (fine-tuning seeds) make one row: each
+number is ``mean ± std`` (sample standard deviation) over them, and a column ``n`` counts them.
+With a ``scratch`` row, a last column gives each row's mean box AP gain over it. Numbers are
+printed as measured (one decimal; ``-`` if undefined).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Optional, Sequence
 from predet.errors import UserError
 from predet.utils import atomic_write_text
 
-__all__ = ["compare", "load_run_results", "run"]
+__all__ = ["compare", "group_results", "summarize", "mean_std", "load_run_results", "run"]
 
 _METRICS = ("AP", "AP50", "AP75")
 
@@ -42,29 +44,66 @@ def load_run_results(run: str | Path) -> tuple[str, dict]:
     return name or run.name, results
 
 
-def _fmt(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v:.1f}"
+def mean_std(values: Sequence[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
+    """Mean and sample standard deviation (ddof 1; 0 for one value) of the defined values."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return mean, 0.0
+    return mean, (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+
+
+def group_results(runs: Sequence[str | Path]) -> dict[str, list[dict]]:
+    """``{init name: [results.json of each of its runs]}``, in the order the names first appear."""
+    if not runs:
+        raise UserError("predet compare needs at least one run folder")
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        name, res = load_run_results(r)
+        groups.setdefault(name, []).append(res)
+    return groups
+
+
+def summarize(groups: dict[str, list[dict]]) -> dict[str, dict]:
+    """``{init: {"n": runs, "bbox": {metric: [mean, std]}, "segm": {...}}}`` (segm when present)."""
+    out: dict[str, dict] = {}
+    for name, results in groups.items():
+        row: dict = {"n": len(results)}
+        for task in ("bbox", "segm"):
+            if any(task in res for res in results):
+                row[task] = {m: list(mean_std([res.get(task, {}).get(m) for res in results])) for m in _METRICS}
+        out[name] = row
+    return out
+
+
+def _cell(stat: Optional[list], with_std: bool) -> str:
+    mean, std = stat if stat else (None, None)
+    if mean is None:
+        return "-"
+    return f"{mean:.1f} ± {std:.1f}" if with_std else f"{mean:.1f}"
 
 
 def compare(runs: Sequence[str | Path]) -> str:
-    """A markdown table (with a trailing newline) of the runs' ``results.json``, one row per run."""
-    if not runs:
-        raise UserError("predet compare needs at least one run folder")
-    rows = [load_run_results(r) for r in runs]
-    with_masks = any("segm" in res for _, res in rows)
-    header = ["init"] + [f"AP^bb{m[2:] and '_' + m[2:]}" for m in _METRICS]
+    """A markdown table (with a trailing newline) of the runs' ``results.json``, one row per init."""
+    stats = summarize(group_results(runs))
+    with_masks = any("segm" in s for s in stats.values())
+    with_std = any(s["n"] > 1 for s in stats.values())
+    header = ["init"] + (["n"] if with_std else []) + [f"AP^bb{m[2:] and '_' + m[2:]}" for m in _METRICS]
     if with_masks:
         header += [f"AP^mk{m[2:] and '_' + m[2:]}" for m in _METRICS]
-    scratch = next((res["bbox"].get("AP") for name, res in rows if name == "scratch"), None)
+    scratch = stats.get("scratch", {}).get("bbox", {}).get("AP", [None])[0]
     if scratch is not None:
         header.append("ΔAP^bb vs scratch")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    for name, res in rows:
-        cells = [name] + [_fmt(res["bbox"].get(m)) for m in _METRICS]
+    for name, s in stats.items():
+        cells = [name] + ([str(s["n"])] if with_std else [])
+        cells += [_cell(s["bbox"].get(m), with_std) for m in _METRICS]
         if with_masks:
-            cells += [_fmt(res.get("segm", {}).get(m)) for m in _METRICS]
+            cells += [_cell(s.get("segm", {}).get(m), with_std) for m in _METRICS]
         if scratch is not None:
-            ap = res["bbox"].get("AP")
+            ap = s["bbox"]["AP"][0]
             cells.append("-" if ap is None else f"{ap - scratch:+.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

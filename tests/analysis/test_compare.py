@@ -56,3 +56,20 @@ def test_cli_prints_and_writes(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     (tmp_path / "empty").mkdir()
     assert main(["compare", str(tmp_path / "empty")]) == 2
     assert "results.json not found" in capsys.readouterr().err
+
+
+def test_seeds_of_one_init_make_one_mean_std_row(tmp_path: Path) -> None:
+    runs = [
+        make_run(tmp_path, "p0", "predet", ap(14.0, 28.0, 13.0)),
+        make_run(tmp_path, "s0", "scratch", ap(10.0, 20.0, 9.0)),
+        make_run(tmp_path, "p1", "predet", ap(16.0, 30.0, 15.0)),
+        make_run(tmp_path, "s1", "scratch", ap(11.0, 22.0, None)),
+        make_run(tmp_path, "p2", "predet", ap(18.0, 32.0, 17.0)),
+    ]
+    # predet: mean 16, sample std 2; scratch: mean 10.5, std 0.707; AP75 of scratch over 1 run
+    assert compare(runs) == (
+        "| init | n | AP^bb | AP^bb_50 | AP^bb_75 | ΔAP^bb vs scratch |\n"
+        "|---|---:|---:|---:|---:|---:|\n"
+        "| predet | 3 | 16.0 ± 2.0 | 30.0 ± 2.0 | 15.0 ± 2.0 | +5.5 |\n"
+        "| scratch | 2 | 10.5 ± 0.7 | 21.0 ± 1.4 | 9.0 ± 0.0 | +0.0 |\n"
+    )
