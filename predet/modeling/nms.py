@@ -36,12 +36,18 @@ from __future__ import annotations
 import math
 
 import torch
+import torchvision
 from torch import Tensor
 
 __all__ = ["grouped_nms", "nms_threshold", "DEFAULT_MAX_ELEMENTS"]
 
 # elements of one [g, K, K] float temporary while building the suppression matrix (256 MB)
 DEFAULT_MAX_ELEMENTS = 1 << 26
+
+
+# on CPU, groups this large run torchvision's kernel one by one (measured: K=1000, G=640 takes
+# 2.9 s that way against 23 s for the matrix rounds; K=48 is 4x faster as a matrix)
+CPU_LOOP_MIN_K = 256
 
 
 def nms_threshold(iou_threshold: float, dtype: torch.dtype, device: torch.device) -> float:
@@ -74,6 +80,7 @@ def grouped_nms(
     *,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
     first_round: int = 4,
+    method: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Greedy NMS inside each of G groups, all groups at once.
 
@@ -88,6 +95,10 @@ def grouped_nms(
             suppression matrix of all groups (``G * K^2`` half floats on CUDA, floats on CPU)
             stays allocated while the greedy result is resolved.
         first_round: iterations before the first convergence test (later rounds double).
+        method: ``matrix`` (the batched pass above), ``loop`` (torchvision's kernel group by
+            group) or ``auto``: ``loop`` for CPU tensors with ``K >= CPU_LOOP_MIN_K`` (there the
+            ``O(K^2)`` matrix rounds cost more than the serial kernel), else ``matrix``. Both give
+            the same result.
     Returns:
         ``index [G, M]`` (int64, -1 where unused) and ``kept [G, M]`` bool, M = min(max_keep, K):
         row g lists what ``torchvision.ops.nms(boxes[g][valid[g]], scores[g][valid[g]], t)``
@@ -103,11 +114,19 @@ def grouped_nms(
         raise ValueError(
             f"grouped_nms: valid must be a bool [G, K], got {valid.dtype} {tuple(valid.shape)}"
         )
+    if method not in ("auto", "matrix", "loop"):
+        raise ValueError(f"grouped_nms: method must be auto, matrix or loop, got {method!r}")
     G, K = scores.shape
     M = K if max_keep is None else max(0, min(max_keep, K))
     thresh = nms_threshold(iou_threshold, boxes.dtype, boxes.device)
     index = torch.full((G, M), -1, dtype=torch.long, device=boxes.device)
     if G == 0 or M == 0:
+        return index, index >= 0
+    if method == "loop" or (method == "auto" and not boxes.is_cuda and K >= CPU_LOOP_MIN_K):
+        for g in range(G):  # torchvision's kernel: the reference semantics, by definition
+            slots = valid[g].nonzero().squeeze(1)
+            kept = torchvision.ops.nms(boxes[g, slots], scores[g, slots], iou_threshold)[:M]
+            index[g, : len(kept)] = slots[kept]
         return index, index >= 0
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # [G, K]
     sorted_boxes = boxes.gather(1, order.unsqueeze(2).expand(G, K, 4))

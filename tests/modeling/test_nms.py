@@ -226,3 +226,15 @@ def test_rejects_bad_shapes_and_dtypes():
         grouped_nms(b, s, v.float(), 0.5)
     with pytest.raises(TypeError, match="float32 or float64"):
         grouped_nms(b.half(), s.half(), v, 0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_methods_agree_above_the_cpu_loop_size(device):
+    from predet.modeling.nms import CPU_LOOP_MIN_K
+
+    g = torch.Generator().manual_seed(5)
+    b, s, v = (x.to(device) for x in random_groups(g, 3, CPU_LOOP_MIN_K + 20, size=200.0, tie_decimals=2))
+    for method in ("auto", "matrix", "loop"):
+        check(b, s, v, 0.7, max_keep=64, method=method)
+    with pytest.raises(ValueError, match="method"):
+        grouped_nms(b, s, v, 0.7, method="fast")
