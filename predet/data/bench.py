@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         frac = _valid_fraction(paths, boxes, t)
     print(f"speed-up of the two-view loader over torchvision.transforms.v2: {_two / tv_rate:.1f}x")
     print(
-        f"query_img_s={q_rate:.2f} two_view_s={_two:.1f} tv2_two_view_s={tv_rate:.1f} "
+        f"query_img_s={q_rate:.2f} two_view_s={_two:.2f} tv2_two_view_s={tv_rate:.3f} "
         f"speedup={_two / tv_rate:.2f} valid_frac={frac:.3f}"
     )
     return 0
