@@ -164,7 +164,7 @@ VERBS: list[_Verb] = [
     (("evaluate",), "predet.engine.evaluate", "COCO-style AP of a run", _evaluate_args),
     (("analyze", "correlation"), "predet.analysis.correlation", "IoU vs similarity", _correlation_args),
     (("compare",), "predet.analysis.compare", "markdown table of results", _compare_args),
-    (("demo",), "predet.demo", "the whole pipeline on the built-in world", _demo_args),
+    (("demo",), "predet.demo", "the PreDet vs cls-only vs scratch comparison, built-in world or --world", _demo_args),
     (("bench", "step"), "predet.bench", "PreDet step vs cls-only step", _bench_step_args),
     (("bench", "data"), "predet.data.bench", "query and two-view loader throughput", _bench_data_args),
 ]
