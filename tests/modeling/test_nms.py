@@ -62,6 +62,7 @@ def random_groups(g, G, K, *, size=60.0, tie_decimals=None, valid_p=0.85, dtype=
 @pytest.mark.parametrize("seed", range(4))
 def test_random_groups(device, dtype, seed):
     g = torch.Generator().manual_seed(seed)
+    n_kept = n_valid = 0
     for G, K, thresh, ties in [
         (7, 50, 0.5, None),
         (3, 130, 0.7, 1),
@@ -69,8 +70,13 @@ def test_random_groups(device, dtype, seed):
         (2, 70, 0.9, 0),
     ]:
         b, s, v = random_groups(g, G, K, tie_decimals=ties, dtype=dtype)
-        check(b.to(device), s.to(device), v.to(device), thresh)
-        check(b.to(device), s.to(device), v.to(device), thresh, max_keep=5)
+        kept = check(b.to(device), s.to(device), v.to(device), thresh)
+        n_kept, n_valid = n_kept + sum(len(k) for k in kept), n_valid + int(v.sum())
+        # every group with a valid box kept at least its best one; max_keep cuts the list
+        assert all(len(k) >= 1 for k, row in zip(kept, v) if row.any())
+        capped = check(b.to(device), s.to(device), v.to(device), thresh, max_keep=5)
+        assert all(len(c) == min(5, len(k)) for c, k in zip(capped, kept))
+    assert n_kept < n_valid  # the crowded groups had boxes to suppress
 
 
 @pytest.mark.parametrize("device", DEVICES)
