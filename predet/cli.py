@@ -26,7 +26,7 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=None, help="image side in px (preset's default)")
     p.add_argument("--drop", type=float, default=0.3, help="P(a present class's tags are dropped)")
-    p.add_argument("--add", type=float, default=0.1, help="P(a wrong class's tags are added)")
+    p.add_argument("--add", type=float, default=None, help="P(a wrong class's tags are added); default: the preset's (tiny 0.1, small/base 0.05)")
     p.add_argument("--workers", type=int, default=None, help="generator processes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing world")
 

@@ -5,8 +5,9 @@ A scene is a (size, size, 3) uint8 RGB image and its objects, each a class index
 so a scene is a pure function of that generator's state.
 
 Shapes lie inside a disc of radius ``side / 2``; ``side`` is log-uniform in
-[``MIN_SIDE``, ``MAX_SIDE``] x image side. Appearances: ``red`` (solid, shaded), ``striped``
-(yellow/black), ``checkered`` (white/blue), with pattern scale following the object's side.
+[``MIN_SIDE``, ``MAX_SIDE``] x image side. Appearances: ``red`` and ``green`` (solid, shaded),
+``striped`` (yellow/black), ``checkered`` (white/blue), with pattern scale following the object's
+side.
 """
 
 from __future__ import annotations
@@ -160,10 +161,13 @@ def _shape_mask(
     return mask
 
 
+SOLID_COLOURS = {"red": (0.82, 0.12, 0.12), "green": (0.12, 0.68, 0.22)}
+
+
 def _texture(appearance: str, rng: np.random.Generator, h: int, w: int, side: float) -> np.ndarray:
     """(h, w, 3) float32 RGB fill of an appearance; pattern scale follows the object's side."""
-    if appearance == "red":
-        colour = np.array([0.82, 0.12, 0.12]) + rng.uniform(-0.08, 0.08, 3)
+    if appearance in SOLID_COLOURS:
+        colour = np.array(SOLID_COLOURS[appearance]) + rng.uniform(-0.08, 0.08, 3)
         return np.broadcast_to(colour.astype(np.float32), (h, w, 3)).copy()
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     t = rng.uniform(0, np.pi)

@@ -146,7 +146,8 @@ def train(
         scaler.scale(loss).backward()
         if clip_grad:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            # logged: how much clipping scales the step down (norm before clipping)
+            values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip_grad))
         scaler.step(optimizer)
         scaler.update()
         lr = optimizer.param_groups[0]["lr"]  # the lr this step used

@@ -34,6 +34,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 
 from predet.errors import UserError
 from predet.modeling.backbone import build_backbone
+from predet.modeling.roi_align import MultiScaleRoIAlign
 from predet.utils import load_checkpoint
 
 __all__ = ["ARCHS", "InitReport", "build_detector", "load_init", "read_init", "init_widths"]
@@ -71,6 +72,8 @@ def build_detector(cfg, classes: Sequence[str], *, for_test: bool = False) -> nn
         anchors = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * 5)
     box_dim = m.box_head_dim or 1024
     rcnn_args = dict(
+        # torchvision's poolers (P2-P5, 7x7 / 14x14, sampling ratio 2), separable on small CPU maps
+        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2),
         box_head=TwoMLPHead(backbone.out_channels * 7 * 7, box_dim),  # on 7x7 RoIAlign features
         box_predictor=FastRCNNPredictor(box_dim, num_classes),
         rpn_anchor_generator=anchors,
@@ -88,8 +91,9 @@ def build_detector(cfg, classes: Sequence[str], *, for_test: bool = False) -> nn
         return FasterRCNN(backbone, None, **rcnn_args)
     dim = m.mask_head_dim  # the heads of maskrcnn_resnet50_fpn, with a configurable width
     mask_head = MaskRCNNHeads(backbone.out_channels, [dim] * 4, dilation=1)
-    return MaskRCNN(backbone, None, mask_head=mask_head, mask_predictor=MaskRCNNPredictor(dim, dim, num_classes),
-                    **rcnn_args)  # fmt: skip
+    mask_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=2)
+    return MaskRCNN(backbone, None, mask_roi_pool=mask_pool, mask_head=mask_head,
+                    mask_predictor=MaskRCNNPredictor(dim, dim, num_classes), **rcnn_args)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from omegaconf import OmegaConf
 from torch import Tensor
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
-from torchvision.ops import MultiScaleRoIAlign
 
 from predet.config import LOSS_SWITCHES, LossConfig, PretrainConfig, PretrainModelConfig
 from predet.errors import UserError
@@ -34,6 +33,7 @@ from predet.modeling.backbone import build_backbone
 from predet.modeling.cls_head import ClsHead
 from predet.modeling.croi_head import ContrastiveROIHead
 from predet.modeling.crpn import ContrastiveRPN, JitterProposals
+from predet.modeling.roi_align import MultiScaleRoIAlign
 
 __all__ = ["PreDet", "build_predet", "check_num_classes", "loss_weight"]
 

@@ -223,3 +223,25 @@ def test_iterable_stream_epochs_and_resume():
     resumed = BatchStream(_Counting(), collate_fn=collate, batch_size=3, seed=0, start=stream.position)
     assert next(iter(resumed)) == [200, 201, 202]
     assert resumed.position == StreamPosition(2, 1)
+
+
+def test_grad_norm_is_logged_before_clipping(toy_data, toy_model, tmp_path):
+    """With train.clip_grad set, each row logs the gradient norm before clipping (so a run can
+    tell how much the clip scales its steps down); a clip above every norm changes nothing."""
+
+    def rows(run):
+        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    plain = pretrain(_cfg(), tmp_path / "plain", data=toy_data(), model=toy_model())
+    loose = pretrain(_cfg("train.clip_grad=1e9"), tmp_path / "loose", data=toy_data(), model=toy_model())
+    tight = pretrain(_cfg("train.clip_grad=1e-3"), tmp_path / "tight", data=toy_data(), model=toy_model())
+    assert all("grad_norm" not in r for r in rows(plain))
+    norms = [r["grad_norm"] for r in rows(loose)]
+    assert all(n > 1e-3 for n in norms)
+    # step 1 starts from the same weights in both runs: the same pre-clip norm
+    assert rows(tight)[0]["grad_norm"] == pytest.approx(norms[0], rel=1e-6)
+    w = {name: load_checkpoint(r / "checkpoints" / "last.pt")["model"] for name, r in
+         (("plain", plain), ("loose", loose), ("tight", tight))}  # fmt: skip
+    for k, v in w["plain"].items():
+        torch.testing.assert_close(w["loose"][k], v, rtol=0, atol=0)
+    assert any(not torch.equal(w["tight"][k], v) for k, v in w["plain"].items() if v.is_floating_point())
