@@ -10,7 +10,7 @@
     W/det/train.json, val.json  COCO: bbox (XYWH), RLE segmentation, area, iscrowd, categories 1..K
     W/det/images/               train_000000.jpg, val_000000.jpg, ...
 
-A class is a shape crossed with an appearance (``striped_star``): every shape comes in every
+A class is a shape crossed with an appearance (``striped_triangle``): every shape comes in every
 appearance and vice versa, so recognising a class needs both. Each image holds a preset's range
 of objects (tiny: 1-8, sides 5%-60% of the image side; small/base: 1-3, sides 20%-60%); later
 objects occlude earlier ones, but never below ``MIN_VISIBLE`` of an object's area, so every painted object is annotated. A box is the tight box
