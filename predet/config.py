@@ -130,6 +130,9 @@ class PretrainModelConfig:
     num_classes: Optional[int] = None  # taken from the data's vocabulary when None
     box_head_dim: int = 1024  # TwoMLPHead, shared by the CRPN's queries and the CROI head
     roi_sampling_ratio: int = 2  # RoIAlign sampling points per bin side (torchvision: 2)
+    # box side pooled from P4 (FPN paper eq. 1: level = floor(4 + log2(sqrt(wh) / this))); 224 is
+    # for ~800-px images: scale it with the input so that boxes spread over P2-P5 as they would
+    roi_canonical_scale: int = 224
     cls: ClsConfig = field(default_factory=ClsConfig)
     crpn: CRPNConfig = field(default_factory=CRPNConfig)
     jitter: JitterConfig = field(default_factory=JitterConfig)
@@ -229,6 +232,7 @@ class FinetuneModelConfig:
     proposals_test: int = 1000  # same, inference
     roi_batch_size_per_image: int = 512  # RoIs sampled per image for the box head
     mask_head_dim: int = 256  # channels of the mask head's 4 convs (torchvision: 256)
+    roi_canonical_scale: int = 224  # box side pooled from P4 (see PretrainModelConfig)
     fpn_channels: Optional[int] = None  # None: the --init file's FPN width (256 for scratch / a ResNet)
     box_head_dim: Optional[int] = None  # None: the init's box head (<init stem>_box_head file) or 1024
 
@@ -430,7 +434,8 @@ def _check_pretrain_model(cfg: Any) -> None:
     _one_of("model.backbone", m.backbone, BACKBONES, "backbone")
     _one_of("model.norm", m.norm, NORMS, "norm")
     _one_of("model.cls.loss", m.cls.loss, CLS_LOSSES, "loss")
-    keys = ("input_size", "fpn_channels", "num_classes", "box_head_dim", "roi_sampling_ratio")
+    keys = ("input_size", "fpn_channels", "num_classes", "box_head_dim", "roi_sampling_ratio",
+            "roi_canonical_scale")  # fmt: skip
     _positive("model", m, keys)
     c = m.crpn
     if len(c.anchor_sizes) != 5:
@@ -500,7 +505,8 @@ def _check_finetune(cfg: Any) -> None:
         raise UserError(f"model.trainable_layers={m.trainable_layers}: must be in 0..5")
     if m.anchor_sizes is not None and len(m.anchor_sizes) != 5:
         raise UserError(f"model.anchor_sizes={list(m.anchor_sizes)}: give one size per FPN level (5)")
-    keys = ("num_classes", "test_size", "max_size", "fpn_channels", "box_head_dim", "mask_head_dim")
+    keys = ("num_classes", "test_size", "max_size", "fpn_channels", "box_head_dim", "mask_head_dim",
+            "roi_canonical_scale")  # fmt: skip
     _positive("model", m, keys)
     _one_of("data.format", cfg.data.format, ("coco", "lvis", "voc"))
     _positive("data", cfg.data, ("subset", "eval_batch_size"))

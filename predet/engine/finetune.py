@@ -227,6 +227,11 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
         prepare_run_dir(out, resume=resume, overwrite=overwrite)
     distributed.barrier()
     cfg = resolve_init_widths(cfg, init)
+    norm_note = None
+    if init == "scratch" and cfg.model.norm == "frozenbn":  # as torchvision's detectors do
+        cfg.model.norm = "bn"
+        norm_note = ("model.norm=frozenbn with --init scratch: trains BatchNorm instead (a random init "
+                     "has no statistics to freeze)")
     lr_note = "train.lr" if cfg.train.lr is not None else (
         f"train.base_lr {cfg.train.base_lr:g} x {cfg.train.batch_size * world}/{cfg.train.base_batch} images")
     cfg.train.lr = resolve_lr(cfg, world)  # config.yaml records the lr the run trains at
@@ -249,6 +254,8 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
              f"{len(classes)} classes; {total} steps at {cfg.train.batch_size}x{world} images, "
              f"lr {cfg.train.lr:g} ({lr_note}), warm-up {warmup}, lr x0.1 at {lr_steps}")  # fmt: skip
 
+    if norm_note:
+        log.text(norm_note)
     model = build_detector(cfg, classes)
     report = load_init(model, init, name=cfg.name)
     log.text(report.summary())

@@ -73,7 +73,8 @@ def build_detector(cfg, classes: Sequence[str], *, for_test: bool = False) -> nn
     box_dim = m.box_head_dim or 1024
     rcnn_args = dict(
         # torchvision's poolers (P2-P5, 7x7 / 14x14, sampling ratio 2), separable on small CPU maps
-        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2),
+        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2,
+                                        canonical_scale=m.roi_canonical_scale),
         box_head=TwoMLPHead(backbone.out_channels * 7 * 7, box_dim),  # on 7x7 RoIAlign features
         box_predictor=FastRCNNPredictor(box_dim, num_classes),
         rpn_anchor_generator=anchors,
@@ -91,7 +92,8 @@ def build_detector(cfg, classes: Sequence[str], *, for_test: bool = False) -> nn
         return FasterRCNN(backbone, None, **rcnn_args)
     dim = m.mask_head_dim  # the heads of maskrcnn_resnet50_fpn, with a configurable width
     mask_head = MaskRCNNHeads(backbone.out_channels, [dim] * 4, dilation=1)
-    mask_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=2)
+    mask_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=2,
+                                   canonical_scale=m.roi_canonical_scale)
     return MaskRCNN(backbone, None, mask_roi_pool=mask_pool, mask_head=mask_head,
                     mask_predictor=MaskRCNNPredictor(dim, dim, num_classes), **rcnn_args)  # fmt: skip
 

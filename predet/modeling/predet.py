@@ -80,8 +80,9 @@ class PreDet(nn.Module):
         self.croi_head: ContrastiveROIHead | None = None
         if self.loss_cfg.crpn or use_croi:  # the cls-only baseline holds no detection modules
             self.roi_pool = MultiScaleRoIAlign(
-                ["0", "1", "2", "3"], output_size=7, sampling_ratio=m.roi_sampling_ratio
-            )
+                ["0", "1", "2", "3"], output_size=7, sampling_ratio=m.roi_sampling_ratio,
+                canonical_scale=m.roi_canonical_scale,
+            )  # fmt: skip
             self.box_head = TwoMLPHead(C * 7 * 7, E)  # fc6, fc7
         if self.loss_cfg.crpn:
             self.crpn = ContrastiveRPN(in_channels=C, query_dim=E, cfg=m.crpn)

@@ -24,6 +24,7 @@ from predet.engine.finetune import StepBatchSampler, build_optimizer, finetune, 
 from predet.errors import UserError
 from predet.modeling.backbone import build_backbone
 from predet.modeling.detectors import build_detector, load_init
+from predet.utils import load_checkpoint
 
 TINY = "configs/finetune/mask_rcnn_tiny_cpu.yaml"
 KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -426,3 +427,16 @@ def test_images_without_boxes(tiny_world: Path) -> None:
     test = DetectionDataset(gt, images, train=False, with_masks=True)
     _, target = test[test.ids.index(empty_id)]
     assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,) and target["masks"].shape[0] == 0
+
+
+def test_scratch_trains_batchnorm_where_frozenbn_is_asked(tiny_world: Path, tmp_path: Path) -> None:
+    """A random init has no statistics to freeze: like torchvision's detectors, --init scratch
+    trains BatchNorm when model.norm is frozenbn (the fine-tuning default), and says so."""
+    det = tiny_world / "det"
+    cfg = tiny_cfg(*split_overrides(det / "train.json", "", det / "images"), "model.arch=faster_rcnn",
+                   "model.norm=frozenbn", "train.steps=2", "data.subset=4")  # fmt: skip
+    run = finetune(cfg, "scratch", tmp_path / "run", progress=False)
+    assert load_config(FinetuneConfig, run / "config.yaml").model.norm == "bn"
+    assert "trains BatchNorm instead" in (run / "log.txt").read_text()
+    state = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    assert int(state["backbone.body.bn1.num_batches_tracked"]) == 2  # trained BN, 2 steps

@@ -101,3 +101,30 @@ def test_large_maps_fall_back_to_torchvision(monkeypatch: pytest.MonkeyPatch) ->
     assert not adaptive._use_separable(list(feats.values()), boxes)
     ref = torchvision.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)(feats, boxes, [(64, 64)] * 2)
     torch.testing.assert_close(pool(feats, boxes, [(64, 64)] * 2), ref)
+
+
+def test_canonical_scale_reaches_every_pooler() -> None:
+    """model.roi_canonical_scale sets the FPN level rule of PreDet's and the detectors' poolers;
+    a smaller one sends the same box to a higher level (FPN paper eq. 1)."""
+    from predet.config import FinetuneConfig, PretrainConfig, load_config
+    from predet.errors import UserError
+    from predet.modeling.detectors import build_detector
+    from predet.modeling.predet import build_predet
+
+    pre = load_config(PretrainConfig, None, ["model.backbone=resnet18", "model.fpn_channels=16",
+                                             "model.box_head_dim=32", "model.roi_canonical_scale=30"])  # fmt: skip
+    assert build_predet(pre, 3).roi_pool.canonical_scale == 30
+    ft = load_config(FinetuneConfig, None, ["model.backbone=resnet18", "model.fpn_channels=16",
+                                            "model.box_head_dim=32", "model.roi_canonical_scale=36"])  # fmt: skip
+    heads = build_detector(ft, ["a", "b"]).roi_heads
+    assert heads.box_roi_pool.canonical_scale == heads.mask_roi_pool.canonical_scale == 36
+    feats = [torch.zeros(1, 1, 512 // 2**k, 512 // 2**k) for k in range(2, 6)]  # P2-P5 of 512 px
+    box = [torch.tensor([[0.0, 0.0, 30.0, 30.0]])]
+    levels = {
+        c: MultiScaleRoIAlign(["0"], 7, 2, canonical_scale=c)._scales_and_levels(feats, [(512, 512)])[1](box)
+        for c in (224, 30)
+    }  # fmt: skip
+    # a 30-px box: floor(4 + log2(30 / 224)) = 1 -> P2 (the lowest); floor(4 + log2(30 / 30)) -> P4
+    assert (int(levels[224]), int(levels[30])) == (0, 2)
+    with pytest.raises(UserError, match="roi_canonical_scale"):
+        load_config(PretrainConfig, None, ["model.roi_canonical_scale=0"])
