@@ -146,15 +146,15 @@ def check_opencv() -> None:
 
 
 def _edge_boxes(params: QueryParams) -> "cv2.ximgproc.EdgeBoxes":
-    key = ("eb", params)
-    if key not in _STATE:
-        # alpha (window step) and beta (EdgeBoxes' own NMS) lowered from (0.65, 0.75): queries
-        # are judged at IoU 0.5, and the coarser search is ~2x faster; our NMS 0.5 follows
-        _STATE[key] = cv2.ximgproc.createEdgeBoxes(
-            alpha=0.5, beta=0.55, minScore=0.01, maxBoxes=max(4 * params.max_boxes, 200),
-            maxAspectRatio=params.max_aspect, minBoxArea=100,
-        )
-    return _STATE[key]
+    """A new EdgeBoxes object per image: OpenCV's keeps state between ``getBoundingBoxes``
+    calls (the same image twice on one object gave 253, 293 and 286 boxes), which made an
+    image's queries depend on the images its worker had processed before."""
+    # alpha (window step) and beta (EdgeBoxes' own NMS) lowered from (0.65, 0.75): queries
+    # are judged at IoU 0.5, and the coarser search is ~2x faster; our NMS 0.5 follows
+    return cv2.ximgproc.createEdgeBoxes(
+        alpha=0.5, beta=0.55, minScore=0.01, maxBoxes=max(4 * params.max_boxes, 200),
+        maxAspectRatio=params.max_aspect, minBoxArea=100,
+    )
 
 
 def _structured_edges(rgb: np.ndarray, model: str) -> tuple[np.ndarray, np.ndarray]:

@@ -64,6 +64,20 @@ def test_edgeboxes_find_flat_objects_and_filters_hold() -> None:
     assert (b[:, 0] >= 0).all() and (b[:, 2] <= 160).all() and (b[:, 3] <= 120).all()
 
 
+def test_queries_of_an_image_do_not_depend_on_the_images_before() -> None:
+    """OpenCV's EdgeBoxes object keeps state between calls; each image gets a fresh one, so an
+    image's queries are the same whichever images a worker processed before (and on a rerun)."""
+    textured = [np.random.default_rng(s).integers(0, 256, (96, 128, 3), dtype=np.uint8) for s in (1, 2)]
+    first = compute_queries(_scene(3))
+    for other in textured:
+        compute_queries(other)
+    again = compute_queries(_scene(3))
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    busy = [compute_queries(textured[0])[0] for _ in range(3)]  # many boxes: the state showed here
+    assert all(np.array_equal(busy[0], b) for b in busy[1:])
+
+
 def test_boxes_are_in_original_pixels_whatever_the_computation_scale() -> None:
     img = _scene()
     big = np.asarray(Image.fromarray(img).resize((640, 480), Image.NEAREST))  # 4x, computed at 500
