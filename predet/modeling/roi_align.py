@@ -114,13 +114,16 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
         valid = torch.arange(n, device=padded.device)[None, :] < counts[:, None]  # [B, n]
         level_of = torch.full(valid.shape, -1, dtype=torch.long, device=padded.device)
         level_of[valid] = mapper(list(boxes)).to(padded.device)
-        out = sum(
-            roi_align_separable(
-                feat, padded, self.output_size[0], scale, self.sampling_ratio,
-                weight=(level_of == lvl),
-            )
-            for lvl, (feat, scale) in enumerate(zip(feats, scales))
-        )  # fmt: skip
+        out: Tensor | float = 0.0
+        for lvl, (feat, scale) in enumerate(zip(feats, scales)):
+            mask = level_of == lvl  # [B, n]
+            if bool(mask.any()):  # on the CPU: no sync cost
+                out = out + roi_align_separable(
+                    feat, padded, self.output_size[0], scale, self.sampling_ratio, weight=mask
+                )
+            else:  # a level without boxes adds zeros: skip the products, keep its (zero) gradient
+                out = out + feat.reshape(-1)[:1].sum() * 0.0
+        assert isinstance(out, Tensor)
         if bool(valid.all()):  # every image has n boxes (the PreDet step): no gather
             return out.reshape(-1, *out.shape[2:])
         return out[valid]  # [R, C, out, out], the images' boxes in order
