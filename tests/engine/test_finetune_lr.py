@@ -33,7 +33,7 @@ def test_linear_scaling_rule() -> None:
     "name, world_size, lr",
     [  # each shipped config at the global batch its comments name: the lr it stated before base_lr
         ("mask_rcnn_tiny_cpu.yaml", 1, 0.01),
-        ("mask_rcnn_small_cpu.yaml", 1, 0.01),
+        ("mask_rcnn_small_cpu.yaml", 1, 0.005),  # 0.01 measured worse for every init (issue 9)
         ("mask_rcnn_r50_fpn_coco_1x.yaml", 8, 0.02),
         ("mask_rcnn_x101_32x8d_fpn_coco_1x.yaml", 8, 0.02),
         ("mask_rcnn_x101_32x8d_fpn_coco_1k.yaml", 8, 0.02),
