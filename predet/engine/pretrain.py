@@ -281,10 +281,13 @@ def _train(
 def _inputs(
     stream: BatchStream, device: torch.device, channels_last: tuple[str, ...], skipped: list[int]
 ) -> Iterator[tuple[dict[str, Any]]]:
-    """Each batch on ``device``, as the model's one input; ``skipped[0]`` counts the unreadable
-    images the loader replaced (the batch's ``num_skipped``)."""
+    """Each batch on ``device``, as the model's one input, with ``has_queries`` (whether any
+    query is valid, read on the host); ``skipped[0]`` counts the unreadable images the loader
+    replaced (the batch's ``num_skipped``)."""
     for batch in stream:
         skipped[0] += int(batch.pop("num_skipped", 0))
+        if "query_mask" in batch:  # read here, on the host, so that the forward never syncs
+            batch["has_queries"] = bool(batch["query_mask"].any())
         yield (to_device(batch, device, channels_last_keys=channels_last),)
 
 

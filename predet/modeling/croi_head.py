@@ -82,11 +82,15 @@ class ContrastiveROIHead(nn.Module):
         if self.use_info:
             losses["loss_info"] = info_nce(sim, pos_index, negative, mask, cfg.tau)
         if self.use_reg:
-            view, query = mask.nonzero(as_tuple=True)  # [M] valid queries
-            pos = pos_index[view, query]
-            deltas = self.regression(b_q[view, query], b_p[view, pos])  # [M, 4]
-            target = self.box_coder.encode_single(query_boxes[view, query], candidates[view, pos])
-            losses["loss_croi_reg"] = box_regression_loss(deltas.float(), target, view.numel())
+            # every (view, query) slot, the invalid ones at zero loss: no nonzero(), so nothing
+            # here waits for the device (issue 11)
+            E = b_p.shape[2]
+            b_pos = b_p.gather(1, pos_index.unsqueeze(2).expand(-1, -1, E))  # [B, Q, E]
+            box_pos = candidates.gather(1, pos_index.unsqueeze(2).expand(-1, -1, 4))  # [B, Q, 4]
+            deltas = self.regression(b_q.flatten(0, 1), b_pos.flatten(0, 1)).float()  # [B*Q, 4]
+            target = self.box_coder.encode_single(query_boxes.flatten(0, 1), box_pos.flatten(0, 1))
+            target = torch.where(mask.flatten().unsqueeze(1), target, deltas.detach())
+            losses["loss_croi_reg"] = box_regression_loss(deltas, target, mask.sum())
         with torch.no_grad():
             best = sim.masked_fill(~candidate_valid.unsqueeze(1), float("-inf")).argmax(dim=2)
             hit = (iou.gather(2, best.unsqueeze(2)).squeeze(2) > cfg.fg_iou) & mask  # [B, Q]

@@ -120,22 +120,28 @@ class ContrastiveRPN(nn.Module):
         """BCE on the sampled (anchor, matched query) scores; smooth-L1 on the positives' deltas.
 
         Both are normalised by the number of sampled anchors over all views (torchvision's RPN).
+        ``positive`` holds at most ``cfg.batch_per_view`` anchors a view (``sample_anchors``).
         Args: ``scores [B, Q, T]``, ``hidden``/``q_reg`` from the head, ``anchors [T, 4]``,
         ``boxes [B, Q, 4]``, ``matched [B, T]``, ``positive``/``negative`` ``[B, T]`` bool.
         """
-        view, anchor = (positive | negative).nonzero(as_tuple=True)  # [M] each
-        query = matched[view, anchor]
-        logits = scores[view, query, anchor]  # [M]
-        target = positive[view, anchor].to(logits.dtype)
-        num_sampled = view.numel()
-        loss_cls = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / max(
-            num_sampled, 1
-        )
-        pview, panchor = positive.nonzero(as_tuple=True)  # [M+]
+        # dense over [B, T] and a fixed number of positive slots per view: no nonzero(), so
+        # nothing here waits for the device (issue 11); the sums are those over the sampled pairs
+        sampled = positive | negative  # [B, T]
+        num_sampled = sampled.sum()
+        logits = scores.gather(1, matched.unsqueeze(1)).squeeze(1)  # [B, T]: each anchor's query
+        bce = F.binary_cross_entropy_with_logits(logits, positive.to(logits.dtype), reduction="none")
+        loss_cls = (bce * sampled).sum() / num_sampled.clamp(min=1)
+        B, T = positive.shape
+        slots = min(T, self.cfg.batch_per_view)  # sample_anchors keeps <= batch_per_view a view
+        filled, panchor = positive.float().topk(slots, dim=1)  # [B, S]: positives first
+        filled = filled.bool().flatten()  # [B*S]
+        pview = torch.arange(B, device=positive.device).repeat_interleave(slots)  # [B*S]
+        panchor = panchor.flatten()
         pquery = matched[pview, panchor]
-        deltas = self.head.regression(hidden, q_reg, pview, panchor, pquery)  # [M+, 4]
-        target_deltas = self.box_coder.encode_single(boxes[pview, pquery], anchors[panchor])
-        loss_reg = box_regression_loss(deltas, target_deltas, num_sampled)
+        deltas = self.head.regression(hidden, q_reg, pview, panchor, pquery)  # [B*S, 4]
+        target = self.box_coder.encode_single(boxes[pview, pquery], anchors[panchor])
+        target = torch.where(filled.unsqueeze(1), target, deltas.detach())  # empty slots: 0 loss
+        loss_reg = box_regression_loss(deltas, target, num_sampled)
         return {"loss_crpn_cls": loss_cls, "loss_crpn_reg": loss_reg}
 
     @torch.no_grad()

@@ -95,7 +95,9 @@ class PreDet(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """``batch``: the collated two-view batch (``view1``/``view2`` ``[N, 3, S, S]``,
-        ``boxes1``/``boxes2`` ``[N, Q, 4]``, ``query_mask [N, Q]``, ``labels [N, K]``).
+        ``boxes1``/``boxes2`` ``[N, Q, 4]``, ``query_mask [N, Q]``, ``labels [N, K]``; optional
+        ``has_queries``, the Python bool ``query_mask.any()`` read on the host before the batch
+        went to the device, so that the forward never waits for it).
 
         Returns the switched-on losses among ``loss_cls``, ``loss_crpn_cls``, ``loss_crpn_reg``,
         ``loss_info``, ``loss_croi_reg`` (weighted) and the metrics ``valid_queries`` (mean per
@@ -113,7 +115,10 @@ class PreDet(nn.Module):
             losses["loss_cls"] = self.cls_head.loss(self.cls_head(feats), labels)  # [L, B, K]
         mask = batch["query_mask"].repeat(2, 1)  # [N, Q] -> [B, Q]
         propose = self.crpn if self.crpn is not None else self.jitter
-        if propose is not None and bool(mask.any()):
+        has_queries = batch.get("has_queries")  # set on the host by the loop: no device wait
+        if has_queries is None:
+            has_queries = bool(mask.any())  # waits for the device (issue 11)
+        if propose is not None and has_queries:
             boxes = torch.cat([batch["boxes1"], batch["boxes2"]]).float()  # [B, Q, 4] in view b
             b_own = self._box_features(feats, boxes, size)  # [B, Q, E], view b's boxes on view b
             b_q = b_own.roll(N, dims=0)  # [B, Q, E]: row b holds the queries of view (b + N) % B

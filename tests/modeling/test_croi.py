@@ -131,3 +131,39 @@ def test_query_negatives_include_other_queries_boxes():
         cands, cvalid, queries, mask, fg_iou=0.5, num_negatives=2, query_negatives=True
     )
     assert capped[0, :2].sum(1).tolist() == [2, 2] and not (capped & ~neg).any()
+
+
+def test_croi_regression_loss_sums_over_valid_queries_only():
+    """loss_croi_reg written out query by query (the head computes every slot and masks the
+    invalid ones, issue 11): an invalid query with a zero box adds nothing, not even a NaN."""
+    torch.manual_seed(0)
+    head = ContrastiveROIHead(in_dim=10, cfg=CROIConfig(embed_dim=6, reg_dim=3, num_negatives=8))
+    B, Q, P0 = 2, 3, 5
+    g = torch.Generator().manual_seed(1)
+    xy = torch.rand(B, Q, 2, generator=g) * 20
+    queries = torch.cat([xy, xy + 5 + torch.rand(B, Q, 2, generator=g) * 10], dim=2)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    queries[~mask] = 0.0  # padded slots hold zero boxes, as the collate pads them
+    xy = torch.rand(B, P0, 2, generator=g) * 20
+    props = torch.cat([xy, xy + 5 + torch.rand(B, P0, 2, generator=g) * 10], dim=2)
+    candidates = torch.cat([props, queries], dim=1)  # [B, P0 + Q, 4], queries appended
+    cand_valid = torch.cat([torch.ones(B, P0, dtype=torch.bool), mask], dim=1)
+    b_q = torch.randn(B, Q, 10, requires_grad=True)
+    b_p = torch.randn(B, P0 + Q, 10, requires_grad=True)
+    torch.manual_seed(3)  # assign_candidates draws its positives from the global RNG
+    losses, _ = head(b_q, b_p, candidates, cand_valid, queries, mask)
+    torch.manual_seed(3)
+    _, pos_index, _ = assign_candidates(candidates, cand_valid, queries, mask, fg_iou=head.cfg.fg_iou,
+                                        num_negatives=head.cfg.num_negatives,
+                                        query_negatives=head.cfg.query_negatives)  # fmt: skip
+    coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
+    ref = 0.0
+    for b, q in mask.nonzero().tolist():
+        p = int(pos_index[b, q])
+        d = head.regression(b_q[b, q][None], b_p[b, p][None])[0]
+        t = coder.encode_single(queries[b, q][None], candidates[b, p][None])[0]
+        ref = ref + F.smooth_l1_loss(d, t, beta=1 / 9, reduction="sum")
+    torch.testing.assert_close(losses["loss_croi_reg"], ref / int(mask.sum()), atol=1e-6, rtol=1e-5)
+    losses["loss_croi_reg"].backward()
+    assert torch.isfinite(b_q.grad).all() and torch.isfinite(b_p.grad).all()
+    assert b_q.grad[~mask].abs().max() == 0  # invalid queries get no gradient from the regression

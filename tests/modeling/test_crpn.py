@@ -173,8 +173,13 @@ def test_regression_targets_round_trip_through_box_coder():
     torch.testing.assert_close(coder.decode_single(deltas, anchors), queries, atol=1e-4, rtol=0)
 
 
-def test_crpn_losses_golden(head_and_inputs):
+@pytest.mark.parametrize("padded", [False, True])
+def test_crpn_losses_golden(head_and_inputs, padded):
+    """The losses equal the pair-by-pair sums; with padded query slots (zero boxes, as the
+    collate pads them) too, and their NaN-prone targets reach neither the loss nor the grads
+    (the losses run over fixed slots, without nonzero(), issue 11)."""
     head, feats, queries = head_and_inputs
+    queries = queries.detach().requires_grad_(True)
     scores, hidden = head(feats, queries)
     q_reg = head.query_regression(queries)
     T = scores.shape[2]
@@ -182,6 +187,9 @@ def test_crpn_losses_golden(head_and_inputs):
     anchors = _random_boxes(T, 32, g)
     boxes = torch.stack([_random_boxes(Q, 32, g) for _ in range(B)])
     mask = torch.ones(B, Q, dtype=torch.bool)
+    if padded:
+        mask[0, -1] = False
+        boxes[0, -1] = 0.0
     labels, matched = match_anchors(anchors, boxes, mask, fg_iou=0.5, bg_iou=0.3, generator=g)
     pos, neg = sample_anchors(labels, batch_per_view=16, positive_fraction=0.5, generator=g)
     coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
@@ -204,6 +212,8 @@ def test_crpn_losses_golden(head_and_inputs):
     torch.testing.assert_close(loss_cls, bce / n, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss_reg, reg / n, atol=1e-5, rtol=1e-5)
     assert int(pos.sum()) > 0
+    (loss_cls + loss_reg).backward()
+    assert torch.isfinite(queries.grad).all()
 
 
 def _rpn(**cfg) -> ContrastiveRPN:

@@ -246,3 +246,31 @@ def test_query_negatives_mode(tiny_cfg, make_batch):
     # more negatives per query (the other queries' boxes): a larger InfoNCE at init
     assert outs["true"]["loss_info"].item() > outs["false"]["loss_info"].item()
     torch.testing.assert_close(outs["true"]["loss_cls"], outs["false"]["loss_cls"])
+
+
+def test_host_flag_has_queries_replaces_the_device_check(tiny_cfg, make_batch):
+    """``has_queries`` (set by the loop from the host copy of query_mask) gives the same losses
+    as the device check, and is what the forward trusts: False leaves the detection terms out."""
+    torch.manual_seed(0)
+    model = build_predet(tiny_cfg(), num_classes=5)
+    batch = make_batch(seed=7)
+    torch.manual_seed(123)
+    ref = model(batch)
+    torch.manual_seed(123)
+    flagged = model({**batch, "has_queries": True})
+    assert set(flagged) == set(ref) and LOSSES <= set(ref)
+    for k in ref:
+        torch.testing.assert_close(flagged[k], ref[k], rtol=0, atol=0)
+    out = model({**batch, "has_queries": False})
+    assert set(out) == {"loss_cls", "valid_queries"}
+
+
+def test_loop_inputs_carry_the_host_flag():
+    from predet.engine.pretrain import _inputs
+
+    batches = [{"query_mask": torch.zeros(2, 3, dtype=torch.bool), "num_skipped": 1},
+               {"query_mask": torch.tensor([[False, True, False]]), "num_skipped": 0}]  # fmt: skip
+    skipped = [0]
+    got = [b for (b,) in _inputs(iter(batches), torch.device("cpu"), (), skipped)]
+    assert [b["has_queries"] for b in got] == [False, True] and skipped == [1]
+    assert all(isinstance(b["has_queries"], bool) for b in got)
