@@ -209,6 +209,9 @@ class FinetuneDataConfig:
     train: SplitConfig = field(default_factory=SplitConfig)
     val: SplitConfig = field(default_factory=SplitConfig)
     subset: Optional[int] = None  # number of training images, drawn with `seed`
+    # evaluate on at most this many val images: one fixed draw (not the run's seed), so every
+    # seed and init is scored on the same images; None: all
+    val_subset: Optional[int] = None
     num_workers: int = 2
     classes: Optional[List[str]] = None  # VOC: class names in label order (default: VOC's 20, else sorted)
     eval_batch_size: int = 2  # images per inference batch

@@ -127,6 +127,23 @@ def resolve_world(world: Optional[str | Path], *, preset: str, seed: int, out: P
     return DemoWorld(files["manifest"], queries, files["det_train"], files["det_val"], images)
 
 
+def _fit_subset(cfg: "FinetuneConfig", w: DemoWorld) -> list[str]:  # noqa: F821
+    """``["data.subset=N"]`` when the plan's low-shot subset is larger than the world's usable
+    training set (a small ``--world``: fine-tune on all of it, and say so), else ``[]``."""
+    if cfg.data.subset is None:
+        return []
+    from predet.data.detection import DetectionDataset, load_gt
+
+    usable = len(DetectionDataset(load_gt(cfg.data.format, w.det_train), w.det_images, train=True))
+    if usable >= cfg.data.subset:
+        return []
+    if usable == 0:
+        raise UserError(f"{w.det_train}: no training image has a usable box")
+    print(f"    low-shot subset: {w.det_train} has {usable} usable training images, fewer than the "
+          f"plan's {cfg.data.subset}: fine-tuning on all {usable}", flush=True)  # fmt: skip
+    return [f"data.subset={usable}"]
+
+
 def _last_eval(run: Path) -> dict[str, float]:
     """The last ``cls_map`` / ``cls_map_true`` a pre-training run logged."""
     out: dict[str, float] = {}
@@ -220,6 +237,10 @@ def demo(
     # every detector gets the pre-trained widths (the CPU configs use a narrow FPN), scratch included
     widths = [f"model.backbone={cfg.model.backbone}", f"model.fpn_channels={cfg.model.fpn_channels}",
               f"model.box_head_dim={cfg.model.box_head_dim}"]  # fmt: skip
+    subset = _fit_subset(
+        load_config(FinetuneConfig, cfgs / plan.finetune_config, [*det, *plan.finetune_overrides, *finetune_overrides]),
+        w,
+    )  # fmt: skip
     ft_runs: dict[str, list[Path]] = {name: [] for name in INITS}
     for i, name in enumerate(INITS):
         done = clock.stage(
@@ -229,7 +250,7 @@ def demo(
             cfg_ft = load_config(
                 FinetuneConfig,
                 cfgs / plan.finetune_config,
-                [*det, *widths, f"seed={seed + s}", *plan.finetune_overrides, *finetune_overrides],
+                [*det, *widths, f"seed={seed + s}", *plan.finetune_overrides, *subset, *finetune_overrides],
             )
             ft_runs[name].append(finetune(cfg_ft, str(inits[name]), out / f"finetune-{name}-s{s}"))
         done()

@@ -98,3 +98,22 @@ def test_gpu_preset_runs_on_cpu_with_a_tiny_budget(tmp_path, tiny_world):
     assert "backbone: resnet50" in saved and "fpn_channels: 256" in saved
     assert set(r["stats"]) == {"predet", "cls-only", "scratch"}
     assert all(s["n"] == 1 for s in r["stats"].values())
+
+
+def test_low_shot_subset_fits_a_small_world(tiny_world, capsys):
+    """A --world with fewer usable training images than the plan's subset fine-tunes on all of
+    them (DetectionDataset would refuse data.subset > the usable images)."""
+    from predet.config import FinetuneConfig, load_config
+    from predet.demo import DemoWorld, _fit_subset
+
+    det = tiny_world / "det"
+    w = DemoWorld(tiny_world / "pretrain" / "manifest.jsonl", tiny_world / "queries",
+                  det / "train.json", det / "val.json", det / "images")  # fmt: skip
+    train = json.loads((det / "train.json").read_text())
+    usable = len({a["image_id"] for a in train["annotations"] if not a.get("iscrowd", 0)})
+    assert 0 < usable < 10_000
+    cfg = lambda n: load_config(FinetuneConfig, None, [f"data.subset={n}"])  # noqa: E731
+    assert _fit_subset(cfg(10_000), w) == [f"data.subset={usable}"]
+    assert f"{usable} usable training images" in capsys.readouterr().out
+    assert _fit_subset(cfg(usable), w) == [] and _fit_subset(cfg(1), w) == []
+    assert _fit_subset(load_config(FinetuneConfig, None, []), w) == []  # no subset: all images

@@ -41,7 +41,7 @@ from predet.errors import UserError
 from predet.modeling.detectors import build_detector
 from predet.utils import load_checkpoint, write_json
 
-__all__ = ["LVISStyleEval", "evaluate_predictions", "evaluate_run", "predict", "run"]
+__all__ = ["LVISStyleEval", "evaluate_predictions", "evaluate_run", "predict", "run", "subset_images"]
 
 log = logging.getLogger("predet.evaluate")
 _AREAS = {"all": 0, "small": 1, "medium": 2, "large": 3}
@@ -234,8 +234,10 @@ def evaluate_run(
     state = load_checkpoint(Path(ckpt) if ckpt else run / "checkpoints" / "last.pt")
     if "model" not in state or "classes" not in state:
         raise UserError(f"{ckpt or run / 'checkpoints' / 'last.pt'}: not a fine-tuning checkpoint")
+    val_subset = None
     if ann is None:
         ann, images, fmt = cfg.data.val.ann, images or cfg.data.val.images, cfg.data.format
+        val_subset = cfg.data.val_subset
         if not ann:
             raise UserError(f"{run}/config.yaml: data.val.ann is empty; pass --data ANN --images DIR")
     else:
@@ -243,7 +245,7 @@ def evaluate_run(
         if images is None:
             raise UserError("--data given without --images")
     classes = list(state["classes"])
-    gt = load_gt(fmt, ann, classes=cfg.data.classes)
+    gt = subset_images(load_gt(fmt, ann, classes=cfg.data.classes), val_subset)
     dataset = DetectionDataset(gt, images, train=False)
     cat_of_name = {c["name"]: c["id"] for c in gt["categories"]}
     category_of_label = {i: cat_of_name[n] for i, n in enumerate(classes, start=1) if n in cat_of_name}
@@ -261,6 +263,22 @@ def evaluate_run(
     write_json(run / "predictions.json", preds, indent=None)
     write_json(run / "results.json", results)
     return results
+
+
+def subset_images(gt: dict, count: Optional[int], *, seed: int = 0) -> dict:
+    """``gt`` restricted to ``count`` of its images (and their annotations), drawn with ``seed``
+    alone (``data.val_subset``: every run is scored on the same images); ``None`` or a count of
+    at least the number of images: ``gt`` itself."""
+    if count is None:
+        return gt
+    if count < 1:
+        raise UserError(f"data.val_subset={count}: must be >= 1 (or null for every val image)")
+    ids = sorted(img["id"] for img in gt["images"])
+    if count >= len(ids):
+        return gt
+    keep = {ids[i] for i in np.random.default_rng(seed).permutation(len(ids))[:count]}
+    return {**gt, "images": [img for img in gt["images"] if img["id"] in keep],
+            "annotations": [a for a in gt["annotations"] if a["image_id"] in keep]}  # fmt: skip
 
 
 def _device_of(cfg: FinetuneConfig) -> torch.device:

@@ -440,3 +440,43 @@ def test_scratch_trains_batchnorm_where_frozenbn_is_asked(tiny_world: Path, tmp_
     assert "trains BatchNorm instead" in (run / "log.txt").read_text()
     state = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
     assert int(state["backbone.body.bn1.num_batches_tracked"]) == 2  # trained BN, 2 steps
+
+
+def test_subset_images_is_one_fixed_draw() -> None:
+    from predet.engine.evaluate import subset_images
+
+    gt = {"images": [{"id": i} for i in (5, 1, 9, 3, 7)], "categories": [{"id": 1, "name": "a"}],
+          "annotations": [{"id": k, "image_id": i} for k, i in enumerate((5, 5, 1, 9, 3, 7, 7))]}  # fmt: skip
+    sub = subset_images(gt, 3)
+    ids = sorted(img["id"] for img in sub["images"])
+    # the draw: permutation(5) of default_rng(0) over the sorted ids [1, 3, 5, 7, 9], first 3
+    want = sorted([1, 3, 5, 7, 9][i] for i in np.random.default_rng(0).permutation(5)[:3])
+    assert ids == want and len(ids) == 3
+    assert sorted(a["image_id"] for a in sub["annotations"]) == sorted(
+        a["image_id"] for a in gt["annotations"] if a["image_id"] in ids)  # fmt: skip
+    assert subset_images(gt, 3) == sub and sub["categories"] == gt["categories"]
+    assert subset_images(gt, None) is gt and subset_images(gt, 5) is gt and subset_images(gt, 50) is gt
+    with pytest.raises(UserError, match="data.val_subset=0"):
+        subset_images(gt, 0)
+
+
+def test_val_subset_scores_the_same_images_whatever_the_seed(tiny_world: Path, tmp_path: Path) -> None:
+    from predet.engine.evaluate import evaluate_run, subset_images
+
+    det = tiny_world / "det"
+    gt = json.loads((det / "val.json").read_text())
+    want = {img["id"] for img in subset_images(gt, 3)["images"]}
+    base = [*split_overrides(det / "train.json", det / "val.json", det / "images"), "model.arch=faster_rcnn",
+            "train.steps=1", "data.val_subset=3", "model.score_thresh=0.0"]  # fmt: skip
+    seen = []
+    for seed in (0, 1):
+        run = finetune(tiny_cfg(*base, f"seed={seed}"), "scratch", tmp_path / f"s{seed}", progress=False)
+        preds = json.loads((run / "predictions.json").read_text())
+        seen.append({p["image_id"] for p in preds})
+        assert seen[-1] <= want and len(seen[-1]) > 0
+        sub = subset_images(gt, 3)
+        assert_matches_reference(json.loads((run / "results.json").read_text()), sub, run)
+    # an explicit --data is scored whole
+    full = evaluate_run(tmp_path / "s0", det / "val.json", det / "images", progress=False)
+    assert len({p["image_id"] for p in json.loads((tmp_path / "s0" / "predictions.json").read_text())}) > 3
+    assert set(full) == {"bbox"}
