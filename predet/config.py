@@ -208,7 +208,10 @@ class FinetuneDataConfig:
     format: str = "coco"  # coco | lvis | voc
     train: SplitConfig = field(default_factory=SplitConfig)
     val: SplitConfig = field(default_factory=SplitConfig)
-    subset: Optional[int] = None  # number of training images, drawn with `seed`
+    subset: Optional[int] = None  # number of training images, drawn with `subset_seed`
+    # None: the run's `seed` (each seed its own subset); an int: one subset for every seed and
+    # init, so that seeds vary only the order, augmentation and head init
+    subset_seed: Optional[int] = None
     # evaluate on at most this many val images: one fixed draw (not the run's seed), so every
     # seed and init is scored on the same images; None: all
     val_subset: Optional[int] = None

@@ -3,7 +3,8 @@
 world (tags + COCO detection set) -> cached query boxes -> pre-train PreDet and a cls-only
 baseline with the same budget (each scored on a held-out slice: ``cls_map``) -> export both to
 torchvision format -> fine-tune Mask R-CNN from PreDet, cls-only and scratch on a low-shot subset,
-``seeds`` times each (same weights; the seed draws the subset order, augmentation and head init)
+``seeds`` times each (same weights, same low-shot subset; the seed draws the order, augmentation
+and head init)
 -> ``compare.md`` (mean ± std per init), the IoU-similarity correlation of the three inits
 (paper Fig. 5b), curves, and ``summary.json`` with every stage's time.
 
@@ -250,7 +251,10 @@ def demo(
             cfg_ft = load_config(
                 FinetuneConfig,
                 cfgs / plan.finetune_config,
-                [*det, *widths, f"seed={seed + s}", *plan.finetune_overrides, *subset, *finetune_overrides],
+                # one low-shot subset (drawn with the demo's seed) for every init and fine-tuning
+                # seed: the seeds vary the order, augmentation and head init, not the images
+                [*det, *widths, f"seed={seed + s}", f"data.subset_seed={seed}", *plan.finetune_overrides,
+                 *subset, *finetune_overrides],
             )
             ft_runs[name].append(finetune(cfg_ft, str(inits[name]), out / f"finetune-{name}-s{s}"))
         done()

@@ -55,6 +55,12 @@ def test_demo_on_a_world_end_to_end(tmp_path, tiny_world, capsys):
     # every backbone + FPN tensor of the PreDet export was loaded by each fine-tune
     init = json.loads((out / "finetune-predet-s1" / "init.json").read_text())
     assert init["init"] == "predet" and init["missing"] == [] and len(init["loaded"]) > 100
+    # every fine-tune draws the same low-shot subset (the demo's seed); the run seeds differ
+    import yaml
+
+    cfgs = [yaml.safe_load((out / f"finetune-{n}-s{s}" / "config.yaml").read_text())
+            for n in ("predet", "cls-only", "scratch") for s in (0, 1)]  # fmt: skip
+    assert {c["data"]["subset_seed"] for c in cfgs} == {0} and {c["seed"] for c in cfgs} == {0, 1}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["results"] == r["results"] and summary["seeds"] == 2
     assert {"world", "pretrain-predet", "pretrain-cls-only", "finetune-scratch", "correlation"} <= set(

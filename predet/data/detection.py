@@ -241,7 +241,8 @@ class DetectionDataset(Dataset):
         flip_p: horizontal-flip probability (training).
         seed: seed of the flips (item ``i`` at epoch ``e`` flips with a generator seeded by
             ``sample_seed(seed, e, i)``, as pre-training's items) and of the subset draw.
-        subset: keep this many training images, drawn with ``seed`` (paper Table 7).
+        subset: keep this many training images, drawn with ``subset_seed`` (paper Table 7).
+        subset_seed: the draw's seed; ``None``: ``seed`` (each run seed its own subset).
         classes: class names in label order (label ``l`` is ``classes[l - 1]``); default: the gt's
             categories sorted by id. Annotations of other categories are left out.
 
@@ -258,6 +259,7 @@ class DetectionDataset(Dataset):
         flip_p: float = 0.5,
         seed: int = 0,
         subset: Optional[int] = None,
+        subset_seed: Optional[int] = None,
         classes: Optional[Sequence[str]] = None,
     ) -> None:
         self.root = Path(images)
@@ -280,7 +282,8 @@ class DetectionDataset(Dataset):
         if subset is not None:
             if not 0 < subset <= len(ids):
                 raise UserError(f"data.subset={subset} but the training set has {len(ids)} usable images")
-            pick = np.random.default_rng(seed).permutation(len(ids))[:subset]
+            draw = seed if subset_seed is None else subset_seed
+            pick = np.random.default_rng(draw).permutation(len(ids))[:subset]
             ids = [ids[i] for i in sorted(pick)]
         if with_masks:
             for i in ids:

@@ -244,7 +244,8 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
     train_gt = load_gt(d.format, d.train.ann, classes=d.classes)
     with_masks = cfg.model.arch == "mask_rcnn"
     dataset = DetectionDataset(train_gt, d.train.images, train=True, with_masks=with_masks,
-                               flip_p=cfg.train.flip_p, seed=cfg.seed, subset=d.subset)  # fmt: skip
+                               flip_p=cfg.train.flip_p, seed=cfg.seed, subset=d.subset,
+                               subset_seed=d.subset_seed)  # fmt: skip
     classes = dataset.classes
     if cfg.model.num_classes is not None and cfg.model.num_classes != len(classes):
         raise UserError(f"model.num_classes={cfg.model.num_classes} but {d.train.ann} has {len(classes)} classes")

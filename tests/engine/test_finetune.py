@@ -242,6 +242,11 @@ def test_dataset_targets_flip_and_subset(tiny_world: Path) -> None:
     sub = DetectionDataset(gt, images, train=True, subset=10, seed=1)
     assert len(sub) == 10 and sub.ids == DetectionDataset(gt, images, train=True, subset=10, seed=1).ids
     assert sub.ids != DetectionDataset(gt, images, train=True, subset=10, seed=2).ids
+    # data.subset_seed: one subset whatever the run's seed (the draw of seed=5), the order still
+    # follows the run's seed
+    fixed = [DetectionDataset(gt, images, train=True, subset=10, seed=s, subset_seed=5) for s in (1, 2)]
+    assert fixed[0].ids == fixed[1].ids == DetectionDataset(gt, images, train=True, subset=10, seed=5).ids
+    assert fixed[0].ids != sub.ids and fixed[0].seed == 1 and fixed[1].seed == 2
     with pytest.raises(UserError, match="data.subset=1000"):
         DetectionDataset(gt, images, train=True, subset=1000)
     assert segm_to_mask([], 4, 5).shape == (4, 5)
