@@ -145,6 +145,16 @@ def _fit_subset(cfg: "FinetuneConfig", w: DemoWorld) -> list[str]:  # noqa: F821
     return [f"data.subset={usable}"]
 
 
+def _per_seed_lines(results: dict[str, list[dict]]) -> str:
+    """Each init's box / mask AP seed by seed (what the mean ± std of the table summarise)."""
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    out = ["\nPer fine-tuning seed (AP^bb / AP^mk):\n"]
+    for name, runs in results.items():
+        cells = [f"{fmt(r.get('bbox', {}).get('AP'))}/{fmt(r.get('segm', {}).get('AP'))}" for r in runs]
+        out.append(f"- {name}: {'  '.join(cells)}\n")
+    return "".join(out)
+
+
 def _last_eval(run: Path) -> dict[str, float]:
     """The last ``cls_map`` / ``cls_map_true`` a pre-training run logged."""
     out: dict[str, float] = {}
@@ -264,7 +274,9 @@ def demo(
     stats = summarize(group_results(all_runs))
     verdict = _verdict(stats)
     table = compare(all_runs)
-    lines = [table, f"\n{verdict}\n", "\nHeld-out classification mAP of the pre-trained heads (last evaluation):\n"]
+    per_seed = _per_seed_lines({n: [json.loads((r / "results.json").read_text()) for r in ft_runs[n]] for n in INITS})
+    lines = [table, f"\n{verdict}\n", per_seed,
+             "\nHeld-out classification mAP of the pre-trained heads (last evaluation):\n"]  # fmt: skip
     for name, vals in cls_map.items():
         lines.append(f"- {name}: " + (", ".join(f"{k} {v:.3f}" for k, v in vals.items()) or "no held-out slice") + "\n")
     done()

@@ -33,6 +33,7 @@ def test_demo_on_a_world_end_to_end(tmp_path, tiny_world, capsys):
     assert [row.split("|")[1].strip() for row in rows] == ["predet", "cls-only", "scratch"]
     assert all(row.split("|")[2].strip() == "2" and "±" in row for row in rows)
     assert "beyond" in table or "no verdict" in table
+    assert all(f"- {n}: " in table.split("Per fine-tuning seed")[1] for n in ("predet", "cls-only", "scratch"))
     for name, results in r["results"].items():
         assert len(results) == 2
         for res in results:
@@ -123,3 +124,14 @@ def test_low_shot_subset_fits_a_small_world(tiny_world, capsys):
     assert f"{usable} usable training images" in capsys.readouterr().out
     assert _fit_subset(cfg(usable), w) == [] and _fit_subset(cfg(1), w) == []
     assert _fit_subset(load_config(FinetuneConfig, None, []), w) == []  # no subset: all images
+
+
+def test_per_seed_lines_list_every_run():
+    from predet.demo import _per_seed_lines
+
+    text = _per_seed_lines({
+        "predet": [{"bbox": {"AP": 2.43}, "segm": {"AP": 5.82}}, {"bbox": {"AP": 1.63}, "segm": {"AP": 3.48}}],
+        "scratch": [{"bbox": {"AP": None}}],
+    })  # fmt: skip
+    assert text.splitlines()[1:] == ["Per fine-tuning seed (AP^bb / AP^mk):",
+                                     "- predet: 2.4/5.8  1.6/3.5", "- scratch: -/-"]  # fmt: skip
