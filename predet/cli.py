@@ -135,6 +135,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world", default=None, metavar="W",
                    help="run the recipe on the DESIGN §6 world in W instead of the built-in one")
     p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds per init (default: 3)")
+    p.add_argument("--pretrain-seeds", type=int, default=1,
+                   help="pre-trainings per method, each fine-tuned --seeds times (default: 1)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true")
 
 

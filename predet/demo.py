@@ -186,6 +186,7 @@ def demo(
     world: Optional[str | Path] = None,
     seed: int = 0,
     seeds: Optional[int] = None,
+    pretrain_seeds: int = 1,
     overwrite: bool = False,
     pretrain_overrides: Sequence[str] = (),
     finetune_overrides: Sequence[str] = (),
@@ -194,7 +195,10 @@ def demo(
 
     ``pretrain_overrides`` / ``finetune_overrides`` are extra ``key=value`` items applied to every
     run of that kind (the tests use them to shrink the budget); ``seeds`` overrides the plan's
-    number of fine-tuning seeds.
+    number of fine-tuning seeds. ``pretrain_seeds`` > 1 pre-trains PreDet and cls-only that many
+    times (seeds ``seed``, ``seed + 1``, ...; the extra runs and exports get a ``-p<k>`` suffix) and
+    fine-tunes each export ``seeds`` times, so that a row's mean ± std covers the pre-training's
+    own variance too (scratch runs ``seeds x pretrain_seeds`` seeds).
     """
     from predet.analysis.compare import compare, group_results, summarize
     from predet.analysis.correlation import correlation, format_table, plot_correlation
@@ -211,6 +215,8 @@ def demo(
     n_seeds = int(seeds or plan.seeds)
     if n_seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {n_seeds}")
+    if pretrain_seeds < 1:
+        raise UserError(f"--pretrain-seeds must be >= 1, got {pretrain_seeds}")
     if world is not None and not Path(world).is_dir():
         raise UserError(f"--world {world}: folder not found")
     out = prepare_run_dir(out, overwrite=overwrite)
@@ -220,24 +226,31 @@ def demo(
     w = resolve_world(world, preset=preset, seed=seed, out=out)
     done()
 
-    data = [f"data.manifest={w.manifest}", f"data.queries={w.queries}", f"seed={seed}"]
-    inits: dict[str, Path | str] = {}
+    data = [f"data.manifest={w.manifest}", f"data.queries={w.queries}"]
+    inits: dict[str, Path | str] = {}  # the first pre-training of each method (correlation)
+    exports: dict[str, list[tuple[str, Path | str]]] = {n: [] for n in INITS}  # (suffix, init)
     pre_runs: dict[str, Path] = {}
     cls_map: dict[str, dict[str, float]] = {}
     for i, (name, switches) in enumerate((("predet", []), ("cls-only", CLS_ONLY))):
         done = clock.stage(f"pretrain-{name}", f"2/6 pre-train {name} ({i + 1}/2, same budget)")
-        cfg = load_config(
-            PretrainConfig,
-            cfgs / plan.pretrain_config,
-            [*data, *plan.pretrain_overrides, *switches, *pretrain_overrides],
-        )
-        run = pretrain(cfg, out / f"pretrain-{name}")
-        pre_runs[name] = run
-        inits[name] = export_backbone(run / "checkpoints" / "last.pt", "torchvision", out / f"{name}.pth")[0]
-        cls_map[name] = _last_eval(run)
-        print(f"    exported {inits[name]}; held-out {cls_map[name] or 'cls_map: no held-out slice'}", flush=True)
+        for k in range(pretrain_seeds):
+            tag = "" if k == 0 else f"-p{k}"
+            cfg = load_config(
+                PretrainConfig,
+                cfgs / plan.pretrain_config,
+                [*data, f"seed={seed + k}", *plan.pretrain_overrides, *switches, *pretrain_overrides],
+            )
+            run = pretrain(cfg, out / f"pretrain-{name}{tag}")
+            path = export_backbone(run / "checkpoints" / "last.pt", "torchvision", out / f"{name}{tag}.pth")[0]
+            exports[name].append((tag, path))
+            cls_map[f"{name}{tag}"] = _last_eval(run)
+            if k == 0:
+                pre_runs[name], inits[name] = run, path
+            print(f"    exported {path}; held-out {cls_map[f'{name}{tag}'] or 'cls_map: no held-out slice'}",
+                  flush=True)  # fmt: skip
         done()
     inits["scratch"] = "scratch"
+    exports["scratch"] = [("", "scratch")]
 
     det = [
         f"data.train.ann={w.det_train}",
@@ -257,16 +270,19 @@ def demo(
         done = clock.stage(
             f"finetune-{name}", f"3/6 fine-tune Mask R-CNN from {name} ({i + 1}/3), {n_seeds} seed(s)"
         )
-        for s in range(n_seeds):
-            cfg_ft = load_config(
-                FinetuneConfig,
-                cfgs / plan.finetune_config,
-                # one low-shot subset (drawn with the demo's seed) for every init and fine-tuning
-                # seed: the seeds vary the order, augmentation and head init, not the images
-                [*det, *widths, f"seed={seed + s}", f"data.subset_seed={seed}", *plan.finetune_overrides,
-                 *subset, *finetune_overrides],
-            )
-            ft_runs[name].append(finetune(cfg_ft, str(inits[name]), out / f"finetune-{name}-s{s}"))
+        # scratch has no pre-training to repeat: it runs seeds x pretrain_seeds seeds instead
+        per_init = n_seeds if name != "scratch" else n_seeds * pretrain_seeds
+        for tag, init in exports[name]:
+            for s in range(per_init):
+                cfg_ft = load_config(
+                    FinetuneConfig,
+                    cfgs / plan.finetune_config,
+                    # one low-shot subset (drawn with the demo's seed) for every init and fine-tuning
+                    # seed: the seeds vary the order, augmentation and head init, not the images
+                    [*det, *widths, f"seed={seed + s}", f"data.subset_seed={seed}", f"name={name}",
+                     *plan.finetune_overrides, *subset, *finetune_overrides],
+                )  # fmt: skip
+                ft_runs[name].append(finetune(cfg_ft, str(init), out / f"finetune-{name}{tag}-s{s}"))
         done()
 
     done = clock.stage("compare", "4/6 compare (mean ± std over fine-tuning seeds)")
@@ -308,6 +324,7 @@ def demo(
     results = {name: [json.loads((r / "results.json").read_text()) for r in runs] for name, runs in ft_runs.items()}
     summary = {
         "preset": preset, "world": str(world) if world else None, "seed": seed, "seeds": n_seeds,
+        "pretrain_seeds": pretrain_seeds,
         "minutes": (time.time() - t_start) / 60, "stage_seconds": clock.seconds,
         "stats": stats, "verdict": verdict, "cls_map": cls_map, "correlation": corr, "results": results,
     }  # fmt: skip
@@ -319,5 +336,6 @@ def demo(
 
 
 def run(args: argparse.Namespace) -> int:
-    demo(args.out, preset=args.preset, world=args.world, seeds=args.seeds, overwrite=args.overwrite)
+    demo(args.out, preset=args.preset, world=args.world, seeds=args.seeds, pretrain_seeds=args.pretrain_seeds,
+         overwrite=args.overwrite)  # fmt: skip
     return 0

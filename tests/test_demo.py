@@ -135,3 +135,37 @@ def test_per_seed_lines_list_every_run():
     })  # fmt: skip
     assert text.splitlines()[1:] == ["Per fine-tuning seed (AP^bb / AP^mk):",
                                      "- predet: 2.4/5.8  1.6/3.5", "- scratch: -/-"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_pretrain_seeds_pool_every_pretraining_into_one_row(tmp_path, tiny_world):
+    """--pretrain-seeds 2: two pre-trainings per method (seeds 0 and 1, the second with a -p1
+    suffix), each fine-tuned --seeds times, all pooled under the method's row; scratch runs
+    seeds x 2 seeds."""
+    out = tmp_path / "demo"
+    r = demo(out, preset="tiny", world=_world_copy(tmp_path, tiny_world), seeds=1, pretrain_seeds=2,
+             pretrain_overrides=["train.steps=2", "ckpt.every=2", "data.heldout=40"],
+             finetune_overrides=["train.steps=2", "train.warmup_steps=1"])  # fmt: skip
+    assert {n: len(v) for n, v in r["results"].items()} == {"predet": 2, "cls-only": 2, "scratch": 2}
+    assert {n: s["n"] for n, s in r["stats"].items()} == {"predet": 2, "cls-only": 2, "scratch": 2}
+    import torch
+    import yaml
+
+    for n in ("predet", "cls-only"):
+        cfg0 = yaml.safe_load((out / f"pretrain-{n}" / "config.yaml").read_text())
+        cfg1 = yaml.safe_load((out / f"pretrain-{n}-p1" / "config.yaml").read_text())
+        assert (cfg0["seed"], cfg1["seed"]) == (0, 1)
+        assert (out / f"{n}-p1.pth").is_file() and f"{n}-p1" in r["cls_map"]
+        init = json.loads((out / f"finetune-{n}-p1-s0" / "init.json").read_text())
+        assert init["init"] == n  # pooled under the method's name, not the file's stem
+        a = torch.load(out / f"{n}.pth", weights_only=True)
+        b = torch.load(out / f"{n}-p1.pth", weights_only=True)
+        assert any(not torch.equal(a[k], b[k]) for k in a)  # two different pre-trainings
+    assert {p.name for p in out.glob("finetune-scratch-s*")} == {"finetune-scratch-s0", "finetune-scratch-s1"}
+    assert json.loads((out / "summary.json").read_text())["pretrain_seeds"] == 2
+
+
+def test_bad_pretrain_seeds_is_a_user_error(tmp_path, capsys):
+    assert cli.main(["demo", "--pretrain-seeds", "0", "--out", str(tmp_path / "d")]) == 2
+    assert "--pretrain-seeds must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
