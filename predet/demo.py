@@ -290,8 +290,8 @@ def demo(
     stats = summarize(group_results(all_runs))
     verdict = _verdict(stats)
     table = compare(all_runs)
-    per_seed = _per_seed_lines({n: [json.loads((r / "results.json").read_text()) for r in ft_runs[n]] for n in INITS})
-    lines = [table, f"\n{verdict}\n", per_seed,
+    results = {name: [json.loads((r / "results.json").read_text()) for r in runs] for name, runs in ft_runs.items()}
+    lines = [table, f"\n{verdict}\n", _per_seed_lines(results),
              "\nHeld-out classification mAP of the pre-trained heads (last evaluation):\n"]  # fmt: skip
     for name, vals in cls_map.items():
         lines.append(f"- {name}: " + (", ".join(f"{k} {v:.3f}" for k, v in vals.items()) or "no held-out slice") + "\n")
@@ -321,7 +321,6 @@ def demo(
         print(f"    {p}", flush=True)
     done()
 
-    results = {name: [json.loads((r / "results.json").read_text()) for r in runs] for name, runs in ft_runs.items()}
     summary = {
         "preset": preset, "world": str(world) if world else None, "seed": seed, "seeds": n_seeds,
         "pretrain_seeds": pretrain_seeds,

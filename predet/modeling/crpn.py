@@ -120,7 +120,7 @@ class ContrastiveRPN(nn.Module):
         """BCE on the sampled (anchor, matched query) scores; smooth-L1 on the positives' deltas.
 
         Both are normalised by the number of sampled anchors over all views (torchvision's RPN).
-        ``positive`` holds at most ``cfg.batch_per_view`` anchors a view (``sample_anchors``).
+        ``positive`` holds at most :func:`max_positives` anchors a view (``sample_anchors``).
         Args: ``scores [B, Q, T]``, ``hidden``/``q_reg`` from the head, ``anchors [T, 4]``,
         ``boxes [B, Q, 4]``, ``matched [B, T]``, ``positive``/``negative`` ``[B, T]`` bool.
         """
@@ -132,7 +132,7 @@ class ContrastiveRPN(nn.Module):
         bce = F.binary_cross_entropy_with_logits(logits, positive.to(logits.dtype), reduction="none")
         loss_cls = (bce * sampled).sum() / num_sampled.clamp(min=1)
         B, T = positive.shape
-        slots = min(T, self.cfg.batch_per_view)  # sample_anchors keeps <= batch_per_view a view
+        slots = min(T, max(1, max_positives(self.cfg.batch_per_view, self.cfg.positive_fraction)))
         filled, panchor = positive.float().topk(slots, dim=1)  # [B, S]: positives first
         filled = filled.bool().flatten()  # [B*S]
         pview = torch.arange(B, device=positive.device).repeat_interleave(slots)  # [B*S]
@@ -366,6 +366,11 @@ def match_anchors(
     return labels, matched
 
 
+def max_positives(batch_per_view: int, positive_fraction: float) -> int:
+    """The most positives ``sample_anchors`` keeps in a view (torchvision's rule)."""
+    return int(batch_per_view * positive_fraction)
+
+
 def sample_anchors(
     labels: Tensor,
     *,
@@ -379,7 +384,7 @@ def sample_anchors(
     ``labels [B, T]`` -> (positive ``[B, T]`` bool, negative ``[B, T]`` bool).
     """
     pos, neg = labels == 1, labels == 0
-    num_pos = pos.sum(dim=1).clamp(max=int(batch_per_view * positive_fraction))  # [B]
+    num_pos = pos.sum(dim=1).clamp(max=max_positives(batch_per_view, positive_fraction))  # [B]
     num_neg = neg.sum(dim=1).clamp(max=batch_per_view - num_pos)  # [B]
     key = torch.rand(labels.shape, generator=generator, device=labels.device)  # [B, T]
     return _random_subset(pos, num_pos, key), _random_subset(neg, num_neg, key)
