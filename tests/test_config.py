@@ -18,6 +18,24 @@ def test_defaults_match_the_paper():
     assert cfg.model.crpn.fg_iou == pytest.approx(0.7) and cfg.model.crpn.bg_iou == pytest.approx(0.3)
 
 
+@pytest.mark.parametrize(
+    "name, weights",
+    [("r50_fpn_480.yaml", (1.0, 1.0, 1.0, 1.0)), ("r50_fpn_small_gpu.yaml", (1.0, 1.0, 1.0, 1.0)),
+     # the CPU demo's small R18: InfoNCE at a quarter (measured, issue 9; see the YAML)
+     ("small_cpu.yaml", (1.0, 1.0, 0.25, 1.0))],
+)  # fmt: skip
+def test_shipped_pretrain_configs_loss_weights(name, weights):
+    from pathlib import Path
+
+    from predet.modeling.predet import loss_weight
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / name
+    cfg = load_config(PretrainConfig, path)
+    keys = ("loss_cls", "loss_crpn_cls", "loss_info", "loss_croi_reg")
+    assert tuple(loss_weight(cfg.loss, k) for k in keys) == weights
+    assert loss_weight(cfg.loss, "loss_crpn_reg") == weights[1]  # owned by the crpn switch
+
+
 def test_yaml_then_overrides_take_precedence(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"seed": 3, "train": {"steps": 7, "batch_size": 4}, "model": {"backbone": "resnet18"}}))
