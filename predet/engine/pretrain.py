@@ -3,8 +3,9 @@ the shared training loop (:func:`predet.engine.loop.train`).
 
 One code path for CPU, one GPU and ``torchrun`` (DDP; gloo on CPU, nccl on CUDA): single process
 when ``RANK`` is unset. Per step the loop sums the model's ``loss_*`` terms (already weighted);
-SGD with a per-step lr schedule (linear warm-up, x0.1 at ``train.decay_steps`` uniform points; lr
-linearly scaled from 0.2 at batch 1024 unless ``train.lr`` is given).
+SGD with a per-step lr schedule (linear warm-up, x0.1 at ``train.lr_steps`` or else at
+``train.decay_steps`` uniform points; lr linearly scaled from 0.2 at batch 1024 unless
+``train.lr`` is given).
 
 Run folder (DESIGN §4): ``config.yaml`` (resolved: the built-in world's files, the lr used),
 ``metrics.jsonl``, ``tb/``, ``checkpoints/last.pt`` and ``checkpoints/step_<step>.pt`` every
@@ -155,6 +156,14 @@ def _wrap_model(model: torch.nn.Module, cfg: Any, device: torch.device) -> torch
     )
 
 
+def pretrain_milestones(t: Any) -> list[int]:
+    """The steps where the lr drops x0.1: ``train.lr_steps`` when given, else ``train.decay_steps``
+    uniform points of ``train.steps``."""
+    if t.lr_steps is not None:
+        return [int(m) for m in t.lr_steps]
+    return uniform_milestones(t.steps, t.decay_steps)
+
+
 def _build_optimization(
     model: torch.nn.Module, cfg: Any, use_amp: bool
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, torch.amp.GradScaler]:
@@ -166,7 +175,7 @@ def _build_optimization(
     scheduler = build_lr_scheduler(
         optimizer,
         warmup_steps=t.warmup_steps,
-        milestones=uniform_milestones(t.steps, t.decay_steps),
+        milestones=pretrain_milestones(t),
         warmup_factor=t.warmup_factor,
     )
     device_type = "cuda" if use_amp else "cpu"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from predet.config import PretrainConfig, load_config
+from predet.errors import UserError
 from predet.engine.common import (
     NonFiniteLossError,
     WarmupStepSchedule,
@@ -151,6 +152,20 @@ def test_metrics_checkpoints_and_schedule(toy_data, toy_model, tmp_path):
     assert (run / "config.yaml").is_file() and any((run / "tb").iterdir())
     ckpt = load_checkpoint(run / "checkpoints" / "step_000004.pt")
     assert ckpt["step"] == 4 and ckpt["classes"] == ["a", "b", "c"] and len(ckpt["rng"]) == 1
+
+
+def test_explicit_lr_steps_replace_the_uniform_decays(toy_data, toy_model, tmp_path):
+    cfg = _cfg("train.warmup_steps=0", "train.lr_steps=[6]")  # decay_steps (4) is ignored
+    run = pretrain(cfg, tmp_path / "run", data=toy_data(), model=toy_model())
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    # step s (1-based) runs at scheduler index s - 1: x0.1 from the 7th step on
+    assert [r["lr"] for r in rows] == pytest.approx([0.05] * 6 + [0.005] * 2)
+
+
+@pytest.mark.parametrize("steps", ["[5,3]", "[0]", "[9]"])
+def test_bad_lr_steps_are_user_errors(steps):
+    with pytest.raises(UserError, match=rf"train.lr_steps=.*must be increasing steps in \[1, train.steps=8\]"):
+        _cfg(f"train.lr_steps={steps}")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_data, toy_model, tmp_path):
