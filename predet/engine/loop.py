@@ -141,13 +141,19 @@ def train(
         loss = sum(v.float() for k, v in outputs.items() if k.startswith("loss_"))
         if not isinstance(loss, torch.Tensor):
             raise RuntimeError(f"the model returned no loss_* term (got {sorted(outputs)})")
-        values = _check_finite({**outputs, "loss": loss}, step=step, last_good=checkpointer.last_good)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        extra = {}
         if clip_grad:
             scaler.unscale_(optimizer)
             # logged: how much clipping scales the step down (norm before clipping)
-            values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip_grad))
+            extra["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        # the step's one device -> host read, after the backward and before the update: the
+        # backward is queued without waiting for the forward (issue 11), and a non-finite loss
+        # still stops the run before it reaches the weights
+        values = _check_finite(
+            {**outputs, "loss": loss}, step=step, last_good=checkpointer.last_good, extra=extra
+        )
         scaler.step(optimizer)
         scaler.update()
         lr = optimizer.param_groups[0]["lr"]  # the lr this step used
@@ -175,12 +181,19 @@ def train(
 
 
 def _check_finite(
-    outputs: dict[str, torch.Tensor], *, step: int, last_good: Optional[Path]
+    outputs: dict[str, torch.Tensor],
+    *,
+    step: int,
+    last_good: Optional[Path],
+    extra: Optional[dict[str, torch.Tensor]] = None,
 ) -> dict[str, float]:
-    """This step's values as floats; a :class:`NonFiniteLossError` on every rank when any rank
-    has a non-finite one, naming the step and the first such term (``loss_*``, metrics, ``loss``)."""
+    """This step's values as floats, read from the device at once with ``extra`` (logged, not
+    checked: e.g. a float16 run's ``grad_norm`` is inf on the steps its scaler skips); a
+    :class:`NonFiniteLossError` on every rank when any rank has a non-finite value in
+    ``outputs``, naming the step and the first such term (``loss_*``, metrics, ``loss``)."""
     names = sorted(outputs, key=lambda k: (not k.startswith("loss_"), k == "loss"))
-    values = torch.stack([outputs[k].detach().float().reshape(()) for k in names]).tolist()
+    tensors = {**{k: outputs[k] for k in names}, **(extra or {})}
+    values = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).tolist()
     bad = next(((k, v) for k, v in zip(names, values) if not math.isfinite(v)), None)
     if dist_utils.is_initialized():  # one flag per step, so that all ranks stop together
         flag = torch.tensor([float(bad is not None)], device=outputs["loss"].device)
@@ -192,7 +205,7 @@ def _check_finite(
     if bad is not None:
         hint = f" (last good checkpoint: {last_good})" if last_good else " (no checkpoint written yet)"
         raise NonFiniteLossError(f"non-finite loss at step {step}: {bad[0]}={bad[1]}{hint}")
-    return dict(zip(names, values))
+    return dict(zip(tensors, values))
 
 
 class _Window:

@@ -180,6 +180,37 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_data, toy_model, tmp_
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "step_000004.pt"]
 
 
+def test_a_nan_step_never_reaches_the_weights(toy_data, toy_model, tmp_path):
+    """The finite check reads the step after its backward but before the update: the model in
+    memory keeps the weights of the last finite step."""
+    model = toy_model(nan_at_call=6)
+    with pytest.raises(NonFiniteLossError, match="step 6: loss_info=nan"):
+        pretrain(_cfg("train.clip_grad=1.0"), tmp_path / "run", data=toy_data(), model=model)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_one_device_read_per_step(toy_data, toy_model, tmp_path, monkeypatch):
+    """The loop reads device values once a step (losses, metrics and grad_norm in one tensor):
+    no other ``.item()`` / ``.tolist()`` / ``float()`` of a tensor in the step (issue 11)."""
+    import sys
+
+    reads = []
+    for name in ("tolist", "item", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            reads.append(sys._getframe(1).f_code.co_filename)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    cfg = _cfg("train.clip_grad=1.0", "train.log_every=4")
+    run = pretrain(cfg, tmp_path / "run", data=toy_data(), model=toy_model())
+    monkeypatch.undo()
+    assert sum(f.endswith(("loop.py", "clip_grad.py")) for f in reads) == 8  # 8 steps
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0 for r in rows)  # still logged, from the same read
+
+
 def test_a_new_loss_is_logged_summed_and_checked_without_engine_edits(toy_data, toy_model, tmp_path):
     """The loop logs and NaN-checks whatever loss_* the model returns: no list to edit."""
     run = pretrain(_cfg(), tmp_path / "run", data=toy_data(), model=toy_model(extra_loss="loss_dummy"))
