@@ -167,7 +167,8 @@ class PretrainTrainConfig:
     warmup_steps: int = 100
     warmup_factor: float = 0.001  # lr multiplier at step 0, rising linearly to 1 at warmup_steps
     decay_steps: int = 4  # lr x0.1 at `decay_steps` uniform points of the schedule
-    lr_steps: Optional[List[int]] = None  # lr x0.1 at these steps instead (decay_steps ignored)
+    # lr x0.1 after each of these steps instead of decay_steps' uniform points ([]: no decay)
+    lr_steps: Optional[List[int]] = None
     clip_grad: Optional[float] = None
     amp: bool = True  # autocast on CUDA (ignored on CPU)
     amp_dtype: str = "bfloat16"  # bfloat16 | float16 (float16 uses a GradScaler; pre-Ampere GPUs)
@@ -487,12 +488,13 @@ def _check_pretrain_rest(cfg: Any) -> None:
         raise UserError(f"train.amp_dtype={t.amp_dtype!r}: expected bfloat16 or float16")
     if t.warmup_steps < 0 or t.decay_steps < 0:
         raise UserError("train.warmup_steps and train.decay_steps must be >= 0")
-    if t.lr_steps is not None and (
-        list(t.lr_steps) != sorted(t.lr_steps) or not all(1 <= m <= t.steps for m in t.lr_steps)
-    ):
-        raise UserError(
-            f"train.lr_steps={list(t.lr_steps)}: must be increasing steps in [1, train.steps={t.steps}]"
-        )
+    if t.lr_steps is not None:
+        m = list(t.lr_steps)
+        if any(a >= b for a, b in zip(m, m[1:])) or not all(1 <= s < t.steps for s in m):
+            raise UserError(
+                f"train.lr_steps={m}: must be strictly increasing steps in [1, {t.steps - 1}] "
+                f"(train.steps={t.steps})"
+            )
     _positive("train", t, ("lr", "base_lr", "base_batch", "clip_grad"))
     _check_device("train.device", t.device)
     d = cfg.data

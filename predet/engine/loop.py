@@ -2,8 +2,9 @@
 counted in steps): built objects in, one step after the other out.
 
 Per step: ``outputs = model(*inputs)``; ``loss`` = the sum of every ``loss_*`` in ``outputs``;
-one finiteness check of every output and of ``loss`` on every rank (before the weights change);
-backward, optional clipping, optimizer step, per-step lr schedule. Every output the model returns
+backward, optional clipping; one read of every output, ``loss`` and the gradient norm from the
+device, with the finiteness check of the outputs and ``loss`` on every rank (after the backward,
+before the weights change); optimizer step, per-step lr schedule. Every output the model returns
 (``loss_*`` terms and detached metrics alike) is averaged over the log window and over ranks and
 written to ``metrics.jsonl`` with ``step``, ``lr`` (of the logged step), ``loss``, ``images_per_s``
 and ``world_size``: a new loss or metric needs no edit here. Checkpoints every ``every`` steps and
@@ -143,14 +144,15 @@ def train(
             raise RuntimeError(f"the model returned no loss_* term (got {sorted(outputs)})")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        extra = {}
+        extra: dict[str, torch.Tensor] = {}
         if clip_grad:
             scaler.unscale_(optimizer)
             # logged: how much clipping scales the step down (norm before clipping)
             extra["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip_grad)
-        # the step's one device -> host read, after the backward and before the update: the
-        # backward is queued without waiting for the forward (issue 11), and a non-finite loss
-        # still stops the run before it reaches the weights
+        # the step's one device -> host read (DDP's flag included), after the backward and before
+        # the update: the backward is queued without waiting for the forward (issue 11), and a
+        # non-finite loss still stops the run before it reaches the weights. (A float16 run's
+        # GradScaler reads its inf flag in scaler.step once more.)
         values = _check_finite(
             {**outputs, "loss": loss}, step=step, last_good=checkpointer.last_good, extra=extra
         )
@@ -193,15 +195,19 @@ def _check_finite(
     ``outputs``, naming the step and the first such term (``loss_*``, metrics, ``loss``)."""
     names = sorted(outputs, key=lambda k: (not k.startswith("loss_"), k == "loss"))
     tensors = {**{k: outputs[k] for k in names}, **(extra or {})}
-    values = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).tolist()
+    stacked = torch.stack([v.detach().float().reshape(()) for v in tensors.values()])
+    distributed = dist_utils.is_initialized()
+    if distributed:  # one flag per step, reduced on the device and read with the values
+        flag = (~torch.isfinite(stacked[: len(names)])).any().float().reshape(1)
+        torch.distributed.all_reduce(flag)  # so that all ranks stop together
+        stacked = torch.cat([stacked, flag])
+    values = stacked.tolist()
+    any_bad = values.pop() > 0 if distributed else False
     bad = next(((k, v) for k, v in zip(names, values) if not math.isfinite(v)), None)
-    if dist_utils.is_initialized():  # one flag per step, so that all ranks stop together
-        flag = torch.tensor([float(bad is not None)], device=outputs["loss"].device)
-        torch.distributed.all_reduce(flag)
-        if flag.item() > 0:
-            found: list[Any] = [None] * dist_utils.world_size()
-            torch.distributed.all_gather_object(found, bad)
-            bad = next(b for b in found if b is not None)
+    if any_bad:  # some rank has one: every rank learns which
+        found: list[Any] = [None] * dist_utils.world_size()
+        torch.distributed.all_gather_object(found, bad)
+        bad = next(b for b in found if b is not None)
     if bad is not None:
         hint = f" (last good checkpoint: {last_good})" if last_good else " (no checkpoint written yet)"
         raise NonFiniteLossError(f"non-finite loss at step {step}: {bad[0]}={bad[1]}{hint}")

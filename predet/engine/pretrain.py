@@ -156,9 +156,9 @@ def _wrap_model(model: torch.nn.Module, cfg: Any, device: torch.device) -> torch
     )
 
 
-def pretrain_milestones(t: Any) -> list[int]:
-    """The steps where the lr drops x0.1: ``train.lr_steps`` when given, else ``train.decay_steps``
-    uniform points of ``train.steps``."""
+def _milestones(t: Any) -> list[int]:
+    """The steps where the lr drops x0.1: ``train.lr_steps`` when given (``[]``: never), else
+    ``train.decay_steps`` uniform points of ``train.steps``."""
     if t.lr_steps is not None:
         return [int(m) for m in t.lr_steps]
     return uniform_milestones(t.steps, t.decay_steps)
@@ -175,7 +175,7 @@ def _build_optimization(
     scheduler = build_lr_scheduler(
         optimizer,
         warmup_steps=t.warmup_steps,
-        milestones=pretrain_milestones(t),
+        milestones=_milestones(t),
         warmup_factor=t.warmup_factor,
     )
     device_type = "cuda" if use_amp else "cpu"
@@ -189,10 +189,14 @@ def _restore(
     """Load a checkpoint's training state; returns where the data stream resumes."""
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    # the step count comes from the checkpoint, lr and schedule from the (possibly edited) config
+    # the step count comes from the checkpoint, lr and schedule from the (possibly edited) config:
+    # LambdaLR.load_state_dict would update our schedule object in place with the saved one's
+    # fields (milestones, warm-up); a None entry leaves it alone
     schedule = scheduler.lr_lambdas[0]
     base_lrs = scheduler.base_lrs
-    scheduler.load_state_dict(ckpt["scheduler"])
+    saved = dict(ckpt["scheduler"])
+    saved["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
+    scheduler.load_state_dict(saved)
     scheduler.lr_lambdas[0], scheduler.base_lrs = schedule, base_lrs
     for group, base in zip(optimizer.param_groups, base_lrs):
         group["initial_lr"], group["lr"] = base, base * schedule(scheduler.last_epoch)
@@ -249,7 +253,7 @@ def _train(
         print(
             f"predet pretrain: {len(classes)} classes, data {dict(getattr(data, 'counts', {}))}, "
             f"device {device}, world size {world}, global batch {t.batch_size * world}, "
-            f"lr {t.lr:g}, steps {step}->{stop} of {t.steps}, run {out}",
+            f"lr {t.lr:g} (x0.1 at {_milestones(t)}), steps {step}->{stop} of {t.steps}, run {out}",
             flush=True,
         )
 

@@ -67,3 +67,37 @@ def test_ddp_two_ranks_identical_and_resume_exact(toy_data, toy_model, tmp_path)
     b = load_checkpoint(split / "checkpoints" / "last.pt")
     diff = max((a["model"][k].float() - b["model"][k].float()).abs().max().item() for k in a["model"])
     assert b["step"] == 6 and diff <= 1e-6
+
+
+def _nan_worker(rank: int, port: int, out: str, stubs) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    from predet.engine.common import NonFiniteLossError
+    from predet.engine.pretrain import pretrain
+
+    cfg = load_config(PretrainConfig, None, [*ARGS, "train.clip_grad=1.0"])
+    model = stubs["model"](nan_at_call=4 if rank == 1 else 0)  # only rank 1 goes wrong
+    try:
+        pretrain(cfg, Path(out), data=stubs["data"](), model=model)
+    except NonFiniteLossError as err:
+        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        Path(out, f"rank{rank}.txt").write_text(f"{finite} {err}")
+
+
+@pytest.mark.slow
+def test_ddp_a_nan_on_one_rank_stops_every_rank_before_the_update(toy_data, toy_model, tmp_path):
+    """The finiteness flag is reduced on the device with the step's values: both ranks raise at
+    the same step, naming rank 1's term, and neither rank's weights take the NaN update."""
+    out, port = tmp_path / "run", _free_port()
+    ctx = mp.get_context("fork")
+    stubs = {"data": toy_data, "model": toy_model}
+    procs = [ctx.Process(target=_nan_worker, args=(r, port, str(out), stubs)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]  # each caught its NonFiniteLossError
+    for rank in range(2):
+        text = (out / f"rank{rank}.txt").read_text()
+        assert text.startswith("True non-finite loss at step 4: loss_info=nan"), text

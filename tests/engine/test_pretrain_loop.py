@@ -162,10 +162,27 @@ def test_explicit_lr_steps_replace_the_uniform_decays(toy_data, toy_model, tmp_p
     assert [r["lr"] for r in rows] == pytest.approx([0.05] * 6 + [0.005] * 2)
 
 
-@pytest.mark.parametrize("steps", ["[5,3]", "[0]", "[9]"])
+@pytest.mark.parametrize("steps", ["[5,3]", "[3,3]", "[0]", "[8]", "[9]"])
 def test_bad_lr_steps_are_user_errors(steps):
-    with pytest.raises(UserError, match=rf"train.lr_steps=.*must be increasing steps in \[1, train.steps=8\]"):
+    # a drop after the last step (8 of 8) would never act: an error, not a silent no-op
+    with pytest.raises(UserError, match=r"train.lr_steps=.*strictly increasing steps in \[1, 7\] \(train.steps=8\)"):
         _cfg(f"train.lr_steps={steps}")
+
+
+def test_empty_lr_steps_means_a_constant_lr(toy_data, toy_model, tmp_path):
+    run = pretrain(_cfg("train.warmup_steps=0", "train.lr_steps=[]"), tmp_path / "run", data=toy_data(), model=toy_model())
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([0.05] * 8)  # decay_steps=4 is not used
+
+
+def test_resume_follows_the_edited_lr_steps(toy_data, toy_model, tmp_path):
+    """On --resume the step count comes from the checkpoint, the schedule from the config."""
+    run = tmp_path / "run"
+    pretrain(_cfg("train.warmup_steps=0", "train.lr_steps=[6]", "train.stop_at=3"), run, data=toy_data(), model=toy_model())
+    pretrain(_cfg("train.warmup_steps=0", "train.lr_steps=[4]"), run, resume=True, data=toy_data(), model=toy_model())
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["lr"] for r in rows] == pytest.approx([0.05] * 4 + [0.005] * 4)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_data, toy_model, tmp_path):
@@ -190,8 +207,9 @@ def test_a_nan_step_never_reaches_the_weights(toy_data, toy_model, tmp_path):
 
 
 def test_one_device_read_per_step(toy_data, toy_model, tmp_path, monkeypatch):
-    """The loop reads device values once a step (losses, metrics and grad_norm in one tensor):
-    no other ``.item()`` / ``.tolist()`` / ``float()`` of a tensor in the step (issue 11)."""
+    """The loop reads device values once a step (losses, metrics and grad_norm in one tensor;
+    under DDP the finiteness flag too): no other ``.item()`` / ``.tolist()`` / ``float()`` of a
+    tensor from the loop in the step (issue 11). A float16 GradScaler adds its own read."""
     import sys
 
     reads = []
