@@ -7,6 +7,7 @@ import yaml
 
 from predet.config import FinetuneConfig, PretrainConfig, load_config, save_config, to_dict
 from predet.errors import UserError
+from predet.modeling.predet import loss_weight
 
 
 def test_defaults_match_the_paper():
@@ -28,8 +29,6 @@ SPECIAL_WEIGHTS = {"small_cpu.yaml": (1.0, 1.0, 0.25, 1.0)}
 
 @pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda p: p.name)
 def test_shipped_pretrain_configs_loss_weights(path):
-    from predet.modeling.predet import loss_weight
-
     weights = SPECIAL_WEIGHTS.get(path.name, (1.0, 1.0, 1.0, 1.0))
     cfg = load_config(PretrainConfig, path)
     keys = ("loss_cls", "loss_crpn_cls", "loss_info", "loss_croi_reg")

@@ -197,7 +197,7 @@ def _restore(
     saved = dict(ckpt["scheduler"])
     saved["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
     scheduler.load_state_dict(saved)
-    scheduler.lr_lambdas[0], scheduler.base_lrs = schedule, base_lrs
+    scheduler.base_lrs = base_lrs
     for group, base in zip(optimizer.param_groups, base_lrs):
         group["initial_lr"], group["lr"] = base, base * schedule(scheduler.last_epoch)
     scaler.load_state_dict(ckpt.get("scaler", {}))

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from predet.config import PretrainConfig, load_config
-from predet.errors import UserError
 from predet.engine.common import (
     NonFiniteLossError,
     WarmupStepSchedule,
@@ -23,6 +22,7 @@ from predet.engine.common import (
 )
 from predet.data.stream import BatchStream, EpochBatchSampler, StreamPosition
 from predet.engine.pretrain import pretrain
+from predet.errors import UserError
 from predet.utils import load_checkpoint
 
 
