@@ -112,6 +112,8 @@ def _correlation_args(p: argparse.ArgumentParser) -> None:
                    help="resize the shorter side to this (as fine-tuning's test_size); "
                         "default: keep the image size")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--pool", choices=("mean", "flat"), default="mean",
+                   help="a box's vector: its RoIAlign 7x7 averaged (default) or flattened")
     p.add_argument("--backbone", default=None,
                    help="scratch's architecture (default: the first file init's, else resnet50)")
     p.add_argument("--fpn-channels", type=int, default=None,

@@ -169,6 +169,7 @@ class PretrainTrainConfig:
     decay_steps: int = 4  # lr x0.1 at `decay_steps` uniform points of the schedule
     # lr x0.1 after each of these steps instead of decay_steps' uniform points ([]: no decay)
     lr_steps: Optional[List[int]] = None
+    lr_schedule: str = "step"  # step (x0.1 at lr_steps / decay_steps) | cosine (to 0 at `steps`)
     clip_grad: Optional[float] = None
     amp: bool = True  # autocast on CUDA (ignored on CPU)
     amp_dtype: str = "bfloat16"  # bfloat16 | float16 (float16 uses a GradScaler; pre-Ampere GPUs)
@@ -488,6 +489,17 @@ def _check_pretrain_rest(cfg: Any) -> None:
         raise UserError(f"train.amp_dtype={t.amp_dtype!r}: expected bfloat16 or float16")
     if t.warmup_steps < 0 or t.decay_steps < 0:
         raise UserError("train.warmup_steps and train.decay_steps must be >= 0")
+    _one_of("train.lr_schedule", t.lr_schedule, ("step", "cosine"))
+    if t.lr_schedule == "cosine" and t.lr_steps is not None:
+        raise UserError(
+            f"train.lr_steps={list(t.lr_steps)} with train.lr_schedule=cosine: the cosine decays "
+            "smoothly to 0 at train.steps; drop one of the two"
+        )
+    if t.lr_schedule == "cosine" and t.warmup_steps >= t.steps:
+        raise UserError(
+            f"train.warmup_steps={t.warmup_steps} with train.lr_schedule=cosine: must be below "
+            f"train.steps={t.steps}"
+        )
     if t.lr_steps is not None:
         m = list(t.lr_steps)
         if any(a >= b for a, b in zip(m, m[1:])) or not all(1 <= s < t.steps for s in m):

@@ -92,6 +92,14 @@ class _Clock:
         return done
 
 
+def _cpus() -> int:
+    """CPUs this process may use (its affinity, e.g. a container's share), not the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def resolve_world(world: Optional[str | Path], *, preset: str, seed: int, out: Path) -> DemoWorld:
     """The built-in world of ``preset`` (generated with its query cache on first use), or the
     §6 world at ``world`` (its query cache computed into ``out/queries`` when it has none)."""
@@ -118,12 +126,13 @@ def resolve_world(world: Optional[str | Path], *, preset: str, seed: int, out: P
     queries = root / "queries"
     if not any(queries.glob("queries-*.npz")):
         from predet.data.manifest import read_manifest
-        from predet.data.queries import cache_queries
+        from predet.data.queries import cache_queries, check_opencv
 
         queries = out / "queries"
         entries = read_manifest(files["manifest"]).entries
         print(f"    computing query boxes of {len(entries)} images into {queries}", flush=True)
-        counts = cache_queries(entries, queries, workers=os.cpu_count() or 1)
+        check_opencv()
+        counts = cache_queries(entries, queries, workers=_cpus())
         print(f"    query cache: {counts}", flush=True)
     return DemoWorld(files["manifest"], queries, files["det_train"], files["det_val"], images)
 
@@ -143,6 +152,28 @@ def _fit_subset(cfg: "FinetuneConfig", w: DemoWorld) -> list[str]:  # noqa: F821
     print(f"    low-shot subset: {w.det_train} has {usable} usable training images, fewer than the "
           f"plan's {cfg.data.subset}: fine-tuning on all {usable}", flush=True)  # fmt: skip
     return [f"data.subset={usable}"]
+
+
+def _world_finetune_overrides(w: DemoWorld, *, builtin: bool) -> list[str]:
+    """Fine-tuning settings a user's world needs beyond the plan's (built-in world: none).
+
+    - ``model.arch=faster_rcnn`` when an annotation of ``det/train.json`` or ``det/val.json`` has
+      no mask (a box-only set): the comparison is then in box AP only;
+    - ``model.detections_per_img=100`` (COCO's evaluation limit): the plan's 10 is for the
+      built-in scenes of 1-3 objects.
+    """
+    if builtin:
+        return []
+    from predet.data.detection import load_coco_json, missing_segmentation
+
+    out = ["model.detections_per_img=100"]
+    missing = {p.name: missing_segmentation(load_coco_json(p)) for p in (w.det_train, w.det_val)}
+    if any(missing.values()):
+        where = ", ".join(f"{n}: {k}" for n, k in missing.items() if k)
+        print(f"    box-only annotations ({where} without a mask): fine-tuning Faster R-CNN, box AP only",
+              flush=True)  # fmt: skip
+        out.append("model.arch=faster_rcnn")
+    return out
 
 
 def _per_seed_lines(results: dict[str, list[dict]]) -> str:
@@ -261,14 +292,18 @@ def demo(
     # every detector gets the pre-trained widths (the CPU configs use a narrow FPN), scratch included
     widths = [f"model.backbone={cfg.model.backbone}", f"model.fpn_channels={cfg.model.fpn_channels}",
               f"model.box_head_dim={cfg.model.box_head_dim}"]  # fmt: skip
+    det += _world_finetune_overrides(w, builtin=world is None)
     subset = _fit_subset(
         load_config(FinetuneConfig, cfgs / plan.finetune_config, [*det, *plan.finetune_overrides, *finetune_overrides]),
         w,
     )  # fmt: skip
+    ft_cfg = load_config(FinetuneConfig, cfgs / plan.finetune_config,
+                         [*det, *plan.finetune_overrides, *subset, *finetune_overrides])  # fmt: skip
+    arch = {"mask_rcnn": "Mask R-CNN", "faster_rcnn": "Faster R-CNN", "retinanet": "RetinaNet"}[ft_cfg.model.arch]
     ft_runs: dict[str, list[Path]] = {name: [] for name in INITS}
     for i, name in enumerate(INITS):
         done = clock.stage(
-            f"finetune-{name}", f"3/6 fine-tune Mask R-CNN from {name} ({i + 1}/3), {n_seeds} seed(s)"
+            f"finetune-{name}", f"3/6 fine-tune {arch} from {name} ({i + 1}/3), {n_seeds} seed(s)"
         )
         # scratch has no pre-training to repeat: it runs seeds x pretrain_seeds seeds instead
         per_init = n_seeds if name != "scratch" else n_seeds * pretrain_seeds
@@ -301,6 +336,9 @@ def demo(
     corr = correlation(
         {name: str(inits[name]) for name in INITS}, w.det_val, w.det_images,
         seed=seed, max_images=plan.correlation_images, threads=1,
+        # at the fine-tuning's test scale: the features fine-tuning starts from, and bounded time
+        # on large photos
+        size=ft_cfg.model.test_size, max_size=ft_cfg.model.max_size,
     )  # fmt: skip
     atomic_write_text(out / "correlation.json", json.dumps(corr, indent=2) + "\n")
     plot_correlation(corr, out / "correlation.png")

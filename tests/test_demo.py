@@ -72,6 +72,63 @@ def test_demo_on_a_world_end_to_end(tmp_path, tiny_world, capsys):
     assert "exists" in capsys.readouterr().err
 
 
+def _photo_world(tmp_path, src):
+    """The tiny world made to look like a user's photos: box-only annotations
+    (``"segmentation": []``), det images of other sizes (2x, one stored rotated with EXIF
+    orientation 6, as phones save them), one truncated val image, no query cache."""
+    import numpy as np
+    from PIL import Image
+
+    w = _world_copy(tmp_path, src)
+    det = w / "det"
+    for split in ("train", "val"):
+        gt = json.loads((det / f"{split}.json").read_text())
+        for a in gt["annotations"]:
+            a["segmentation"] = []
+        for k, im in enumerate(gt["images"][:3]):  # 2x larger, boxes in the new pixels
+            path = det / "images" / im["file_name"]
+            big = Image.open(path).convert("RGB").resize((im["width"] * 2, im["height"] * 2))
+            if split == "train" and k == 0:
+                stored = Image.fromarray(np.rot90(np.asarray(big), k=1).copy())  # viewer rotates 90 CW
+                exif = Image.Exif()
+                exif[0x0112] = 6
+                stored.save(path, exif=exif.tobytes(), quality=95)
+            else:
+                big.save(path, quality=95)
+            im["width"], im["height"] = im["width"] * 2, im["height"] * 2
+            for a in gt["annotations"]:
+                if a["image_id"] == im["id"]:
+                    a["bbox"] = [v * 2 for v in a["bbox"]]
+                    a["area"] = a["area"] * 4
+        if split == "val":  # a damaged file in the val set
+            path = det / "images" / gt["images"][-1]["file_name"]
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        (det / f"{split}.json").write_text(json.dumps(gt))
+    return w
+
+
+@pytest.mark.slow
+def test_demo_on_a_box_only_photo_world(tmp_path, tiny_world, capsys):
+    """A user's world as photos come: no masks -> Faster R-CNN and box AP; a truncated val image
+    is named and left out of the AP; other sizes and EXIF orientation read as shown."""
+    out = tmp_path / "demo"
+    r = demo(out, preset="tiny", world=_photo_world(tmp_path, tiny_world), seeds=1,
+             pretrain_overrides=["train.steps=2", "ckpt.every=2", "data.heldout=40"],
+             finetune_overrides=["train.steps=2", "train.warmup_steps=1"])  # fmt: skip
+    text = capsys.readouterr()
+    assert "box-only annotations (train.json: " in text.out and "fine-tune Faster R-CNN from predet" in text.out
+    assert text.out.count("evaluate: 1 of ") == 3  # one truncated val image, in each fine-tune's AP
+    assert "skipping unreadable image" in text.err
+    for name, results in r["results"].items():
+        assert set(results[0]) == {"bbox"} and 0.0 <= (results[0]["bbox"]["AP"] or 0.0) <= 100.0
+    import yaml
+
+    cfg = yaml.safe_load((out / "finetune-predet-s0" / "config.yaml").read_text())
+    assert cfg["model"]["arch"] == "faster_rcnn" and cfg["model"]["detections_per_img"] == 100
+    corr = json.loads((out / "correlation.json").read_text())
+    assert sum(v["pairs"] for v in corr["predet"].values()) > 0
+
+
 def test_world_layout_errors_name_the_missing_file(tmp_path, capsys):
     w = tmp_path / "w"
     (w / "pretrain").mkdir(parents=True)

@@ -29,6 +29,7 @@ Format notes:
 from __future__ import annotations
 
 import json
+import sys
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
@@ -36,10 +37,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
+from predet.data.images import BadImage, load_image
 from predet.data.transforms import sample_seed
 from predet.errors import UserError
 
@@ -54,6 +55,8 @@ __all__ = [
     "is_lvis",
     "infer_format",
     "segm_to_mask",
+    "has_segmentation",
+    "missing_segmentation",
     "collate_detection",
 ]
 
@@ -226,6 +229,20 @@ def segm_to_mask(segm: Any, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle)
 
 
+def has_segmentation(ann: dict) -> bool:
+    """Whether a COCO annotation carries a mask: an RLE, or a polygon of at least 3 points
+    (box-only exports often write ``"segmentation": []``)."""
+    segm = ann.get("segmentation")
+    if isinstance(segm, dict):
+        return "counts" in segm
+    return isinstance(segm, list) and any(isinstance(p, list) and len(p) >= 6 for p in segm)
+
+
+def missing_segmentation(gt: dict) -> int:
+    """How many non-crowd annotations of ``gt`` have no mask (:func:`has_segmentation`)."""
+    return sum(1 for a in gt["annotations"] if not a.get("iscrowd", 0) and not has_segmentation(a))
+
+
 def _has_usable_box(anns: list[dict]) -> bool:
     return any(not a.get("iscrowd", 0) and a["bbox"][2] > 1 and a["bbox"][3] > 1 for a in anns)
 
@@ -288,32 +305,57 @@ class DetectionDataset(Dataset):
         if with_masks:
             for i in ids:
                 for a in self.anns[i]:
-                    if not a.get("iscrowd", 0) and "segmentation" not in a:
+                    if not a.get("iscrowd", 0) and not has_segmentation(a):
                         raise UserError(
-                            f"annotation {a.get('id')} (image {i}) has no segmentation: masks are "
-                            "needed by model.arch=mask_rcnn (use faster_rcnn or retinanet)"
+                            f"annotation {a.get('id')} (image {i}) has no segmentation "
+                            f"({a.get('segmentation', 'none')!r:.40}): masks are needed by "
+                            "model.arch=mask_rcnn (use faster_rcnn or retinanet)"
                         )
         self.ids = ids
+        self.unreadable: dict[str, str] = {}  # path -> reason, of the files this process skipped
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def _load_image(self, info: dict) -> torch.Tensor:
+        """The image as float RGB ``[3, H, W]`` in 0-1, EXIF orientation applied (as detectron2
+        reads images: annotations are in the frame the image is shown in), any PIL mode made RGB
+        (greyscale, CMYK, palette, 16-bit, alpha on white). Raises :class:`BadImage` for a missing,
+        truncated or corrupt file."""
         path = self.root / info["file_name"]
-        if not path.is_file():
-            raise UserError(f"image not found: {path}")
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
+        img, _ = load_image(path, min_side=1)
+        arr = np.asarray(img)
         h, w = arr.shape[:2]
         if "height" in info and (info["height"], info["width"]) != (h, w):
-            raise UserError(f"{path}: image is {w}x{h} but the annotations say {info['width']}x{info['height']}")
+            raise UserError(
+                f"{path}: image is {w}x{h} (EXIF orientation applied) but the annotations say "
+                f"{info['width']}x{info['height']}"
+            )
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)  # HWC -> CHW
 
+    def _warn_unreadable(self, err: BadImage) -> None:
+        if err.path not in self.unreadable:  # once per file (per process)
+            self.unreadable[err.path] = err.reason
+            print(f"warning: skipping unreadable image {err}", file=sys.stderr, flush=True)
+
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``(image, target)``. An unreadable image is skipped: in training the next readable
+        image takes its place (detectron2's rule); in evaluation the item is ``([3, 0, 0] empty
+        image, {"image_id": id, "unreadable": reason})``, which :func:`predict` leaves out and
+        counts. Each such file is named once on stderr."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        img_id = self.ids[index]
-        info = self.images[img_id]
-        image = self._load_image(info)
+        for attempt in range(len(self.ids)):
+            img_id = self.ids[(index + attempt) % len(self.ids)]
+            try:
+                image = self._load_image(self.images[img_id])
+                break
+            except BadImage as e:
+                self._warn_unreadable(e)
+                if not self.train:
+                    return torch.zeros(3, 0, 0), {"image_id": img_id, "unreadable": e.reason}
+        else:
+            raise UserError(f"{self.root}: none of the {len(self.ids)} images can be read")
+        index = (index + attempt) % len(self.ids)
         _, h, w = image.shape
         anns = [a for a in self.anns[img_id] if not a.get("iscrowd", 0)]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)

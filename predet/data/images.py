@@ -80,7 +80,7 @@ def decode_image(
     try:
         img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
         full = img.size
-        if draft_short_side is not None and img.format == "JPEG":
+        if draft_short_side is not None and img.format in ("JPEG", "MPO"):  # MPO: camera JPEGs
             scale = max(draft_short_side / max(min(full), 1), 1e-6)
             img.draft("RGB", (max(1, int(full[0] * scale)), max(1, int(full[1] * scale))))
         img.load()  # raises on truncated/corrupt data

@@ -25,6 +25,7 @@ __all__ = [
     "scaled_lr",
     "uniform_milestones",
     "WarmupStepSchedule",
+    "WarmupCosineSchedule",
     "build_lr_scheduler",
     "get_rng_state",
     "set_rng_state",
@@ -88,18 +89,49 @@ class WarmupStepSchedule:
         return decay * (self.warmup_factor * (1 - alpha) + alpha)
 
 
+class WarmupCosineSchedule:
+    """lr multiplier of step ``s`` (0-based): linear warm-up, then a half cosine to 0 at
+    ``total_steps`` (MoCo v2, MAE, dinov2's schedule).
+
+    ``factor(s) = w(s)`` (as :class:`WarmupStepSchedule`) for ``s < warmup_steps``, then
+    ``0.5 * (1 + cos(pi * (s - warmup_steps) / (total_steps - warmup_steps)))``, 0 from
+    ``total_steps`` on. A plain object, as :class:`WarmupStepSchedule`.
+    """
+
+    def __init__(self, *, warmup_steps: int, total_steps: int, warmup_factor: float = 0.001) -> None:
+        if total_steps <= warmup_steps:
+            raise ValueError(f"cosine schedule: total_steps {total_steps} must exceed warmup_steps {warmup_steps}")
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = int(total_steps)
+        self.warmup_factor = float(warmup_factor)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            alpha = step / self.warmup_steps
+            return self.warmup_factor * (1 - alpha) + alpha
+        t = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def build_lr_scheduler(
     optimizer: torch.optim.Optimizer,
     *,
     warmup_steps: int,
-    milestones: Sequence[int],
+    milestones: Sequence[int] = (),
     gamma: float = 0.1,
     warmup_factor: float = 0.001,
+    cosine_steps: Optional[int] = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step scheduler (call ``.step()`` after every optimizer step)."""
-    schedule = WarmupStepSchedule(
-        warmup_steps=warmup_steps, milestones=milestones, gamma=gamma, warmup_factor=warmup_factor
-    )
+    """A per-step scheduler (call ``.step()`` after every optimizer step): x``gamma`` at each
+    milestone, or with ``cosine_steps`` a cosine to 0 at that step (milestones unused)."""
+    if cosine_steps is not None:
+        schedule: Any = WarmupCosineSchedule(
+            warmup_steps=warmup_steps, total_steps=cosine_steps, warmup_factor=warmup_factor
+        )
+    else:
+        schedule = WarmupStepSchedule(
+            warmup_steps=warmup_steps, milestones=milestones, gamma=gamma, warmup_factor=warmup_factor
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 

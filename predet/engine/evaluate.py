@@ -36,12 +36,27 @@ from torch.utils.data import DataLoader
 
 from predet import distributed
 from predet.config import FinetuneConfig, load_config
-from predet.data.detection import DetectionDataset, collate_detection, infer_format, is_lvis, load_gt
+from predet.data.detection import (
+    DetectionDataset,
+    collate_detection,
+    infer_format,
+    is_lvis,
+    load_gt,
+    missing_segmentation,
+)
 from predet.errors import UserError
 from predet.modeling.detectors import build_detector
 from predet.utils import load_checkpoint, write_json
 
-__all__ = ["LVISStyleEval", "evaluate_predictions", "evaluate_run", "predict", "run", "subset_images"]
+__all__ = [
+    "LVISStyleEval",
+    "drop_images",
+    "evaluate_predictions",
+    "evaluate_run",
+    "predict",
+    "run",
+    "subset_images",
+]
 
 log = logging.getLogger("predet.evaluate")
 _AREAS = {"all": 0, "small": 1, "medium": 2, "large": 3}
@@ -188,8 +203,11 @@ def predict(
     num_workers: int = 0,
     amp: bool = False,
     progress: bool = True,
+    unreadable: Optional[list[int]] = None,
 ) -> list[dict]:
-    """COCO results of ``model`` on ``dataset`` (labels mapped to category ids; others dropped)."""
+    """COCO results of ``model`` on ``dataset`` (labels mapped to category ids; others dropped).
+
+    Images the dataset cannot read are left out; their ids are appended to ``unreadable``."""
     from tqdm import tqdm
 
     model.eval()
@@ -197,6 +215,14 @@ def predict(
     out: list[dict] = []
     use_amp = amp and device.type == "cuda"
     for images, targets in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        bad = [t["image_id"] for t in targets if "unreadable" in t]
+        if bad:
+            if unreadable is not None:
+                unreadable.extend(bad)
+            images = [im for im, t in zip(images, targets) if "unreadable" not in t]
+            targets = [t for t in targets if "unreadable" not in t]
+            if not images:
+                continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             outputs = model([im.to(device) for im in images])
         for target, o in zip(targets, outputs):
@@ -256,13 +282,33 @@ def evaluate_run(
     model = build_detector(cfg, classes, for_test=True)
     model.load_state_dict(state["model"])
     model.to(device)
+    unreadable: list[int] = []
     preds = predict(model, dataset, category_of_label=category_of_label, device=device,
-                    batch_size=cfg.data.eval_batch_size, amp=cfg.train.amp, progress=progress)  # fmt: skip
+                    batch_size=cfg.data.eval_batch_size, amp=cfg.train.amp, progress=progress,
+                    unreadable=unreadable)  # fmt: skip
+    if unreadable:  # scored on the images that were read: a file's damage is not the model's miss
+        print(f"evaluate: {len(unreadable)} of {len(gt['images'])} images unreadable, left out of "
+              f"the AP (ids {sorted(unreadable)[:10]}{' ...' if len(unreadable) > 10 else ''})",
+              flush=True)  # fmt: skip
+        gt = drop_images(gt, unreadable)
     iou_types = ("bbox", "segm") if cfg.model.arch == "mask_rcnn" else ("bbox",)
+    if "segm" in iou_types and (missing := missing_segmentation(gt)):
+        print(f"evaluate: {missing} annotations of {ann} have no segmentation: box AP only", flush=True)
+        iou_types = ("bbox",)
     results = evaluate_predictions(gt, preds, iou_types)
     write_json(run / "predictions.json", preds, indent=None)
     write_json(run / "results.json", results)
     return results
+
+
+def drop_images(gt: dict, image_ids: Sequence[int]) -> dict:
+    """``gt`` without the images ``image_ids`` and their annotations."""
+    gone = set(image_ids)
+    return {
+        **gt,
+        "images": [im for im in gt["images"] if im["id"] not in gone],
+        "annotations": [a for a in gt["annotations"] if a["image_id"] not in gone],
+    }
 
 
 def subset_images(gt: dict, count: Optional[int], *, seed: int = 0) -> dict:

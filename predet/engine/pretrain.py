@@ -164,6 +164,13 @@ def _milestones(t: Any) -> list[int]:
     return uniform_milestones(t.steps, t.decay_steps)
 
 
+def _schedule_text(t: Any) -> str:
+    """How the lr moves after warm-up, for the start line."""
+    if t.lr_schedule == "cosine":
+        return f"cosine to 0 at {t.steps}"
+    return f"x0.1 at {_milestones(t)}"
+
+
 def _build_optimization(
     model: torch.nn.Module, cfg: Any, use_amp: bool
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, torch.amp.GradScaler]:
@@ -177,6 +184,7 @@ def _build_optimization(
         warmup_steps=t.warmup_steps,
         milestones=_milestones(t),
         warmup_factor=t.warmup_factor,
+        cosine_steps=t.steps if t.lr_schedule == "cosine" else None,
     )
     device_type = "cuda" if use_amp else "cpu"
     scaler = torch.amp.GradScaler(device_type, enabled=use_amp and t.amp_dtype == "float16")
@@ -253,7 +261,7 @@ def _train(
         print(
             f"predet pretrain: {len(classes)} classes, data {dict(getattr(data, 'counts', {}))}, "
             f"device {device}, world size {world}, global batch {t.batch_size * world}, "
-            f"lr {t.lr:g} (x0.1 at {_milestones(t)}), steps {step}->{stop} of {t.steps}, run {out}",
+            f"lr {t.lr:g} ({_schedule_text(t)}), steps {step}->{stop} of {t.steps}, run {out}",
             flush=True,
         )
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torchvision.ops import MultiScaleRoIAlign, box_iou
+from torchvision.ops import MultiScaleRoIAlign, box_iou, roi_align
 
 from predet.analysis.correlation import (
+    POOLS,
     _describe_file,
     average_ranks,
     bucket_stats,
@@ -142,7 +143,7 @@ def test_size_buckets_scale_cocos_thresholds_with_the_image():
 # --------------------------------------------------------------------------------------------
 # Pooling: features that encode position correlate with IoU, shuffled or constant ones do not
 # --------------------------------------------------------------------------------------------
-def _pairs_correlation(feature_map: torch.Tensor, seed: int = 0) -> float | None:
+def _pairs_correlation(feature_map: torch.Tensor, seed: int = 0, pool: str = "flat") -> float | None:
     """Pearson r over boxes jittered around 6 ground-truth boxes on one ``[1, C, 64, 64]`` map."""
     rng = np.random.default_rng(seed)
     gts = torch.tensor(
@@ -164,7 +165,7 @@ def _pairs_correlation(feature_map: torch.Tensor, seed: int = 0) -> float | None
         ious.append(iou)
     pooler = MultiScaleRoIAlign(["0"], 7, 2)
     (sim,) = pooled_similarity(
-        {"0": feature_map}, pooler, [gts], [torch.cat(jit)], [torch.cat(own)], [(64, 64)]
+        {"0": feature_map}, pooler, [gts], [torch.cat(jit)], [torch.cat(own)], [(64, 64)], pool=pool
     )
     return pearson(np.concatenate(ious), sim.double().numpy())
 
@@ -180,12 +181,37 @@ def test_positional_features_correlate_more_than_shuffled_or_constant():
         1, 48, 64, 64
     )  # same values, positions scrambled
     constant = torch.ones(1, 48, 64, 64)
-    r_pos, r_shuf = _pairs_correlation(positional), _pairs_correlation(shuffled)
     # the same values without spatial order still correlate (a box near the ground truth samples
-    # nearly the same points), but much less than features that vary smoothly with position
+    # nearly the same points), but much less than features that vary smoothly with position;
+    # for the 7x7 bins flattened and averaged alike
+    r_pos, r_shuf = _pairs_correlation(positional), _pairs_correlation(shuffled)
     assert r_pos == pytest.approx(0.9393, abs=2e-3) and r_shuf == pytest.approx(0.7271, abs=2e-3)
     assert r_pos > r_shuf + 0.15
-    assert _pairs_correlation(constant) is None  # every cosine is 1: no correlation to measure
+    m_pos, m_shuf = (_pairs_correlation(f, pool="mean") for f in (positional, shuffled))
+    assert m_pos == pytest.approx(0.8674, abs=2e-3) and m_shuf == pytest.approx(0.6492, abs=2e-3)
+    assert m_pos > m_shuf + 0.15
+    for pool in POOLS:  # every cosine is 1: no correlation to measure
+        assert _pairs_correlation(constant, pool=pool) is None
+
+
+def test_mean_pooling_is_the_cosine_of_the_binwise_means():
+    g = torch.Generator().manual_seed(3)
+    fmap = torch.randn(1, 8, 32, 32, generator=g)
+    gts = torch.tensor([[2.0, 3.0, 20.0, 25.0]])
+    jit = torch.tensor([[4.0, 3.0, 22.0, 24.0], [10.0, 10.0, 30.0, 30.0], [0.0, 0.0, 8.0, 8.0]])
+    pooler = MultiScaleRoIAlign(["0"], 7, 2)
+    sims = {
+        pool: pooled_similarity(
+            {"0": fmap}, pooler, [gts], [jit], [torch.zeros(3, dtype=torch.long)], [(32, 32)], pool=pool
+        )[0]
+        for pool in POOLS
+    }
+    pooled = roi_align(fmap, [torch.cat([gts, jit])], 7, spatial_scale=1.0, sampling_ratio=2, aligned=False)
+    for pool, vec in (("mean", pooled.mean(dim=(2, 3))), ("flat", pooled.flatten(1))):
+        direct = [float(vec[1 + i] @ vec[0] / (vec[1 + i].norm() * vec[0].norm())) for i in range(3)]
+        assert sims[pool].tolist() == pytest.approx(direct, abs=1e-5)
+    with pytest.raises(UserError, match="pool='max'"):
+        pooled_similarity({"0": fmap}, pooler, [gts], [jit], [torch.zeros(3, dtype=torch.long)], [(32, 32)], pool="max")
 
 
 # --------------------------------------------------------------------------------------------

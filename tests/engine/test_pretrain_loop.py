@@ -13,6 +13,7 @@ import torch
 from predet.config import PretrainConfig, load_config
 from predet.engine.common import (
     NonFiniteLossError,
+    WarmupCosineSchedule,
     WarmupStepSchedule,
     build_lr_scheduler,
     get_rng_state,
@@ -183,6 +184,49 @@ def test_resume_follows_the_edited_lr_steps(toy_data, toy_model, tmp_path):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert [r["lr"] for r in rows] == pytest.approx([0.05] * 4 + [0.005] * 4)
+
+
+def test_cosine_schedule_numbers():
+    s = WarmupCosineSchedule(warmup_steps=10, total_steps=110, warmup_factor=0.001)
+    assert s(0) == pytest.approx(0.001)
+    assert s(5) == pytest.approx(0.001 * 0.5 + 0.5)
+    # 0.5 (1 + cos(pi t)), t = (s - 10) / 100
+    assert [s(10), s(35), s(60), s(85), s(110), s(500)] == pytest.approx(
+        [1.0, 0.5 * (1 + 2**-0.5), 0.5, 0.5 * (1 - 2**-0.5), 0.0, 0.0]
+    )
+    with pytest.raises(ValueError, match="total_steps 10 must exceed warmup_steps 10"):
+        WarmupCosineSchedule(warmup_steps=10, total_steps=10)
+
+
+def test_cosine_lr_schedule_in_a_run(toy_data, toy_model, tmp_path, capsys):
+    run = pretrain(_cfg("train.warmup_steps=0", "train.lr_schedule=cosine"), tmp_path / "run", data=toy_data(), model=toy_model())
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    # step s (1-based) runs at scheduler index s - 1 of 8: 0.05 * 0.5 (1 + cos(pi (s - 1) / 8))
+    expected = [0.05 * 0.5 * (1 + np.cos(np.pi * i / 8)) for i in range(8)]
+    assert [r["lr"] for r in rows] == pytest.approx(expected)
+    assert "lr 0.05 (cosine to 0 at 8)" in capsys.readouterr().out
+
+
+def test_resume_of_a_cosine_run_matches_the_unbroken_run(toy_data, toy_model, tmp_path):
+    whole = pretrain(_cfg("train.lr_schedule=cosine"), tmp_path / "whole", data=toy_data(), model=toy_model())
+    split = tmp_path / "split"
+    pretrain(_cfg("train.lr_schedule=cosine", "train.stop_at=4"), split, data=toy_data(), model=toy_model())
+    pretrain(_cfg("train.lr_schedule=cosine"), split, resume=True, data=toy_data(), model=toy_model())
+    lrs = [[json.loads(x)["lr"] for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (whole, split)]
+    assert lrs[1] == pytest.approx(lrs[0]) and len(lrs[0]) == 8
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.lr_schedule=linear"], "train.lr_schedule"),
+        (["train.lr_schedule=cosine", "train.lr_steps=[4]"], r"train.lr_steps=\[4\] with train.lr_schedule=cosine"),
+        (["train.lr_schedule=cosine", "train.warmup_steps=8"], "train.warmup_steps=8 with train.lr_schedule=cosine"),
+    ],
+)
+def test_bad_cosine_settings_are_user_errors(overrides, message):
+    with pytest.raises(UserError, match=message):
+        _cfg(*overrides)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_data, toy_model, tmp_path):

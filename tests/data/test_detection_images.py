@@ -1,0 +1,85 @@
+"""Detection images as a user's photos come: EXIF orientation, odd modes, broken files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from predet.data.detection import DetectionDataset
+from predet.engine.evaluate import drop_images, predict
+
+NAMES = ["rgb.jpg", "exif_rot.jpg", "truncated.jpg", "gray16.png", "missing.jpg", "rgba.png", "gray.png"]
+
+
+def _gt(names=NAMES) -> dict:
+    """One image per file (shown as 160 x 120), one box on the red rectangle of :func:`scene`."""
+    images = [{"id": k + 1, "file_name": n, "width": 160, "height": 120} for k, n in enumerate(names)]
+    anns = [
+        {"id": k + 1, "image_id": k + 1, "category_id": 1, "bbox": [15, 10, 55, 50], "area": 2750.0, "iscrowd": 0}
+        for k in range(len(names))
+    ]
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "red"}]}
+
+
+def test_photos_are_read_as_shown(odd_images: Path) -> None:
+    data = DetectionDataset(_gt(), odd_images / "images", train=False)
+    by_name = {n: data[k] for k, n in enumerate(NAMES)}
+    ref, _ = by_name["rgb.jpg"]
+    assert ref.shape == (3, 120, 160)
+    red = ref[:, 10:60, 15:70].mean(dim=(1, 2))
+    assert red.tolist() == pytest.approx([220 / 255, 30 / 255, 30 / 255], abs=0.02)
+    # stored rotated with EXIF orientation 6: read upright, as the annotations (and a viewer) see it
+    rot, target = by_name["exif_rot.jpg"]
+    assert rot.shape == ref.shape and (rot - ref).abs().mean() < 0.01
+    assert target["boxes"].tolist() == [[15.0, 10.0, 70.0, 60.0]]
+    # 16-bit greyscale scaled by its range (a plain convert("RGB") clips it to white)
+    g16, g8 = by_name["gray16.png"][0], by_name["gray.png"][0]
+    assert (g16 - g8).abs().max() < 1.5 / 255 and g16.mean() < 0.6
+    # alpha composited on white, as the photo is shown
+    rgba = by_name["rgba.png"][0]
+    assert rgba[:, :20, :20].min() == 1.0 and (rgba[:, 30:, 30:] - ref[:, 30:, 30:]).abs().mean() < 0.05  # JPEG noise
+
+
+def test_unreadable_images_are_skipped_named_once_and_left_out_of_the_ap(odd_images: Path, capsys) -> None:
+    gt = _gt()
+    ev = DetectionDataset(gt, odd_images / "images", train=False)
+    image, target = ev[NAMES.index("truncated.jpg")]
+    assert image.shape == (3, 0, 0) and target == {"image_id": 3, "unreadable": target["unreadable"]}
+    assert "cannot decode" in target["unreadable"]
+    assert ev[NAMES.index("missing.jpg")][1]["unreadable"] == "file not found"
+    ev[NAMES.index("truncated.jpg")]  # named once per file
+    err = capsys.readouterr().err
+    assert err.count("truncated.jpg") == 1 and err.count("missing.jpg") == 1
+    assert sorted(ev.unreadable) == sorted(str(odd_images / "images" / n) for n in ("truncated.jpg", "missing.jpg"))
+
+    # training: the next readable image takes the broken one's place (detectron2's rule)
+    tr = DetectionDataset(gt, odd_images / "images", train=True, flip_p=0.0)
+    assert tr[NAMES.index("truncated.jpg")][1]["image_id"] == 4  # gray16.png
+    assert tr[NAMES.index("missing.jpg")][1]["image_id"] == 6  # rgba.png
+    assert tr[(2, len(NAMES) - 1)][1]["image_id"] == 7
+
+    class Boxes(torch.nn.Module):  # one detection on the red rectangle per image it is given
+        def forward(self, images):
+            return [
+                {"boxes": torch.tensor([[15.0, 10.0, 70.0, 60.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}
+                for _ in images
+            ]
+
+    bad: list[int] = []
+    preds = predict(Boxes(), ev, category_of_label={1: 1}, device=torch.device("cpu"), batch_size=3,
+                    progress=False, unreadable=bad)  # fmt: skip
+    assert sorted(bad) == [3, 5] and sorted(p["image_id"] for p in preds) == [1, 2, 4, 6, 7]
+    kept = drop_images(gt, bad)
+    assert [im["id"] for im in kept["images"]] == [1, 2, 4, 6, 7]
+    assert [a["image_id"] for a in kept["annotations"]] == [1, 2, 4, 6, 7]
+
+
+def test_every_image_unreadable_is_one_error(odd_images: Path) -> None:
+    from predet.errors import UserError
+
+    tr = DetectionDataset(_gt(["truncated.jpg", "missing.jpg"]), odd_images / "images", train=True)
+    with pytest.raises(UserError, match="none of the 2 images can be read"):
+        tr[0]
