@@ -139,6 +139,10 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds per init (default: 3)")
     p.add_argument("--pretrain-seeds", type=int, default=1,
                    help="pre-trainings per method, each fine-tuned --seeds times (default: 1)")  # fmt: skip
+    p.add_argument("--pretrain", action="append", metavar="KEY=VALUE",
+                   help="config override for both pre-trainings, e.g. train.steps=600; repeat")
+    p.add_argument("--finetune", action="append", metavar="KEY=VALUE",
+                   help="config override for every fine-tuning, e.g. model.test_size=256; repeat")
     p.add_argument("--overwrite", action="store_true")
 
 

@@ -176,6 +176,24 @@ def _world_finetune_overrides(w: DemoWorld, *, builtin: bool) -> list[str]:
     return out
 
 
+def _say_scale(w: DemoWorld, test_size: int) -> None:
+    """Print how much the plan's fine-tuning scale shrinks the world's detection images."""
+    import statistics
+
+    from predet.data.detection import load_coco_json
+
+    sides = [min(im["width"], im["height"]) for im in load_coco_json(w.det_val)["images"] if "width" in im]
+    if not sides:
+        return
+    median = statistics.median(sides)
+    line = f"    detection images: median short side {median:.0f} px, fine-tuned at {test_size} px"
+    if median > 1.5 * test_size:
+        line += (f" (objects {median / test_size:.1f}x smaller than in the files: the CPU plan's "
+                 "budget; --finetune model.test_size=... model.train_sizes=[...] model.max_size=... "
+                 "to fine-tune larger)")  # fmt: skip
+    print(line, flush=True)
+
+
 def _per_seed_lines(results: dict[str, list[dict]]) -> str:
     """Each init's box / mask AP seed by seed (what the mean ± std of the table summarise)."""
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
@@ -250,6 +268,9 @@ def demo(
         raise UserError(f"--pretrain-seeds must be >= 1, got {pretrain_seeds}")
     if world is not None and not Path(world).is_dir():
         raise UserError(f"--world {world}: folder not found")
+    # a typo in an override is an error now, not after the world and a pre-training
+    load_config(PretrainConfig, cfgs / plan.pretrain_config, [*plan.pretrain_overrides, *pretrain_overrides])
+    load_config(FinetuneConfig, cfgs / plan.finetune_config, [*plan.finetune_overrides, *finetune_overrides])
     out = prepare_run_dir(out, overwrite=overwrite)
     clock, t_start = _Clock(), time.time()
 
@@ -300,6 +321,8 @@ def demo(
     ft_cfg = load_config(FinetuneConfig, cfgs / plan.finetune_config,
                          [*det, *plan.finetune_overrides, *subset, *finetune_overrides])  # fmt: skip
     arch = {"mask_rcnn": "Mask R-CNN", "faster_rcnn": "Faster R-CNN", "retinanet": "RetinaNet"}[ft_cfg.model.arch]
+    if world is not None:
+        _say_scale(w, ft_cfg.model.test_size)
     ft_runs: dict[str, list[Path]] = {name: [] for name in INITS}
     for i, name in enumerate(INITS):
         done = clock.stage(
@@ -374,5 +397,6 @@ def demo(
 
 def run(args: argparse.Namespace) -> int:
     demo(args.out, preset=args.preset, world=args.world, seeds=args.seeds, pretrain_seeds=args.pretrain_seeds,
-         overwrite=args.overwrite)  # fmt: skip
+         overwrite=args.overwrite, pretrain_overrides=args.pretrain or (),
+         finetune_overrides=args.finetune or ())  # fmt: skip
     return 0

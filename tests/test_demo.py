@@ -119,6 +119,7 @@ def test_demo_on_a_box_only_photo_world(tmp_path, tiny_world, capsys):
     assert "box-only annotations (train.json: " in text.out and "fine-tune Faster R-CNN from predet" in text.out
     assert text.out.count("evaluate: 1 of ") == 3  # one truncated val image, in each fine-tune's AP
     assert "skipping unreadable image" in text.err
+    assert "detection images: median short side " in text.out
     for name, results in r["results"].items():
         assert set(results[0]) == {"bbox"} and 0.0 <= (results[0]["bbox"]["AP"] or 0.0) <= 100.0
     import yaml
@@ -181,6 +182,20 @@ def test_low_shot_subset_fits_a_small_world(tiny_world, capsys):
     assert f"{usable} usable training images" in capsys.readouterr().out
     assert _fit_subset(cfg(usable), w) == [] and _fit_subset(cfg(1), w) == []
     assert _fit_subset(load_config(FinetuneConfig, None, []), w) == []  # no subset: all images
+
+
+def test_demo_overrides_from_the_command_line_are_checked_first(tmp_path, capsys, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("predet.demo.demo", lambda out, **kw: seen.update(kw))
+    assert cli.main(["demo", "--out", str(tmp_path / "d"), "--pretrain", "train.steps=7",
+                     "--finetune", "model.test_size=256", "--finetune", "train.steps=9"]) == 0  # fmt: skip
+    assert seen["pretrain_overrides"] == ["train.steps=7"]
+    assert seen["finetune_overrides"] == ["model.test_size=256", "train.steps=9"]
+    monkeypatch.undo()
+    # a typo is one line naming the key, before anything is written
+    assert cli.main(["demo", "--out", str(tmp_path / "d"), "--finetune", "model.test_sise=256"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "test_sise" in err[0] and not (tmp_path / "d").exists()
 
 
 def test_per_seed_lines_list_every_run():
