@@ -160,8 +160,8 @@ def _world_finetune_overrides(w: DemoWorld, *, builtin: bool) -> list[str]:
 
     - ``model.arch=faster_rcnn`` when an annotation of ``det/train.json`` or ``det/val.json`` has
       no mask (a box-only set): the comparison is then in box AP only;
-    - ``model.detections_per_img=100`` (COCO's evaluation limit): the plan's 10 is for the
-      built-in scenes of 1-3 objects.
+    - ``model.detections_per_img=100`` (COCO's evaluation limit): the CPU plans' 10-20 are
+      for the built-in scenes of 1-3 objects.
     """
     if builtin:
         return []
@@ -190,8 +190,8 @@ def _say_scale(w: DemoWorld, test_size: int) -> None:
     line = f"    detection images: median short side {median:.0f} px, fine-tuned at {test_size} px"
     if median > 1.5 * test_size:
         line += (f" (objects {median / test_size:.1f}x smaller than in the files: the CPU plan's "
-                 "budget; --finetune model.test_size=... model.train_sizes=[...] model.max_size=... "
-                 "to fine-tune larger)")  # fmt: skip
+                 "budget; e.g. --finetune model.test_size=256 --finetune model.max_size=512 "
+                 "--finetune 'model.train_sizes=[224,256,288]' to fine-tune larger)")  # fmt: skip
     print(line, flush=True)
 
 
@@ -270,8 +270,14 @@ def demo(
     if world is not None and not Path(world).is_dir():
         raise UserError(f"--world {world}: folder not found")
     # a typo in an override is an error now, not after the world and a pre-training
-    load_config(PretrainConfig, cfgs / plan.pretrain_config, [*plan.pretrain_overrides, *pretrain_overrides])
+    for switches in ([], CLS_ONLY):
+        load_config(PretrainConfig, cfgs / plan.pretrain_config,
+                    [*plan.pretrain_overrides, *switches, *pretrain_overrides])  # fmt: skip
     load_config(FinetuneConfig, cfgs / plan.finetune_config, [*plan.finetune_overrides, *finetune_overrides])
+    if world is not None and not any((Path(world) / "queries").glob("queries-*.npz")):
+        from predet.data.queries import check_opencv
+
+        check_opencv()  # the query cache will be computed: before OUT is (re)made
     out = prepare_run_dir(out, overwrite=overwrite)
     clock, t_start = _Clock(), time.time()
 
@@ -366,7 +372,8 @@ def demo(
     )  # fmt: skip
     atomic_write_text(out / "correlation.json", json.dumps(corr, indent=2) + "\n")
     plot_correlation(corr, out / "correlation.png")
-    lines += ["\nIoU vs cosine similarity of pooled backbone + FPN features (Pearson / Spearman):\n\n",
+    lines += ["\nIoU vs cosine similarity of backbone + FPN features, RoIAlign 7x7 averaged per box "
+              "(Pearson / Spearman):\n\n",
               format_table(corr)]  # fmt: skip
     atomic_write_text(out / "compare.md", "".join(lines))
     print("".join(lines), flush=True)
@@ -377,7 +384,7 @@ def demo(
         plot_curves(pre_runs, ["loss", "loss_cls", "lookup_top1", "crpn_recall"], out / "pretrain_curves.png",
                     title="pre-training"),
         plot_curves({f"{n}-s0": ft_runs[n][0] for n in INITS}, ["loss", "loss_classifier", "loss_box_reg", "loss_mask"],
-                    out / "finetune_curves.png", title="Mask R-CNN fine-tuning (seed 0)"),
+                    out / "finetune_curves.png", title=f"{arch} fine-tuning (seed 0)"),
     ]  # fmt: skip
     for p in plots:
         print(f"    {p}", flush=True)

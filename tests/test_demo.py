@@ -196,6 +196,9 @@ def test_demo_overrides_from_the_command_line_are_checked_first(tmp_path, capsys
     assert cli.main(["demo", "--out", str(tmp_path / "d"), "--finetune", "model.test_sise=256"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "test_sise" in err[0] and not (tmp_path / "d").exists()
+    assert cli.main(["demo", "--out", str(tmp_path / "d"), "--pretrain", "train.step=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.step" in err[0] and not (tmp_path / "d").exists()
 
 
 def test_per_seed_lines_list_every_run():

@@ -24,7 +24,7 @@ vector and the jittered box's. The mean is the default because it is what transl
 (the paper's hypothesis, §1) acts on: flattened, the 7x7 grid aligns the two boxes' contents
 bin by bin, so any network that keeps spatial detail — a random init included — scores high (on
 the demo's world a random init correlated 0.87-0.89 flattened, as high as the pre-trained ones;
-averaged 0.68 on large boxes, against 0.74-0.77 pre-trained).
+averaged 0.68 on large boxes, against 0.73-0.79 pre-trained).
 
 Input: RGB in 0-1 normalised with ImageNet's mean/std by the detector's
 ``GeneralizedRCNNTransform`` and padded to a multiple of 32, as fine-tuning does. By default the
@@ -504,6 +504,11 @@ def _correlation(
                             sel = it["bucket"] == b
                             pairs[name][b][0].append(it["iou"][sel])
                             pairs[name][b][1].append(sim[sel])
+        if not any(len(x) for b in next(iter(pairs.values())).values() for x in b[0]):
+            raise UserError(
+                f"none of the {len(usable)} images with a usable box could be read (e.g. "
+                f"{next(iter(data.unreadable), '?')}); check --images against the file_name"
+            )
         for name, buckets in pairs.items():
             results[name] = {
                 b: bucket_stats(np.concatenate(x), np.concatenate(y))

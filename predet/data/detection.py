@@ -44,6 +44,8 @@ from predet.data.images import BadImage, load_image
 from predet.data.transforms import sample_seed
 from predet.errors import UserError
 
+MAX_NAMED = 10  # unreadable images named on stderr per process; the rest are only counted
+
 __all__ = [
     "VOC_CLASSES",
     "DetectionDataset",
@@ -333,29 +335,42 @@ class DetectionDataset(Dataset):
             )
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)  # HWC -> CHW
 
-    def _warn_unreadable(self, err: BadImage) -> None:
-        if err.path not in self.unreadable:  # once per file (per process)
-            self.unreadable[err.path] = err.reason
-            print(f"warning: skipping unreadable image {err}", file=sys.stderr, flush=True)
+    def _read(self, img_id: int) -> torch.Tensor:
+        """:meth:`_load_image`, remembering unreadable files (named on stderr the first
+        ``MAX_NAMED`` times per process; a file already found unreadable is not decoded again)."""
+        info = self.images[img_id]
+        path = str(self.root / info["file_name"])
+        if path in self.unreadable:
+            raise BadImage(path, self.unreadable[path])
+        try:
+            return self._load_image(info)
+        except BadImage as e:
+            self.unreadable[e.path] = e.reason
+            if len(self.unreadable) <= MAX_NAMED:
+                more = " (further ones are skipped without a line)" if len(self.unreadable) == MAX_NAMED else ""
+                print(f"warning: skipping unreadable image {e}{more}", file=sys.stderr, flush=True)
+            raise
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         """``(image, target)``. An unreadable image is skipped: in training the next readable
-        image takes its place (detectron2's rule); in evaluation the item is ``([3, 0, 0] empty
-        image, {"image_id": id, "unreadable": reason})``, which :func:`predict` leaves out and
-        counts. Each such file is named once on stderr."""
+        image takes its place (detectron2's rule; the flip still draws from item ``(epoch, i)``);
+        in evaluation the item is ``([3, 0, 0] empty image, {"image_id": id, "unreadable":
+        reason})``, which :func:`predict` leaves out and counts."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
         for attempt in range(len(self.ids)):
             img_id = self.ids[(index + attempt) % len(self.ids)]
             try:
-                image = self._load_image(self.images[img_id])
+                image = self._read(img_id)
                 break
             except BadImage as e:
-                self._warn_unreadable(e)
                 if not self.train:
                     return torch.zeros(3, 0, 0), {"image_id": img_id, "unreadable": e.reason}
         else:
-            raise UserError(f"{self.root}: none of the {len(self.ids)} images can be read")
-        index = (index + attempt) % len(self.ids)
+            raise UserError(
+                f"{self.root}: none of the {len(self.ids)} images can be read (first: "
+                f"{next(iter(self.unreadable.items()), ('', ''))[0]}); check the images folder "
+                "against the annotations' file_name"
+            )
         _, h, w = image.shape
         anns = [a for a in self.anns[img_id] if not a.get("iscrowd", 0)]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)

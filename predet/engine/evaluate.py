@@ -286,6 +286,11 @@ def evaluate_run(
     preds = predict(model, dataset, category_of_label=category_of_label, device=device,
                     batch_size=cfg.data.eval_batch_size, amp=cfg.train.amp, progress=progress,
                     unreadable=unreadable)  # fmt: skip
+    if unreadable and len(set(unreadable)) == len(dataset):
+        raise UserError(
+            f"{images}: none of the {len(dataset)} images of {ann} can be read (e.g. "
+            f"{next(iter(dataset.unreadable), '?')}); check the images folder against the file_name"
+        )
     if unreadable:  # scored on the images that were read: a file's damage is not the model's miss
         print(f"evaluate: {len(unreadable)} of {len(gt['images'])} images unreadable, left out of "
               f"the AP (ids {sorted(unreadable)[:10]}{' ...' if len(unreadable) > 10 else ''})",

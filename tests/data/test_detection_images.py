@@ -60,6 +60,15 @@ def test_unreadable_images_are_skipped_named_once_and_left_out_of_the_ap(odd_ima
     assert tr[NAMES.index("truncated.jpg")][1]["image_id"] == 4  # gray16.png
     assert tr[NAMES.index("missing.jpg")][1]["image_id"] == 6  # rgba.png
     assert tr[(2, len(NAMES) - 1)][1]["image_id"] == 7
+    # wraps past the last image; the flip still draws from the requested item (epoch, index)
+    wrap = DetectionDataset(_gt(["rgb.jpg", "truncated.jpg"]), odd_images / "images", train=True, flip_p=0.5)
+    from predet.data.transforms import sample_seed
+
+    for epoch in range(6):
+        image, target = wrap[(epoch, 1)]
+        flips = torch.rand((), generator=torch.Generator().manual_seed(sample_seed(0, epoch, 1))).item() < 0.5
+        assert target["image_id"] == 1
+        assert target["boxes"].tolist() == [[90.0, 10.0, 145.0, 60.0] if flips else [15.0, 10.0, 70.0, 60.0]]
 
     class Boxes(torch.nn.Module):  # one detection on the red rectangle per image it is given
         def forward(self, images):
@@ -77,9 +86,26 @@ def test_unreadable_images_are_skipped_named_once_and_left_out_of_the_ap(odd_ima
     assert [a["image_id"] for a in kept["annotations"]] == [1, 2, 4, 6, 7]
 
 
-def test_every_image_unreadable_is_one_error(odd_images: Path) -> None:
+def test_every_image_unreadable_is_one_error(odd_images: Path, capsys) -> None:
+    from predet.analysis.correlation import correlation
     from predet.errors import UserError
 
     tr = DetectionDataset(_gt(["truncated.jpg", "missing.jpg"]), odd_images / "images", train=True)
     with pytest.raises(UserError, match="none of the 2 images can be read"):
         tr[0]
+    with pytest.raises(UserError, match="none of the 2 images with a usable box could be read"):
+        correlation({"scratch": "scratch"}, _gt(["truncated.jpg", "missing.jpg"]), odd_images / "images",
+                    backbone="resnet18", fpn_channels=16)  # fmt: skip
+
+
+def test_unreadable_images_are_named_at_most_max_named_times(odd_images: Path, capsys) -> None:
+    from predet.data import detection
+
+    names = [f"gone{k}.jpg" for k in range(detection.MAX_NAMED + 5)] + ["rgb.jpg"]
+    ev = DetectionDataset(_gt(names), odd_images / "images", train=False)
+    for k in range(len(names)):
+        ev[k]
+    ev[0]  # known unreadable: not decoded or named again
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == detection.MAX_NAMED and "further ones are skipped without a line" in err[-1]
+    assert len(ev.unreadable) == detection.MAX_NAMED + 5

@@ -485,3 +485,39 @@ def test_val_subset_scores_the_same_images_whatever_the_seed(tiny_world: Path, t
     full = evaluate_run(tmp_path / "s0", det / "val.json", det / "images", progress=False)
     assert len({p["image_id"] for p in json.loads((tmp_path / "s0" / "predictions.json").read_text())}) > 3
     assert set(full) == {"bbox"}
+
+
+def test_evaluate_box_only_val_and_unreadable_images(tiny_world: Path, tmp_path: Path, capsys) -> None:
+    """A Mask R-CNN run scored on a val set without masks gives box AP only; a truncated image is
+    left out of the AP (the same AP as a val set without it); no readable image is one error."""
+    import shutil
+
+    from predet.engine.evaluate import drop_images, evaluate_predictions, evaluate_run
+
+    det = tiny_world / "det"
+    base = [*split_overrides(det / "train.json", det / "val.json", det / "images"), "train.steps=1",
+            "data.val_subset=4", "model.score_thresh=0.0"]  # fmt: skip
+    run = finetune(tiny_cfg(*base), "scratch", tmp_path / "run", progress=False)
+    gt = json.loads((det / "val.json").read_text())
+    gt["images"] = gt["images"][:4]
+    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in {im["id"] for im in gt["images"]}]
+    for a in gt["annotations"]:
+        a["segmentation"] = []
+    images = tmp_path / "images"
+    images.mkdir()
+    for im in gt["images"]:
+        shutil.copy(det / "images" / im["file_name"], images / im["file_name"])
+    bad = images / gt["images"][1]["file_name"]
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated
+    (tmp_path / "val.json").write_text(json.dumps(gt))
+    capsys.readouterr()
+    results = evaluate_run(run, tmp_path / "val.json", images, progress=False)
+    out = capsys.readouterr().out
+    assert set(results) == {"bbox"} and "have no segmentation: box AP only" in out
+    assert "evaluate: 1 of 4 images unreadable" in out
+    preds = json.loads((run / "predictions.json").read_text())
+    assert gt["images"][1]["id"] not in {p["image_id"] for p in preds}
+    assert results == evaluate_predictions(drop_images(gt, [gt["images"][1]["id"]]), preds, ("bbox",))
+    (tmp_path / "elsewhere").mkdir()  # a folder that does not hold the file_name paths
+    with pytest.raises(UserError, match="none of the 4 images .* can be read"):
+        evaluate_run(run, tmp_path / "val.json", tmp_path / "elsewhere", progress=False)

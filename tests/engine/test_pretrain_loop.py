@@ -216,6 +216,15 @@ def test_resume_of_a_cosine_run_matches_the_unbroken_run(toy_data, toy_model, tm
     assert lrs[1] == pytest.approx(lrs[0]) and len(lrs[0]) == 8
 
 
+def test_resume_switches_from_steps_to_the_cosine_of_the_edited_config(toy_data, toy_model, tmp_path):
+    run = tmp_path / "run"
+    pretrain(_cfg("train.warmup_steps=0", "train.lr_steps=[2]", "train.stop_at=4"), run, data=toy_data(), model=toy_model())
+    pretrain(_cfg("train.warmup_steps=0", "train.lr_schedule=cosine"), run, resume=True, data=toy_data(), model=toy_model())
+    lrs = [json.loads(x)["lr"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    cosine = [0.05 * 0.5 * (1 + np.cos(np.pi * i / 8)) for i in range(8)]
+    assert lrs == pytest.approx([0.05, 0.05, 0.005, 0.005, *cosine[4:]])
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
