@@ -78,8 +78,11 @@ def _orientation(edges: np.ndarray) -> np.ndarray:
     oxx = cv2.Sobel(ox, cv2.CV_32F, 1, 0, ksize=3, scale=0.125)
     oxy = cv2.Sobel(ox, cv2.CV_32F, 0, 1, ksize=3, scale=0.125)
     oyy = cv2.Sobel(oy, cv2.CV_32F, 0, 1, ksize=3, scale=0.125)
-    o = np.arctan(oyy * np.sign(-oxy) / (oxx + 1e-5))
-    return np.mod(o, np.pi).astype(np.float32)
+    # oxx = -1e-5 (float32) divides by zero: arctan(+-inf) = +-pi/2 as in OpenCV's C++; 0/0 (no
+    # curvature at all) has no orientation: 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        o = np.arctan(oyy * np.sign(-oxy) / (oxx + 1e-5))
+    return np.mod(np.nan_to_num(o, nan=0.0), np.pi).astype(np.float32)
 
 
 def _edge_nms(edges: np.ndarray, orient: np.ndarray, *, r: float = 1.0, m: float = 1.01, border: int = 2) -> np.ndarray:

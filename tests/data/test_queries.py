@@ -230,3 +230,21 @@ def test_large_jpeg_is_drafted_and_boxes_are_in_full_pixels(tmp_path: Path) -> N
     best = box_iou(RECTS * 8, torch.from_numpy(boxes)).max(dim=1).values
     assert (best >= 0.7).all(), best
     assert boxes[:, 2].max() <= 1280 and boxes[:, 3].max() <= 960
+
+
+def test_orientation_where_the_curvature_divides_by_zero(monkeypatch) -> None:
+    """oxx = -1e-5 in float32 divides by zero: +-inf -> pi/2 (OpenCV's arithmetic), 0/0 -> 0;
+    no RuntimeWarning reaches the user."""
+    import warnings
+
+    from predet.data import queries
+
+    oxx = np.array([[-1e-5, -1e-5, 0.5]], np.float32)
+    oxy = np.array([[-1.0, 0.0, -1.0]], np.float32)
+    oyy = np.array([[2.0, 0.0, 0.5]], np.float32)
+    outputs = iter([oxx, oxx, oxx, oxy, oyy])  # ox, oy (unused), oxx, oxy, oyy in call order
+    monkeypatch.setattr(queries.cv2, "Sobel", lambda *a, **k: next(outputs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        o = queries._orientation(np.zeros((1, 3), np.float32))
+    assert o[0].tolist() == pytest.approx([np.pi / 2, 0.0, np.pi / 4], abs=1e-3)
