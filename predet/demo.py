@@ -44,12 +44,17 @@ class DemoPlan:
     finetune_overrides: tuple[str, ...] = ()
     seeds: int = 3  # fine-tuning runs per init
     correlation_images: int = 40  # val images of the correlation analysis
+    # long side a --world's query boxes are computed at (QueryParams.max_side): the CPU plans'
+    # 64-px views need no more than the built-in 128-px images get (upscaled to 320)
+    query_max_side: int = 500
 
 
 PLANS = {
     # small: the correlation on every one of the 200 val images (3 medium boxes, ~400 large)
-    "small": DemoPlan("pretrain/small_cpu.yaml", "finetune/mask_rcnn_small_cpu.yaml", correlation_images=200),
-    "tiny": DemoPlan("pretrain/tiny_cpu.yaml", "finetune/mask_rcnn_tiny_cpu.yaml", correlation_images=8),
+    "small": DemoPlan("pretrain/small_cpu.yaml", "finetune/mask_rcnn_small_cpu.yaml", correlation_images=200,
+                      query_max_side=320),
+    "tiny": DemoPlan("pretrain/tiny_cpu.yaml", "finetune/mask_rcnn_tiny_cpu.yaml", correlation_images=8,
+                     query_max_side=320),
     # one GPU (bench/transfer_gpu.sh): R50-FPN, ~34 epochs of pre-training at 224 px
     "gpu": DemoPlan("pretrain/r50_fpn_small_gpu.yaml", "finetune/mask_rcnn_r50_small_gpu.yaml",
                     correlation_images=100),
@@ -101,9 +106,12 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_world(world: Optional[str | Path], *, preset: str, seed: int, out: Path) -> DemoWorld:
+def resolve_world(
+    world: Optional[str | Path], *, preset: str, seed: int, out: Path, query_max_side: int = 500
+) -> DemoWorld:
     """The built-in world of ``preset`` (generated with its query cache on first use), or the
-    §6 world at ``world`` (its query cache computed into ``out/queries`` when it has none)."""
+    §6 world at ``world`` (its query cache computed into ``out/queries`` when it has none, at
+    ``QueryParams(max_side=query_max_side)``)."""
     if world is None:
         from predet.data.builtin import ensure_world
 
@@ -127,13 +135,15 @@ def resolve_world(world: Optional[str | Path], *, preset: str, seed: int, out: P
     queries = root / "queries"
     if not any(queries.glob("queries-*.npz")):
         from predet.data.manifest import read_manifest
-        from predet.data.queries import cache_queries, check_opencv
+        from predet.data.queries import QueryParams, cache_queries, check_opencv
 
         queries = out / "queries"
         entries = read_manifest(files["manifest"]).entries
-        print(f"    computing query boxes of {len(entries)} images into {queries}", flush=True)
+        params = QueryParams(max_side=query_max_side, min_side=min(QueryParams.min_side, query_max_side))
+        print(f"    computing query boxes of {len(entries)} images into {queries} (long side "
+              f"{params.max_side} px at most)", flush=True)  # fmt: skip
         check_opencv()
-        counts = cache_queries(entries, queries, workers=_cpus())
+        counts = cache_queries(entries, queries, params, workers=_cpus())
         print(f"    query cache: {counts}", flush=True)
     return DemoWorld(files["manifest"], queries, files["det_train"], files["det_val"], images)
 
@@ -282,7 +292,7 @@ def demo(
     clock, t_start = _Clock(), time.time()
 
     done = clock.stage("world", f"1/6 {'world ' + str(world) if world else f'built-in {preset!r} world'} and its query boxes")
-    w = resolve_world(world, preset=preset, seed=seed, out=out)
+    w = resolve_world(world, preset=preset, seed=seed, out=out, query_max_side=plan.query_max_side)
     done()
 
     data = [f"data.manifest={w.manifest}", f"data.queries={w.queries}"]

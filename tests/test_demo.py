@@ -120,6 +120,7 @@ def test_demo_on_a_box_only_photo_world(tmp_path, tiny_world, capsys):
     assert text.out.count("evaluate: 1 of ") == 3  # one truncated val image, in each fine-tune's AP
     assert "skipping unreadable image" in text.err
     assert "detection images: median short side " in text.out
+    assert "(long side 320 px at most)" in text.out  # the CPU plan's query scale
     for name, results in r["results"].items():
         assert set(results[0]) == {"bbox"} and 0.0 <= (results[0]["bbox"]["AP"] or 0.0) <= 100.0
     import yaml
