@@ -246,7 +246,10 @@ def save_training_checkpoint(
         step_file = checkpoint_path(run_dir, state["step"])
         save_checkpoint(state, step_file)
         tmp = last.with_name(f".{last.name}.tmp{os.getpid()}")
-        shutil.copyfile(step_file, tmp)  # same bytes, no second serialisation
+        try:  # the same bytes under two names, stored once: every later write is temp + rename,
+            os.link(step_file, tmp)  # so neither name is ever changed through the other
+        except OSError:  # no hard links on this filesystem
+            shutil.copyfile(step_file, tmp)
         os.replace(tmp, last)
         if keep_last > 0:
             periodic_files = sorted(last.parent.glob("step_*.pt"))

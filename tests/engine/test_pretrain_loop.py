@@ -362,3 +362,25 @@ def test_grad_norm_is_logged_before_clipping(toy_data, toy_model, tmp_path):
     for k, v in w["plain"].items():
         torch.testing.assert_close(w["loose"][k], v, rtol=0, atol=0)
     assert any(not torch.equal(w["tight"][k], v) for k, v in w["plain"].items() if v.is_floating_point())
+
+
+def test_periodic_checkpoint_is_stored_once_and_survives_later_saves(tmp_path):
+    """``last.pt`` written with a periodic ``step_<n>.pt`` is the same file (a hard link where the
+    filesystem has them): the bytes are stored once; the next save of ``last.pt`` (temp + rename)
+    leaves ``step_<n>.pt`` as it was."""
+    import os
+
+    from predet.engine.common import save_training_checkpoint
+
+    state = lambda step: {"step": step, "model": {"w": torch.full((1000,), float(step))}}  # noqa: E731
+    last = save_training_checkpoint(state(4), tmp_path, periodic=True)
+    step4 = tmp_path / "checkpoints" / "step_000004.pt"
+    assert last.read_bytes() == step4.read_bytes()
+    if os.stat(step4).st_nlink == 2:  # linked, not copied
+        assert os.path.samefile(last, step4)
+    save_training_checkpoint(state(5), tmp_path, periodic=False)
+    assert load_checkpoint(step4)["step"] == 4 and load_checkpoint(last)["step"] == 5
+    assert torch.equal(load_checkpoint(step4)["model"]["w"], torch.full((1000,), 4.0))
+    assert os.stat(step4).st_nlink == 1  # last.pt now names another file
+    save_training_checkpoint(state(8), tmp_path, periodic=True, keep_last=1)  # deletes step 4
+    assert not step4.exists() and load_checkpoint(last)["step"] == 8
