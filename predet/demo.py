@@ -165,20 +165,19 @@ def _fit_subset(cfg: "FinetuneConfig", w: DemoWorld) -> list[str]:  # noqa: F821
     return [f"data.subset={usable}"]
 
 
-def _world_finetune_overrides(w: DemoWorld, *, builtin: bool) -> list[str]:
-    """Fine-tuning settings a user's world needs beyond the plan's (built-in world: none).
+def _world_finetune_overrides(gts: dict[Path, dict]) -> list[str]:
+    """Fine-tuning settings a user's world (``gts``: its loaded ``det/train.json`` and
+    ``det/val.json`` by path) needs beyond the plan's:
 
     - ``model.arch=faster_rcnn`` when an annotation of ``det/train.json`` or ``det/val.json`` has
       no mask (a box-only set): the comparison is then in box AP only;
     - ``model.detections_per_img=100`` (COCO's evaluation limit): the CPU plans' 10-20 are
       for the built-in scenes of 1-3 objects.
     """
-    if builtin:
-        return []
-    from predet.data.detection import load_coco_json, missing_segmentation
+    from predet.data.detection import missing_segmentation
 
     out = ["model.detections_per_img=100"]
-    missing = {p.name: missing_segmentation(load_coco_json(p)) for p in (w.det_train, w.det_val)}
+    missing = {p.name: missing_segmentation(gt) for p, gt in gts.items()}
     if any(missing.values()):
         where = ", ".join(f"{n}: {k}" for n, k in missing.items() if k)
         print(f"    box-only annotations ({where} without a mask): fine-tuning Faster R-CNN, box AP only",
@@ -187,13 +186,11 @@ def _world_finetune_overrides(w: DemoWorld, *, builtin: bool) -> list[str]:
     return out
 
 
-def _say_scale(w: DemoWorld, test_size: int) -> None:
+def _say_scale(val_gt: dict, test_size: int) -> None:
     """Print how much the plan's fine-tuning scale shrinks the world's detection images."""
     import statistics
 
-    from predet.data.detection import load_coco_json
-
-    sides = [min(im["width"], im["height"]) for im in load_coco_json(w.det_val)["images"] if "width" in im]
+    sides = [min(im["width"], im["height"]) for im in val_gt["images"] if "width" in im]
     if not sides:
         return
     median = statistics.median(sides)
@@ -330,7 +327,11 @@ def demo(
     # every detector gets the pre-trained widths (the CPU configs use a narrow FPN), scratch included
     widths = [f"model.backbone={cfg.model.backbone}", f"model.fpn_channels={cfg.model.fpn_channels}",
               f"model.box_head_dim={cfg.model.box_head_dim}"]  # fmt: skip
-    det += _world_finetune_overrides(w, builtin=world is None)
+    if world is not None:  # a user's world: its det sets read once for the checks below
+        from predet.data.detection import load_coco_json
+
+        gts = {p: load_coco_json(p) for p in (w.det_train, w.det_val)}
+        det += _world_finetune_overrides(gts)
     subset = _fit_subset(
         load_config(FinetuneConfig, cfgs / plan.finetune_config, [*det, *plan.finetune_overrides, *finetune_overrides]),
         w,
@@ -339,7 +340,7 @@ def demo(
                          [*det, *plan.finetune_overrides, *subset, *finetune_overrides])  # fmt: skip
     arch = {"mask_rcnn": "Mask R-CNN", "faster_rcnn": "Faster R-CNN", "retinanet": "RetinaNet"}[ft_cfg.model.arch]
     if world is not None:
-        _say_scale(w, ft_cfg.model.test_size)
+        _say_scale(gts[w.det_val], ft_cfg.model.test_size)
     ft_runs: dict[str, list[Path]] = {name: [] for name in INITS}
     for i, name in enumerate(INITS):
         done = clock.stage(

@@ -488,6 +488,7 @@ def _correlation(
             for name, weights in resolved
         }
         pairs = {name: {b: ([], []) for b in BUCKETS} for name in models}
+        read = 0  # images that could be read
         with torch.no_grad():
             for start in range(0, len(usable), batch_size):  # each image read once, for every init
                 # the same boxes for every init: drawn from (seed, image id)
@@ -496,6 +497,7 @@ def _correlation(
                     for i in usable[start : start + batch_size]
                 ]
                 items = [it for it in items if it is not None]  # unreadable: named, left out
+                read += len(items)
                 if not items:
                     continue
                 for name, model in models.items():
@@ -504,7 +506,7 @@ def _correlation(
                             sel = it["bucket"] == b
                             pairs[name][b][0].append(it["iou"][sel])
                             pairs[name][b][1].append(sim[sel])
-        if not any(len(x) for b in next(iter(pairs.values())).values() for x in b[0]):
+        if not read:
             raise UserError(
                 f"none of the {len(usable)} images with a usable box could be read (e.g. "
                 f"{next(iter(data.unreadable), '?')}); check --images against the file_name"

@@ -59,6 +59,14 @@ def uniform_milestones(total_steps: int, num_decays: int) -> list[int]:
     return [round(total_steps * k / (num_decays + 1)) for k in range(1, num_decays + 1)]
 
 
+def _warmup(step: int, warmup_steps: int, warmup_factor: float) -> float:
+    """``warmup_factor`` at step 0 rising linearly to 1 at ``warmup_steps``, 1 from there on."""
+    if step >= warmup_steps:
+        return 1.0
+    alpha = step / warmup_steps
+    return warmup_factor * (1 - alpha) + alpha
+
+
 class WarmupStepSchedule:
     """lr multiplier of step ``s`` (0-based): linear warm-up, then ``gamma`` at each milestone.
 
@@ -83,10 +91,7 @@ class WarmupStepSchedule:
 
     def __call__(self, step: int) -> float:
         decay = self.gamma ** sum(step >= m for m in self.milestones)
-        if step >= self.warmup_steps:
-            return decay
-        alpha = step / self.warmup_steps
-        return decay * (self.warmup_factor * (1 - alpha) + alpha)
+        return decay * _warmup(step, self.warmup_steps, self.warmup_factor)
 
 
 class WarmupCosineSchedule:
@@ -107,8 +112,7 @@ class WarmupCosineSchedule:
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
-            alpha = step / self.warmup_steps
-            return self.warmup_factor * (1 - alpha) + alpha
+            return _warmup(step, self.warmup_steps, self.warmup_factor)
         t = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
         return 0.5 * (1.0 + math.cos(math.pi * t))
 
