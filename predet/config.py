@@ -73,6 +73,10 @@ class PretrainDataConfig:
     # a fixed slice of the manifest never trained on; the classification head is scored on it
     # (cls_map, and cls_map_true when truth.jsonl is beside the manifest). 0: none
     heldout: int = 256
+    # use a fixed sample of this many manifest entries (a function of the manifest's length alone,
+    # like the held-out slice); None: all of them. E.g. a run that sees fewer images than the
+    # manifest holds needs query boxes for the sample only (`predet demo --world`)
+    max_images: Optional[int] = None
     aug: AugConfig = field(default_factory=AugConfig)
 
 
@@ -516,6 +520,8 @@ def _check_pretrain_rest(cfg: Any) -> None:
         raise UserError(f"data.num_workers: must be >= 0, got {d.num_workers}")
     if d.heldout < 0:
         raise UserError(f"data.heldout: must be >= 0, got {d.heldout}")
+    if d.max_images is not None and d.max_images < 1:
+        raise UserError(f"data.max_images: must be >= 1 (or null for all), got {d.max_images}")
     if t.eval_every is not None and t.eval_every < 1:
         raise UserError(f"train.eval_every: must be >= 1 (or null for ckpt.every), got {t.eval_every}")
 

@@ -107,11 +107,18 @@ def _cpus() -> int:
 
 
 def resolve_world(
-    world: Optional[str | Path], *, preset: str, seed: int, out: Path, query_max_side: int = 500
+    world: Optional[str | Path],
+    *,
+    preset: str,
+    seed: int,
+    out: Path,
+    query_max_side: int = 500,
+    max_images: Optional[int] = None,
 ) -> DemoWorld:
     """The built-in world of ``preset`` (generated with its query cache on first use), or the
     §6 world at ``world`` (its query cache computed into ``out/queries`` when it has none, at
-    ``QueryParams(max_side=query_max_side)``)."""
+    ``QueryParams(max_side=query_max_side)``, for the ``data.max_images`` sample of its manifest
+    that the pre-training will read: ``max_images`` entries, or all when None)."""
     if world is None:
         from predet.data.builtin import ensure_world
 
@@ -134,11 +141,12 @@ def resolve_world(
         raise UserError(f"--world {root}: {images} is not a folder of detection images")
     queries = root / "queries"
     if not any(queries.glob("queries-*.npz")):
-        from predet.data.manifest import read_manifest
+        from predet.data.manifest import read_manifest, sample_indices
         from predet.data.queries import QueryParams, cache_queries, check_opencv
 
         queries = out / "queries"
         entries = read_manifest(files["manifest"]).entries
+        entries = [entries[i] for i in sample_indices(len(entries), max_images)]
         params = QueryParams(max_side=query_max_side, min_side=min(QueryParams.min_side, query_max_side))
         print(f"    computing query boxes of {len(entries)} images into {queries} (long side "
               f"{params.max_side} px at most)", flush=True)  # fmt: skip
@@ -184,6 +192,20 @@ def _world_finetune_overrides(gts: dict[Path, dict]) -> list[str]:
               flush=True)  # fmt: skip
         out.append("model.arch=faster_rcnn")
     return out
+
+
+def _say_sample(manifest: Path, max_images: int, cfg: "PretrainConfig") -> None:  # noqa: F821
+    """Print that the pre-training reads a ``data.max_images`` sample of a large manifest."""
+    from predet.data.manifest import read_manifest
+
+    if not manifest.is_file():
+        return  # resolve_world names the missing file
+    n = len(read_manifest(manifest))
+    if n > max_images:
+        print(f"    {manifest} has {n} images; the pre-trainings see {cfg.train.steps} x "
+              f"{cfg.train.batch_size} = {cfg.train.steps * cfg.train.batch_size} of them: they read a "
+              f"fixed sample of {max_images} ({cfg.data.heldout} held out) and query boxes are computed "
+              "for those only (--pretrain data.max_images=N to change)", flush=True)  # fmt: skip
 
 
 def _say_scale(val_gt: dict, test_size: int) -> None:
@@ -285,14 +307,22 @@ def demo(
         from predet.data.queries import check_opencv
 
         check_opencv()  # the query cache will be computed: before OUT is (re)made
+    sample = []  # a --world's pre-training reads what its steps can see (data.max_images)
+    if world is not None:
+        pcfg = load_config(PretrainConfig, cfgs / plan.pretrain_config, [*plan.pretrain_overrides, *pretrain_overrides])
+        max_images = pcfg.data.max_images or pcfg.train.steps * pcfg.train.batch_size + pcfg.data.heldout
+        sample = [f"data.max_images={max_images}"]
     out = prepare_run_dir(out, overwrite=overwrite)
     clock, t_start = _Clock(), time.time()
 
     done = clock.stage("world", f"1/6 {'world ' + str(world) if world else f'built-in {preset!r} world'} and its query boxes")
-    w = resolve_world(world, preset=preset, seed=seed, out=out, query_max_side=plan.query_max_side)
+    if sample:
+        _say_sample(Path(world) / "pretrain" / "manifest.jsonl", max_images, pcfg)
+    w = resolve_world(world, preset=preset, seed=seed, out=out, query_max_side=plan.query_max_side,
+                      max_images=max_images if sample else None)  # fmt: skip
     done()
 
-    data = [f"data.manifest={w.manifest}", f"data.queries={w.queries}"]
+    data = [f"data.manifest={w.manifest}", f"data.queries={w.queries}", *sample]
     inits: dict[str, Path | str] = {}  # the first pre-training of each method (correlation)
     exports: dict[str, list[tuple[str, Path | str]]] = {n: [] for n in INITS}  # (suffix, init)
     pre_runs: dict[str, Path] = {}

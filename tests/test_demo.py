@@ -25,7 +25,17 @@ def test_demo_on_a_world_end_to_end(tmp_path, tiny_world, capsys):
     r = demo(out, preset="tiny", world=w, seeds=2,
              pretrain_overrides=["train.steps=3", "ckpt.every=3", "data.heldout=40"],
              finetune_overrides=["train.steps=3", "train.warmup_steps=1"])  # fmt: skip
-    assert any((out / "queries").glob("queries-*.npz"))  # the world had no query cache
+    # the world had no query cache: computed for the 3 x 4 + 40 images the pre-training reads
+    import numpy as np
+
+    from predet.data.manifest import read_manifest, sample_indices
+
+    cached = sorted(str(im) for f in (out / "queries").glob("queries-*.npz") for im in np.load(f)["images"])
+    entries = read_manifest(w / "pretrain" / "manifest.jsonl").entries
+    assert cached == sorted(entries[i].image for i in sample_indices(200, 52))
+    said = capsys.readouterr().out
+    assert "has 200 images; the pre-trainings see 3 x 4 = 12 of them: they read a fixed sample of 52" in said
+    assert "'manifest_images': 200, 'images': 52," in said
     # one row per initialisation with n = 2 seeds, mean ± std cells
     table = (out / "compare.md").read_text()
     assert table.startswith(r["table"])

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from predet.data.heldout import HeldOutSet, build_heldout_set, heldout_indices
 from predet.data.images import BadImage, decode_image, load_image
-from predet.data.manifest import ManifestEntry, read_manifest
+from predet.data.manifest import ManifestEntry, read_manifest, sample_indices
 from predet.data.queries import QueryCache
 from predet.data.transforms import TwoViewTransform, sample_seed
 from predet.data.vocab import build_vocab, load_synonyms
@@ -305,7 +305,15 @@ def _synonyms_for(cfg: Any, manifest_path: Path, entries: Sequence[ManifestEntry
     return load_synonyms(path)
 
 
-def _from_entries(cfg: Any, manifest_path: Path, entries: list[ManifestEntry], synonyms: Optional[dict]) -> PretrainData:
+def _from_entries(
+    cfg: Any,
+    manifest_path: Path,
+    entries: list[ManifestEntry],
+    synonyms: Optional[dict],
+    sampled: Optional[dict[str, int]] = None,
+) -> PretrainData:
+    """``sampled``: ``{"manifest_images": n}`` when ``entries`` are a ``data.max_images`` sample
+    of the manifest's n (reported in the counts)."""
     vocab = build_vocab(entries, synonyms, cfg.data.min_images)
     if not vocab.classes:
         raise UserError(f"{manifest_path}: no class has >= {cfg.data.min_images} images (data.min_images)")
@@ -317,7 +325,8 @@ def _from_entries(cfg: Any, manifest_path: Path, entries: list[ManifestEntry], s
             f"`predet data queries --manifest {manifest_path} --out DIR`, or add 'queries' to the manifest lines"
         )
     index = {c: k for k, c in enumerate(vocab.classes)}
-    counts = {"images": len(entries), "no_class": 0, "excluded_unreadable": 0, "without_queries": 0}
+    counts = {**(sampled or {}), "images": len(entries), "no_class": 0, "excluded_unreadable": 0,
+              "without_queries": 0}  # fmt: skip
     held = set(heldout_indices(len(entries), cfg.data.heldout).tolist())
     held_entries: list[tuple[ManifestEntry, list[str]]] = []
     paths, labels, queries = [], [], []
@@ -395,6 +404,8 @@ def build_pretrain_data(cfg: Any) -> PretrainData:
     if fmt == "shards" or (fmt == "manifest" and cfg.data.shards and not cfg.data.manifest):
         if not cfg.data.shards:
             raise UserError("data.format=shards needs data.shards (a folder or shard pattern)")
+        if cfg.data.max_images is not None:
+            raise UserError("data.max_images samples a manifest or COCO JSON; shards stream whole (unset it)")
         return _build_shards(cfg)
     if fmt not in ("manifest", "coco"):
         raise UserError(f"data.format: unknown value '{fmt}' (manifest | shards | coco)")
@@ -403,8 +414,10 @@ def build_pretrain_data(cfg: Any) -> PretrainData:
     path = Path(cfg.data.manifest)
     # one reader: JSON Lines, or a COCO JSON as weak labels (read_coco_as_manifest, detected)
     manifest = read_manifest(path, cfg.data.images if fmt == "coco" else None)
+    entries = [manifest.entries[i] for i in sample_indices(len(manifest.entries), cfg.data.max_images)]
+    sampled = {} if len(entries) == len(manifest.entries) else {"manifest_images": len(manifest.entries)}
     if manifest.header.get("format") == "coco":
-        return _from_entries(cfg, path, manifest.entries, None)
+        return _from_entries(cfg, path, entries, None, sampled)
     if fmt == "coco":
         raise UserError(f"data.format=coco but data.manifest {path} is not a COCO JSON")
-    return _from_entries(cfg, path, manifest.entries, _synonyms_for(cfg, path, manifest.entries))
+    return _from_entries(cfg, path, entries, _synonyms_for(cfg, path, entries), sampled)

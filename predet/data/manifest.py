@@ -25,7 +25,7 @@ import numpy as np
 
 from predet.errors import UserError
 
-__all__ = ["ManifestEntry", "Manifest", "read_manifest", "read_coco_as_manifest"]
+__all__ = ["ManifestEntry", "Manifest", "read_manifest", "read_coco_as_manifest", "sample_indices"]
 
 
 @dataclass
@@ -52,6 +52,20 @@ class Manifest:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+def sample_indices(n: int, k: Optional[int]) -> np.ndarray:
+    """Sorted indices of a fixed sample of ``k`` of ``n`` manifest entries (``data.max_images``);
+    all ``n`` when ``k`` is None or ``>= n``.
+
+    The sample is a function of ``n`` and ``k`` alone (its own RNG stream, not a run's seed), so
+    every run on a manifest, and the query cache computed for it, use the same entries; the
+    samples for growing ``k`` are nested (a prefix of one fixed permutation).
+    """
+    if k is None or k >= n:
+        return np.arange(n, dtype=np.int64)
+    order = np.random.default_rng(5171).permutation(n)
+    return np.sort(order[: max(0, int(k))]).astype(np.int64)
 
 
 def _str_list(obj: object, where: str, key: str) -> list[str]:

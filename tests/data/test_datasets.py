@@ -54,6 +54,42 @@ def test_heldout_slice_is_never_trained_on(tiny_world: Path, tiny_queries: Path)
     assert again.heldout.paths == held.paths
 
 
+def test_sample_indices_fixed_nested_and_sorted() -> None:
+    from predet.data.manifest import sample_indices
+
+    # golden values: the sample is a function of (n, k) alone
+    assert sample_indices(10, 3).tolist() == [6, 7, 8]
+    assert sample_indices(10, 5).tolist() == [2, 5, 6, 7, 8]
+    assert sample_indices(200, 52)[:8].tolist() == [7, 12, 13, 20, 22, 31, 34, 39]
+    assert sample_indices(5, None).tolist() == sample_indices(5, 9).tolist() == [0, 1, 2, 3, 4]
+    for k in (1, 17, 99):  # sorted, distinct, and each sample holds the smaller ones
+        a, b = sample_indices(200, k), sample_indices(200, k + 1)
+        assert len(a) == k and len(set(a.tolist())) == k and (np.diff(a) > 0).all()
+        assert set(a.tolist()) < set(b.tolist())
+
+
+def test_max_images_reads_a_fixed_sample_of_the_manifest(tiny_world: Path, tiny_queries: Path) -> None:
+    from predet.data.manifest import sample_indices
+
+    manifest = tiny_world / "pretrain/manifest.jsonl"
+    entries = read_manifest(manifest).entries
+    q = f"data.queries={tiny_queries}"
+    data = build_pretrain_data(_cfg(f"data.manifest={manifest}", q, "data.max_images=50", "data.heldout=10"))
+    assert data.counts["manifest_images"] == 200 and data.counts["images"] == 50
+    sample = {str(entries[i].path) for i in sample_indices(200, 50)}
+    seen = set(data.heldout.paths) | {str(p) for p in data.dataset.paths}
+    assert seen <= sample and len(data.heldout.paths) + data.counts["used"] + data.counts["no_class"] == 50
+    # the same images for another seed; without the key, the whole manifest and no extra count
+    again = build_pretrain_data(_cfg(f"data.manifest={manifest}", q, "data.max_images=50", "data.heldout=10", "seed=3"))
+    assert again.dataset.paths == data.dataset.paths and again.heldout.paths == data.heldout.paths
+    whole = build_pretrain_data(_cfg(f"data.manifest={manifest}", q))
+    assert whole.counts["images"] == 200 and "manifest_images" not in whole.counts
+    with pytest.raises(UserError, match="data.max_images: must be >= 1"):
+        _cfg(f"data.manifest={manifest}", "data.max_images=0")
+    with pytest.raises(UserError, match="data.max_images samples a manifest"):
+        build_pretrain_data(_cfg("data.format=shards", "data.shards=x", "data.max_images=5"))
+
+
 def test_manifest_tags_map_like_vocab_and_queries_come_from_cache(tiny_world: Path, tiny_queries: Path) -> None:
     manifest = tiny_world / "pretrain/manifest.jsonl"
     data = build_pretrain_data(_cfg(f"data.manifest={manifest}", f"data.queries={tiny_queries}", "data.min_images=5"))
