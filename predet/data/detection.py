@@ -82,6 +82,16 @@ def _read_json(path: Path) -> dict:
     for key in ("images", "annotations", "categories"):
         if not isinstance(gt, dict) or key not in gt:
             raise UserError(f"{path}: not a COCO-format file (no '{key}' list)")
+    # classes are matched by name (model <-> data, train <-> val): two categories of one name
+    # would silently become one class, and the AP of one of them zero
+    ids_of: dict[str, list] = defaultdict(list)
+    for c in gt["categories"]:
+        ids_of[c.get("name")].append(c.get("id"))
+    dup = {n: ids for n, ids in ids_of.items() if len(ids) > 1}
+    if dup:
+        name, ids = next(iter(dup.items()))
+        more = f" (and {len(dup) - 1} more names)" if len(dup) > 1 else ""
+        raise UserError(f"{path}: categories {ids} share the name {name!r}{more}; category names must be unique")
     return gt
 
 

@@ -109,3 +109,24 @@ def test_unreadable_images_are_named_at_most_max_named_times(odd_images: Path, c
     err = capsys.readouterr().err.splitlines()
     assert len(err) == detection.MAX_NAMED and "further ones are skipped without a line" in err[-1]
     assert len(ev.unreadable) == detection.MAX_NAMED + 5
+
+
+def test_categories_sharing_a_name_are_an_error_naming_the_file(tmp_path: Path) -> None:
+    """Classes are matched by name: two categories of one name would become one class."""
+    import json
+
+    import pytest
+
+    from predet.data.detection import load_coco_json, load_lvis_json
+    from predet.errors import UserError
+
+    gt = {"images": [], "annotations": [],
+          "categories": [{"id": 1, "name": "cup"}, {"id": 2, "name": "dog"}, {"id": 7, "name": "cup"}]}  # fmt: skip
+    path = tmp_path / "dup.json"
+    path.write_text(json.dumps(gt))
+    for load in (load_coco_json, load_lvis_json):
+        with pytest.raises(UserError, match=r"dup.json: categories \[1, 7\] share the name 'cup'; category"):
+            load(path)
+    gt["categories"][2]["name"] = "cat"
+    path.write_text(json.dumps(gt))
+    assert [c["name"] for c in load_coco_json(path)["categories"]] == ["cup", "dog", "cat"]
