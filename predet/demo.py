@@ -194,18 +194,21 @@ def _world_finetune_overrides(gts: dict[Path, dict]) -> list[str]:
     return out
 
 
-def _say_sample(manifest: Path, max_images: int, cfg: "PretrainConfig") -> None:  # noqa: F821
+def _say_sample(manifest: Path, max_images: int, cfg: "PretrainConfig", *, has_cache: bool) -> None:  # noqa: F821
     """Print that the pre-training reads a ``data.max_images`` sample of a large manifest."""
+    from predet.data.heldout import heldout_indices
     from predet.data.manifest import read_manifest
 
     if not manifest.is_file():
         return  # resolve_world names the missing file
     n = len(read_manifest(manifest))
     if n > max_images:
+        held = len(heldout_indices(max_images, cfg.data.heldout))
+        queries = "" if has_cache else " and query boxes are computed for those only"
         print(f"    {manifest} has {n} images; the pre-trainings see {cfg.train.steps} x "
               f"{cfg.train.batch_size} = {cfg.train.steps * cfg.train.batch_size} of them: they read a "
-              f"fixed sample of {max_images} ({cfg.data.heldout} held out) and query boxes are computed "
-              "for those only (--pretrain data.max_images=N to change)", flush=True)  # fmt: skip
+              f"fixed sample of {max_images} ({held} held out){queries} (--pretrain data.max_images=N "
+              "to change)", flush=True)  # fmt: skip
 
 
 def _say_scale(val_gt: dict, test_size: int) -> None:
@@ -303,7 +306,8 @@ def demo(
         load_config(PretrainConfig, cfgs / plan.pretrain_config,
                     [*plan.pretrain_overrides, *switches, *pretrain_overrides])  # fmt: skip
     load_config(FinetuneConfig, cfgs / plan.finetune_config, [*plan.finetune_overrides, *finetune_overrides])
-    if world is not None and not any((Path(world) / "queries").glob("queries-*.npz")):
+    has_cache = world is not None and any((Path(world) / "queries").glob("queries-*.npz"))
+    if world is not None and not has_cache:
         from predet.data.queries import check_opencv
 
         check_opencv()  # the query cache will be computed: before OUT is (re)made
@@ -317,7 +321,7 @@ def demo(
 
     done = clock.stage("world", f"1/6 {'world ' + str(world) if world else f'built-in {preset!r} world'} and its query boxes")
     if sample:
-        _say_sample(Path(world) / "pretrain" / "manifest.jsonl", max_images, pcfg)
+        _say_sample(Path(world) / "pretrain" / "manifest.jsonl", max_images, pcfg, has_cache=has_cache)
     w = resolve_world(world, preset=preset, seed=seed, out=out, query_max_side=plan.query_max_side,
                       max_images=max_images if sample else None)  # fmt: skip
     done()

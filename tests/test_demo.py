@@ -34,7 +34,8 @@ def test_demo_on_a_world_end_to_end(tmp_path, tiny_world, capsys):
     entries = read_manifest(w / "pretrain" / "manifest.jsonl").entries
     assert cached == sorted(entries[i].image for i in sample_indices(200, 52))
     said = capsys.readouterr().out
-    assert "has 200 images; the pre-trainings see 3 x 4 = 12 of them: they read a fixed sample of 52" in said
+    assert ("has 200 images; the pre-trainings see 3 x 4 = 12 of them: they read a fixed sample of 52 "
+            "(10 held out) and query boxes are computed for those only") in said  # held out: at most a fifth
     assert "'manifest_images': 200, 'images': 52," in said
     # one row per initialisation with n = 2 seeds, mean ± std cells
     table = (out / "compare.md").read_text()
