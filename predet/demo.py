@@ -114,11 +114,13 @@ def resolve_world(
     out: Path,
     query_max_side: int = 500,
     max_images: Optional[int] = None,
+    entries: Optional[list] = None,
 ) -> DemoWorld:
     """The built-in world of ``preset`` (generated with its query cache on first use), or the
     §6 world at ``world`` (its query cache computed into ``out/queries`` when it has none, at
     ``QueryParams(max_side=query_max_side)``, for the ``data.max_images`` sample of its manifest
-    that the pre-training will read: ``max_images`` entries, or all when None)."""
+    that the pre-training will read: ``max_images`` entries, or all when None). ``entries``: the
+    manifest's entries when the caller has already read them."""
     if world is None:
         from predet.data.builtin import ensure_world
 
@@ -145,7 +147,7 @@ def resolve_world(
         from predet.data.queries import QueryParams, cache_queries, check_opencv
 
         queries = out / "queries"
-        entries = read_manifest(files["manifest"]).entries
+        entries = entries if entries is not None else read_manifest(files["manifest"]).entries
         entries = [entries[i] for i in sample_indices(len(entries), max_images)]
         params = QueryParams(max_side=query_max_side, min_side=min(QueryParams.min_side, query_max_side))
         print(f"    computing query boxes of {len(entries)} images into {queries} (long side "
@@ -194,14 +196,16 @@ def _world_finetune_overrides(gts: dict[Path, dict]) -> list[str]:
     return out
 
 
-def _say_sample(manifest: Path, max_images: int, cfg: "PretrainConfig", *, has_cache: bool) -> None:  # noqa: F821
-    """Print that the pre-training reads a ``data.max_images`` sample of a large manifest."""
+def _say_sample(manifest: Path, max_images: int, cfg: "PretrainConfig", *, has_cache: bool) -> Optional[list]:  # noqa: F821
+    """Print that the pre-training reads a ``data.max_images`` sample of a large manifest;
+    returns the manifest's entries (None when the file is missing), read once for the demo."""
     from predet.data.heldout import heldout_indices
     from predet.data.manifest import read_manifest
 
     if not manifest.is_file():
-        return  # resolve_world names the missing file
-    n = len(read_manifest(manifest))
+        return None  # resolve_world names the missing file
+    entries = read_manifest(manifest).entries
+    n = len(entries)
     if n > max_images:
         held = len(heldout_indices(max_images, cfg.data.heldout))
         queries = "" if has_cache else " and query boxes are computed for those only"
@@ -209,6 +213,7 @@ def _say_sample(manifest: Path, max_images: int, cfg: "PretrainConfig", *, has_c
               f"{cfg.train.batch_size} = {cfg.train.steps * cfg.train.batch_size} of them: they read a "
               f"fixed sample of {max_images} ({held} held out){queries} (--pretrain data.max_images=N "
               "to change)", flush=True)  # fmt: skip
+    return entries
 
 
 def _say_scale(val_gt: dict, test_size: int) -> None:
@@ -320,10 +325,11 @@ def demo(
     clock, t_start = _Clock(), time.time()
 
     done = clock.stage("world", f"1/6 {'world ' + str(world) if world else f'built-in {preset!r} world'} and its query boxes")
+    entries = None
     if sample:
-        _say_sample(Path(world) / "pretrain" / "manifest.jsonl", max_images, pcfg, has_cache=has_cache)
+        entries = _say_sample(Path(world) / "pretrain" / "manifest.jsonl", max_images, pcfg, has_cache=has_cache)
     w = resolve_world(world, preset=preset, seed=seed, out=out, query_max_side=plan.query_max_side,
-                      max_images=max_images if sample else None)  # fmt: skip
+                      max_images=max_images if sample else None, entries=entries)  # fmt: skip
     done()
 
     data = [f"data.manifest={w.manifest}", f"data.queries={w.queries}", *sample]
