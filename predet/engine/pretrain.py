@@ -284,7 +284,7 @@ def _train(
         evaluate = functools.partial(evaluator, model)
     views_cl = ("view1", "view2") if on_cuda and t.channels_last else ()
     skipped = [0]  # unreadable images the loaders passed over, this rank
-    batches = _inputs(stream, device, views_cl, skipped)
+    batches = _inputs(stream, device, views_cl, skipped, always_detect=world > 1)
     amp_dtype = torch.bfloat16 if t.amp_dtype == "bfloat16" else torch.float16
     train(
         model_ddp, batches, optimizer, scheduler, start=step, stop=stop, logger=logger,
@@ -300,15 +300,26 @@ def _train(
 
 
 def _inputs(
-    stream: BatchStream, device: torch.device, channels_last: tuple[str, ...], skipped: list[int]
+    stream: BatchStream,
+    device: torch.device,
+    channels_last: tuple[str, ...],
+    skipped: list[int],
+    *,
+    always_detect: bool = False,
 ) -> Iterator[tuple[dict[str, Any]]]:
     """Each batch on ``device``, as the model's one input, with ``has_queries`` (whether any
     query is valid, read on the host); ``skipped[0]`` counts the unreadable images the loader
-    replaced (the batch's ``num_skipped``)."""
+    replaced (the batch's ``num_skipped``).
+
+    ``always_detect`` (DDP): ``has_queries`` is always True, so that a batch without a valid
+    query still runs the detection heads (their losses are then exactly 0, and its ``crpn_recall``
+    and ``lookup_top1`` read 0): every rank must
+    reach the same parameters in the same order, or DDP's gradient all-reduce mismatches between
+    a rank that ran the heads and one that did not (a hang under NCCL, an abort under gloo)."""
     for batch in stream:
         skipped[0] += int(batch.pop("num_skipped", 0))
         if "query_mask" in batch:  # read here, on the host, so that the forward never syncs
-            batch["has_queries"] = bool(batch["query_mask"].any())
+            batch["has_queries"] = always_detect or bool(batch["query_mask"].any())
         yield (to_device(batch, device, channels_last_keys=channels_last),)
 
 

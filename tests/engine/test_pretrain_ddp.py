@@ -101,3 +101,83 @@ def test_ddp_a_nan_on_one_rank_stops_every_rank_before_the_update(toy_data, toy_
     for rank in range(2):
         text = (out / f"rank{rank}.txt").read_text()
         assert text.startswith("True non-finite loss at step 4: loss_info=nan"), text
+
+
+class _QueryParity(torch.utils.data.Dataset):
+    """Two-view items for the real PreDet model: even items hold two query boxes, odd ones none
+    (an image whose unsupervised boxes were all filtered out, which the design allows)."""
+
+    size, queries, classes = 32, 4, 3
+
+    def __init__(self, n: int = 12) -> None:
+        self.n = n
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        view = torch.randn(3, self.size, self.size, generator=g)
+        boxes = torch.zeros(self.queries, 4)
+        mask = torch.zeros(self.queries, dtype=torch.bool)
+        if i % 2 == 0:
+            boxes[:2] = torch.tensor([[2.0, 2.0, 20.0, 18.0], [10.0, 8.0, 30.0, 30.0]])
+            mask[:2] = True
+        labels = torch.zeros(self.classes)
+        labels[i % self.classes] = 1.0
+        return {"view1": view, "view2": view.flip(-1), "boxes1": boxes, "boxes2": boxes.clone(),
+                "query_mask": mask, "labels": labels}  # fmt: skip
+
+
+def _parity_collate(samples: list[dict]) -> dict:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def _parity_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    from types import SimpleNamespace
+
+    from predet.engine.pretrain import pretrain
+    from predet.modeling.predet import build_predet
+
+    cfg = load_config(PretrainConfig, None, [
+        "model.backbone=resnet18", "model.fpn_channels=16", "model.box_head_dim=32",
+        "model.input_size=32", "model.crpn.anchor_sizes=[4,8,16,32,64]", "model.crpn.dim=8",
+        "model.crpn.batch_per_view=16", "model.crpn.pre_nms_top_n=8", "model.crpn.post_nms_top_n=8",
+        "model.croi.embed_dim=16", "model.croi.reg_dim=8", "model.croi.num_negatives=16",
+        "train.steps=4", "train.batch_size=1", "train.lr=0.01", "train.warmup_steps=1",
+        "train.log_every=1", "ckpt.every=4", "data.num_workers=0", "data.manifest=parity",
+    ])  # fmt: skip
+    torch.manual_seed(0)
+    data = SimpleNamespace(dataset=_QueryParity(), classes=["a", "b", "c"], collate_fn=_parity_collate)
+    pretrain(cfg, Path(out), data=data, model=build_predet(cfg, 3))
+
+
+@pytest.mark.slow
+def test_ddp_a_rank_whose_batch_has_no_query_still_steps_with_the_others(tmp_path):
+    """Batch of 1 per rank, items alternating with / without queries: some steps give one rank
+    a query-less batch. Its detection heads still run (losses exactly 0), so both ranks' DDP
+    reductions match: the run ends with identical ranks (before: gloo aborted with a collective
+    mismatch; NCCL hangs)."""
+    out, port = tmp_path / "run", _free_port()
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_parity_worker, args=(r, port, str(out))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    assert [p.exitcode for p in procs] == [0, 0]
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert ranks["world_size"] == 2 and len(set(ranks["param_sha1"])) == 1
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # the logged values are the two ranks' mean: 1.0 is a step where one rank had no query
+    assert 1.0 in {r["valid_queries"] for r in rows} <= {0.0, 1.0, 2.0}
+    for r in rows:  # neither rank had a query: the detection losses are exactly 0
+        if r["valid_queries"] == 0.0:
+            assert r["loss_info"] == 0.0 and r["loss_crpn_cls"] == 0.0
