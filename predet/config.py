@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, TypeVar
@@ -338,12 +339,18 @@ RENAMED = {
 
 def _check_keys(given: dict[str, Any], valid: Sequence[str], source: str) -> None:
     valid_set = set(valid)
-    for key in given:
+    sections = {k.rsplit(".", 1)[0] for k in valid if "." in k}
+    for key, value in given.items():
         if key in RENAMED and RENAMED[key] in valid_set:
             raise UserError(f"{source}: config key '{key}' is now '{RENAMED[key]}'")
         if key not in valid_set:
-            # a dict given for a leaf, or a leaf given for a section, is also an unknown key
+            # a dict given for a leaf, or a leaf below a leaf, is an unknown key
             raise UserError(f"{source}: unknown config key '{key}'{_closest(key, valid)}")
+        if key in sections and not isinstance(value, dict):
+            raise UserError(
+                f"{source}: config key '{key}' is a section: expected a mapping of its keys, "
+                f"got {value!r}"
+            )
 
 
 def _merge_one(base: DictConfig, update: dict, source: str, valid: Sequence[str]) -> DictConfig:
@@ -351,19 +358,42 @@ def _merge_one(base: DictConfig, update: dict, source: str, valid: Sequence[str]
     try:
         return OmegaConf.merge(base, update)  # type: ignore[return-value]
     except (ValidationError, ConfigKeyError, OmegaConfBaseException) as e:
-        key = getattr(e, "full_key", None) or "?"
+        key = getattr(e, "full_key", None)
         value = getattr(e, "value", None)
         msg = str(e).splitlines()[0]
+        if not key:  # not expected after _check_keys; never print "key '?'"
+            raise UserError(f"{source}: {msg}") from None
         raise UserError(f"{source}: bad value {value!r} for config key '{key}': {msg}") from None
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def _key_type(schema: Any, key: str) -> Any:
+    """The annotated type of the dotted ``key`` of a dataclass schema; None for an unknown key."""
+    t = schema
+    for part in key.split("."):
+        if not (isinstance(t, type) and is_dataclass(t)):
+            return None
+        t = typing.get_type_hints(t).get(part)
+    return t
+
+
+# YAML's null: sets an Optional[str] key to None (every other raw string is kept as given)
+_NULL = ("null", "Null", "NULL", "~")
+
+
+def _parse_override(item: str, schema: Any = None) -> tuple[str, Any]:
+    """``key=value`` -> ``(key, value)``: YAML-parsed, but verbatim for a str-typed key (so that
+    ``name=1.10``, ``name=off`` or ``data.manifest=0123`` stay those strings)."""
     if "=" not in item:
         raise UserError(f"override '{item}' is not of the form key=value")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key:
         raise UserError(f"override '{item}' has an empty key")
+    kind = _key_type(schema, key) if schema is not None else None
+    if kind is str:
+        return key, raw
+    if kind == Optional[str]:
+        return key, None if raw in _NULL else raw
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
@@ -396,15 +426,19 @@ def load_config(
         if not p.is_file():
             raise UserError(f"config file not found: {p}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as e:
+            byte = f"byte 0x{e.object[e.start]:02x} at offset {e.start}"
+            raise UserError(f"{p}: not UTF-8 text ({byte})") from None
         except yaml.YAMLError as e:
             raise UserError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise UserError(f"{p}: expected a mapping of config keys at the top level")
         cfg = _merge_one(cfg, data, str(p), valid)
     for item in overrides:
-        key, value = _parse_override(item)
+        key, value = _parse_override(item, schema)
         cfg = _merge_one(cfg, _nest(key, value), f"override '{item}'", valid)
+    _check_seeds(cfg, valid)
     for check in _CHECKS.get(schema, ()):
         check(cfg)
     return cfg  # type: ignore[return-value]
@@ -429,6 +463,35 @@ def _fraction(section: str, obj: Any, keys: Sequence[str]) -> None:
             raise UserError(f"{section}.{key}: must be in (0, 1], got {value}")
 
 
+def _probability(section: str, obj: Any, keys: Sequence[str]) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if not 0 <= value <= 1:
+            raise UserError(f"{section}.{key}: must be in [0, 1], got {value}")
+
+
+def _range(key: str, value: Any, *, positive: bool = False, upper: Optional[float] = None) -> None:
+    """``value`` is ``[lo, hi]`` with lo <= hi (and 0 < lo, hi <= upper when asked)."""
+    v = list(value)
+    ok = len(v) == 2 and v[0] <= v[1] and (not positive or v[0] > 0)
+    if not ok or (upper is not None and v[1] > upper):
+        bounds = ("0 < " if positive else "") + "lo <= hi" + ("" if upper is None else f" <= {upper:g}")
+        raise UserError(f"{key}={v}: expected [lo, hi] with {bounds}")
+
+
+SEED_MAX = 2**32 - 1  # numpy's and torch's generators take seeds in [0, 2**32 - 1]
+
+
+def _check_seeds(cfg: Any, valid: Sequence[str]) -> None:
+    """Every ``seed`` / ``*_seed`` key is None or in [0, SEED_MAX]."""
+    for key in valid:
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf == "seed" or leaf.endswith("_seed"):
+            value = OmegaConf.select(cfg, key)
+            if value is not None and not 0 <= value <= SEED_MAX:
+                raise UserError(f"{key}={value}: a seed must be in [0, 2**32 - 1 = {SEED_MAX}]")
+
+
 def _one_of(key: str, value: Any, choices: Sequence[str], what: str = "value") -> None:
     if value not in choices:
         raise UserError(f"{key}: unknown {what} '{value}' (choose from {', '.join(choices)})")
@@ -447,9 +510,14 @@ def _check_pretrain_model(cfg: Any) -> None:
     _one_of("model.backbone", m.backbone, BACKBONES, "backbone")
     _one_of("model.norm", m.norm, NORMS, "norm")
     _one_of("model.cls.loss", m.cls.loss, CLS_LOSSES, "loss")
-    keys = ("input_size", "fpn_channels", "num_classes", "box_head_dim", "roi_sampling_ratio",
+    keys = ("fpn_channels", "num_classes", "box_head_dim", "roi_sampling_ratio",
             "roi_canonical_scale")  # fmt: skip
     _positive("model", m, keys)
+    if m.input_size < MIN_INPUT_SIZE:
+        raise UserError(
+            f"model.input_size: must be >= {MIN_INPUT_SIZE} (the smallest view the augmentations "
+            f"render), got {m.input_size}"
+        )
     c = m.crpn
     if len(c.anchor_sizes) != 5:
         raise UserError(
@@ -526,6 +594,25 @@ def _check_pretrain_rest(cfg: Any) -> None:
         raise UserError(f"train.eval_every: must be >= 1 (or null for ckpt.every), got {t.eval_every}")
 
 
+# predet.data.transforms.TwoViewTransform's smallest view side
+MIN_INPUT_SIZE = 8
+
+
+def _check_pretrain_aug(cfg: Any) -> None:
+    """``data.aug.*`` as ``TwoViewTransform`` needs them (a bad one failed in the loader, after the
+    run folder was made, or silently disabled every query)."""
+    a = cfg.data.aug
+    _range("data.aug.crop_scale", a.crop_scale, positive=True, upper=1)  # fractions of the area
+    _range("data.aug.crop_ratio", a.crop_ratio, positive=True)  # aspect ratios (log-uniform)
+    _range("data.aug.blur_sigma", a.blur_sigma, positive=True)  # 0 would mean "no blur"
+    _probability("data.aug", a, ("flip_p", "jitter_p", "grayscale_p", "blur_p", "min_visible"))
+    for key in ("brightness", "contrast", "saturation"):
+        if getattr(a, key) < 0:
+            raise UserError(f"data.aug.{key}: must be >= 0, got {getattr(a, key)}")
+    if not 0 <= a.hue <= 0.5:  # a shift in turns, drawn from [-hue, hue]
+        raise UserError(f"data.aug.hue: must be in [0, 0.5], got {a.hue}")
+
+
 def _check_finetune(cfg: Any) -> None:
     from predet.modeling.backbone import BACKBONES, NORMS
     from predet.modeling.detectors import ARCHS
@@ -551,7 +638,7 @@ def _check_finetune(cfg: Any) -> None:
 
 
 _CHECKS: dict[type, tuple[Callable[[Any], None], ...]] = {
-    PretrainConfig: (_check_pretrain_model, _check_pretrain_rest),
+    PretrainConfig: (_check_pretrain_model, _check_pretrain_rest, _check_pretrain_aug),
     FinetuneConfig: (_check_finetune,),
 }
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +41,54 @@ def save_checkpoint(obj: dict, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+# what ``torch.save`` files start with: a zip archive (the default since torch 1.6), or the
+# legacy format's pickled magic number (weights_only loading reads protocol 2 only; others get
+# torch's own reason)
+_ZIP_MAGIC = b"PK"
+_LEGACY_MAGIC = tuple(
+    pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=p)
+    for p in range(2, pickle.HIGHEST_PROTOCOL + 1)
+)
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:  # a multi-byte character cut at the end of `head` still counts
+        return e.start >= len(head) - 3 and b"\0" not in head
+    return b"\0" not in head
+
+
+def _not_a_checkpoint(path: Path, head: bytes) -> str:
+    """Why a file that ``torch.save`` did not write is refused, as one line."""
+    if not head:
+        what = "an empty file"
+    elif head.startswith(b"\x80") or path.suffix.lower() in (".pkl", ".pickle"):
+        what = "a plain pickle, e.g. a detectron2 .pkl, not a torch.save file"
+    elif _is_text(head):
+        what = "a text file"
+    else:
+        what = "neither a torch.save zip nor a legacy torch file"
+    return f"{path}: not a PyTorch checkpoint ({what})"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """``torch.load(weights_only=True)``; a missing or unreadable file is a UserError."""
+    """``torch.load(weights_only=True)``; a missing, foreign or unreadable file is a UserError.
+
+    A file that does not start as ``torch.save`` writes it (a detectron2 ``.pkl``, a YAML file, ...)
+    is refused before unpickling, by name and kind.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    with path.open("rb") as f:
+        head = f.read(64)
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_LEGACY_MAGIC)):
+        raise UserError(_not_a_checkpoint(path, head))
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a legacy file pickled with protocol > 2
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, pickle of forbidden types, ...
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
@@ -53,6 +96,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def prepare_run_dir(out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
     """Create a run folder; an existing non-empty one needs ``resume`` or ``overwrite``."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"run folder {out} is a file, not a folder; choose another --out")
     if out.exists() and any(out.iterdir()):
         if resume:
             return out
@@ -61,6 +106,11 @@ def prepare_run_dir(out: str | Path, resume: bool = False, overwrite: bool = Fal
                 f"run folder {out} exists; pass --resume to continue it or --overwrite to replace it"
             )
         shutil.rmtree(out)
+    elif resume and out.exists():
+        raise UserError(
+            f"--resume given but run folder {out} is empty: it holds no run (no checkpoint) "
+            "to resume; drop --resume to start one there"
+        )
     elif resume:
         raise UserError(f"--resume given but run folder {out} does not exist")
     out.mkdir(parents=True, exist_ok=True)

@@ -107,3 +107,110 @@ def test_saved_config_round_trips(tmp_path):
     again = load_config(FinetuneConfig, tmp_path / "config.yaml")
     assert to_dict(again) == to_dict(cfg)
     assert again.model.arch == "retinanet" and again.data.subset == 10
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("data.aug.crop_scale=[0.2]", "data.aug.crop_scale=[0.2]: expected [lo, hi] with 0 < lo <= hi <= 1"),
+        ("data.aug.crop_scale=[0.9,0.2]", "data.aug.crop_scale=[0.9, 0.2]: expected [lo, hi]"),
+        ("data.aug.crop_scale=[0.2,1.5]", "data.aug.crop_scale=[0.2, 1.5]: expected [lo, hi]"),
+        ("data.aug.crop_ratio=[0,1]", "data.aug.crop_ratio=[0.0, 1.0]: expected [lo, hi] with 0 < lo <= hi"),
+        ("data.aug.blur_sigma=[1]", "data.aug.blur_sigma=[1.0]: expected [lo, hi] with 0 < lo <= hi"),
+        ("data.aug.blur_sigma=[0,2]", "data.aug.blur_sigma=[0.0, 2.0]: expected [lo, hi]"),
+        ("data.aug.min_visible=5", "data.aug.min_visible: must be in [0, 1], got 5.0"),
+        ("data.aug.flip_p=-0.1", "data.aug.flip_p: must be in [0, 1], got -0.1"),
+        ("data.aug.jitter_p=2", "data.aug.jitter_p: must be in [0, 1], got 2.0"),
+        ("data.aug.grayscale_p=1.5", "data.aug.grayscale_p: must be in [0, 1], got 1.5"),
+        ("data.aug.blur_p=3", "data.aug.blur_p: must be in [0, 1], got 3.0"),
+        ("data.aug.brightness=-0.4", "data.aug.brightness: must be >= 0, got -0.4"),
+        ("data.aug.contrast=-1", "data.aug.contrast: must be >= 0, got -1.0"),
+        ("data.aug.saturation=-2", "data.aug.saturation: must be >= 0, got -2.0"),
+        ("data.aug.hue=0.6", "data.aug.hue: must be in [0, 0.5], got 0.6"),
+        ("model.input_size=4", "model.input_size: must be >= 8 (the smallest view the augmentations render), got 4"),
+    ],
+)
+def test_bad_augmentation_values_fail_at_load(override, needle):
+    """Each would crash the loader (after the run folder is made) or silently drop every query."""
+    with pytest.raises(UserError) as e:
+        load_config(PretrainConfig, None, [override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_augmentation_edge_values_load():
+    over = ["data.aug.crop_scale=[1,1]", "data.aug.crop_ratio=[1,1]", "data.aug.blur_sigma=[0.5,0.5]",
+            "data.aug.min_visible=0", "data.aug.flip_p=1", "data.aug.blur_p=0", "data.aug.hue=0.5",
+            "data.aug.brightness=0", "model.input_size=8"]  # fmt: skip
+    cfg = load_config(PretrainConfig, None, over)
+    assert list(cfg.data.aug.crop_scale) == [1.0, 1.0] and list(cfg.data.aug.blur_sigma) == [0.5, 0.5]
+    assert cfg.data.aug.min_visible == 0.0 and cfg.data.aug.hue == 0.5 and cfg.model.input_size == 8
+
+
+@pytest.mark.parametrize(
+    "schema, override, key, kept",
+    [
+        (PretrainConfig, "data.manifest=0123", "data.manifest", "0123"),  # not octal 83
+        (PretrainConfig, "data.manifest=yes", "data.manifest", "yes"),  # not 'True'
+        (PretrainConfig, "data.manifest=2024-01-01", "data.manifest", "2024-01-01"),  # not a date
+        (PretrainConfig, "data.shards={a,b}.tar", "data.shards", "{a,b}.tar"),  # not a mapping
+        (FinetuneConfig, "name=1.10", "name", "1.10"),  # not '1.1'
+        (FinetuneConfig, "name=off", "name", "off"),  # not 'False'
+        (FinetuneConfig, "name=a: b", "name", "a: b"),
+        (FinetuneConfig, "data.train.ann=", "data.train.ann", ""),
+    ],
+)
+def test_string_override_keeps_the_raw_text(schema, override, key, kept):
+    cfg = load_config(schema, None, [override])
+    got = cfg
+    for part in key.split("."):
+        got = getattr(got, part)
+    assert got == kept
+
+
+def test_non_string_overrides_still_parse_as_yaml():
+    cfg = load_config(FinetuneConfig, None, ["name=null", "data.classes=[cat, dog]", "train.lr=1e-3",
+                                             "data.subset=10"])  # fmt: skip
+    assert cfg.name is None  # YAML's null unsets an Optional[str]
+    assert list(cfg.data.classes) == ["cat", "dog"]
+    assert cfg.train.lr == pytest.approx(0.001) and cfg.data.subset == 10
+
+
+def test_section_given_a_value_names_the_key_and_file(tmp_path):
+    path = tmp_path / "listtop.yaml"
+    path.write_text("seed: 1\ntrain:\n  - 1\n")
+    with pytest.raises(UserError) as e:
+        load_config(PretrainConfig, path)
+    assert str(e.value) == (
+        f"{path}: config key 'train' is a section: expected a mapping of its keys, got [1]"
+    )
+    with pytest.raises(UserError, match=r"^override 'data=foo': config key 'data' is a section"):
+        load_config(PretrainConfig, None, ["data=foo"])
+
+
+def test_non_utf8_config_names_the_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("# caf\xe9 config\nseed: 1\n".encode("latin-1"))
+    with pytest.raises(UserError) as e:
+        load_config(PretrainConfig, path)
+    assert str(e.value) == f"{path}: not UTF-8 text (byte 0xe9 at offset 5)"
+
+
+@pytest.mark.parametrize(
+    "schema, override, key",
+    [
+        (PretrainConfig, f"seed={2**62}", "seed"),
+        (PretrainConfig, "seed=-1", "seed"),
+        (FinetuneConfig, f"seed={2**32}", "seed"),
+        (FinetuneConfig, f"data.subset_seed={2**32}", "data.subset_seed"),
+    ],
+)
+def test_seed_out_of_range_names_the_key(schema, override, key):
+    with pytest.raises(UserError) as e:
+        load_config(schema, None, [override])
+    value = override.split("=")[1]
+    assert str(e.value) == f"{key}={value}: a seed must be in [0, 2**32 - 1 = 4294967295]"
+
+
+def test_largest_seed_loads():
+    cfg = load_config(FinetuneConfig, None, [f"seed={2**32 - 1}", f"data.subset_seed={2**32 - 1}"])
+    assert cfg.seed == cfg.data.subset_seed == 4294967295

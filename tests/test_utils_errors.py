@@ -1,0 +1,95 @@
+"""``prepare_run_dir`` and ``load_checkpoint``: the wrong kind of path or file is one clear line."""
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from predet.errors import UserError
+from predet.utils import load_checkpoint, prepare_run_dir, save_checkpoint
+
+
+def test_run_dir_that_is_a_file_is_refused_and_kept(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me\n")
+    for flags in ({}, {"resume": True}, {"overwrite": True}):
+        with pytest.raises(UserError) as e:
+            prepare_run_dir(afile, **flags)
+        assert str(e.value) == f"run folder {afile} is a file, not a folder; choose another --out"
+    assert afile.read_text() == "keep me\n"
+
+
+def test_resume_of_an_empty_folder_says_it_holds_no_run(tmp_path):
+    empty = tmp_path / "emptydir"
+    empty.mkdir()
+    with pytest.raises(UserError) as e:
+        prepare_run_dir(empty, resume=True)
+    assert str(e.value) == (
+        f"--resume given but run folder {empty} is empty: it holds no run (no checkpoint) to resume; "
+        "drop --resume to start one there"
+    )
+    assert "does not exist" not in str(e.value)
+    with pytest.raises(UserError, match="does not exist"):
+        prepare_run_dir(tmp_path / "nope", resume=True)
+    assert prepare_run_dir(empty) == empty  # without --resume an empty folder is used as is
+
+
+def test_detectron2_pickle_is_not_a_checkpoint(tmp_path, recwarn):
+    for name in ("model_final.pkl", "weights.pth"):  # by content, whatever the extension
+        path = tmp_path / name
+        with path.open("wb") as f:
+            pickle.dump({"model": {"res2.0.conv1.weight": np.zeros((2, 2))}, "__author__": "d2"}, f, protocol=4)
+        with pytest.raises(UserError) as e:
+            load_checkpoint(path)
+        assert str(e.value) == (
+            f"{path}: not a PyTorch checkpoint (a plain pickle, e.g. a detectron2 .pkl, not a torch.save file)"
+        )
+    assert len(recwarn) == 0  # no torch.load warning dump
+
+
+@pytest.mark.parametrize(
+    "name, data, kind",
+    [
+        ("config.yaml", b"model:\n  backbone: resnet50\n", "a text file"),
+        ("empty.pt", b"", "an empty file"),
+        ("noise.pt", bytes(range(256)), "neither a torch.save zip nor a legacy torch file"),
+    ],
+    ids=["yaml", "empty", "binary"],
+)
+def test_foreign_file_is_not_a_checkpoint(tmp_path, name, data, kind):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(path)
+    assert str(e.value) == f"{path}: not a PyTorch checkpoint ({kind})"
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_real_checkpoints_still_load(tmp_path, recwarn, legacy):
+    path = tmp_path / "last.pt"
+    obj = {"model": {"w": torch.arange(3.0)}, "step": 7}
+    torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+    got = load_checkpoint(path)
+    assert got["step"] == 7 and torch.equal(got["model"]["w"], torch.tensor([0.0, 1.0, 2.0]))
+    assert len(recwarn) == 0
+    save_checkpoint(obj, tmp_path / "atomic.pt")
+    assert load_checkpoint(tmp_path / "atomic.pt")["step"] == 7
+
+
+def test_unreadable_torch_files_are_one_line(tmp_path):
+    """weights_only=True stays: a torch.save file pickling an arbitrary class does not load."""
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "obj": pickle.PickleError("x")}, path)
+    with pytest.raises(UserError, match=r"^cannot read checkpoint .*evil\.pt: UnpicklingError: Weights only load failed"):
+        load_checkpoint(path)
+    # torch's weights_only unpickler reads legacy files of pickle protocol 2 only: one line, no warning
+    torch.save({"step": 1}, path, _use_new_zipfile_serialization=False, pickle_protocol=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserError, match=r"^cannot read checkpoint .*evil\.pt: UnpicklingError"):
+            load_checkpoint(path)
+    (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(UserError, match=r"^cannot read checkpoint .*trunc\.pt"):
+        load_checkpoint(tmp_path / "trunc.pt")
