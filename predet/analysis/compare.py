@@ -31,8 +31,8 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"{path}: not valid JSON: {e}") from None
 
 
-def load_run_results(run: str | Path) -> tuple[str, dict]:
-    """(row name, results dict) of a fine-tuning run folder."""
+def _load_run(run: str | Path) -> tuple[str, Optional[str], dict]:
+    """(row name, the init file when the name was taken from its stem, results dict) of a run."""
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"run folder not found: {run}")
@@ -40,8 +40,16 @@ def load_run_results(run: str | Path) -> tuple[str, dict]:
     if "bbox" not in results:
         raise UserError(f"{run / 'results.json'}: no 'bbox' results")
     init = run / "init.json"
-    name = _read_json(init).get("init") if init.is_file() else None
-    return name or run.name, results
+    info = _read_json(init) if init.is_file() else {}
+    name, path = info.get("init") or run.name, info.get("path")
+    from_file = path and not info.get("named") and Path(path).stem == name
+    return name, (path if from_file else None), results
+
+
+def load_run_results(run: str | Path) -> tuple[str, dict]:
+    """(row name, results dict) of a fine-tuning run folder."""
+    name, _, results = _load_run(run)
+    return name, results
 
 
 def mean_std(values: Sequence[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
@@ -56,14 +64,19 @@ def mean_std(values: Sequence[Optional[float]]) -> tuple[Optional[float], Option
 
 
 def group_results(runs: Sequence[str | Path]) -> dict[str, list[dict]]:
-    """``{init name: [results.json of each of its runs]}``, in the order the names first appear."""
+    """``{init name: [results.json of each of its runs]}``, in the order the names first appear.
+
+    A name given to the runs (``name=predet``: e.g. the exports of several pre-training seeds)
+    makes one row; a name that is only the init file's stem is that file: two files of one stem
+    (``a/backbone.pth``, ``b/backbone.pth``) are two rows, each named with its path."""
     if not runs:
         raise UserError("predet compare needs at least one run folder")
-    groups: dict[str, list[dict]] = {}
+    keyed: dict[tuple[str, Optional[str]], list[dict]] = {}
     for r in runs:
-        name, res = load_run_results(r)
-        groups.setdefault(name, []).append(res)
-    return groups
+        name, path, res = _load_run(r)
+        keyed.setdefault((name, path), []).append(res)
+    shared = {n for n, _ in keyed if sum(1 for m, _ in keyed if m == n) > 1}
+    return {(f"{n} ({p})" if n in shared and p else n): res for (n, p), res in keyed.items()}
 
 
 def summarize(groups: dict[str, list[dict]]) -> dict[str, dict]:

@@ -19,7 +19,7 @@ import torch
 
 from predet import distributed as dist_utils
 from predet.errors import UserError
-from predet.utils import load_checkpoint, save_checkpoint
+from predet.utils import load_checkpoint, prepare_run_dir, save_checkpoint
 
 __all__ = [
     "scaled_lr",
@@ -137,6 +137,70 @@ def build_lr_scheduler(
             warmup_steps=warmup_steps, milestones=milestones, gamma=gamma, warmup_factor=warmup_factor
         )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def restore_scheduler(
+    scheduler: torch.optim.lr_scheduler.LambdaLR, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]
+) -> None:
+    """Load a checkpoint's scheduler state but keep this run's schedule: the step count comes from
+    the checkpoint, warm-up, milestones and base lr from the (possibly edited) config.
+    ``LambdaLR.load_state_dict`` alone would update our schedule object in place with the saved
+    one's fields (a None entry in ``lr_lambdas`` leaves it alone)."""
+    schedule = scheduler.lr_lambdas[0]
+    base_lrs = scheduler.base_lrs
+    state = dict(saved)
+    state["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
+    scheduler.load_state_dict(state)
+    scheduler.base_lrs = base_lrs
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["initial_lr"], group["lr"] = base, base * schedule(scheduler.last_epoch)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], sections: Sequence[str]) -> list[str]:
+    """``key: old -> new`` for each key under ``sections`` (e.g. ``["model", "loss"]``) whose value
+    differs between two configs given as nested dicts."""
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted(k for k in set(a) | set(b) if k.split(".")[0] in sections and a.get(k) != b.get(k))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
+
+
+def check_state_fits(model: torch.nn.Module, state: Mapping[str, Any], path: str | Path, *, hint: str = "") -> None:
+    """A checkpoint's ``state`` (a state dict) must fit ``model`` tensor for tensor, shape for
+    shape; otherwise a one-line UserError naming the file, the first mismatches and ``hint``
+    (e.g. the config keys that changed since the checkpoint was written)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(own[k].shape) != tuple(state[k].shape)]  # fmt: skip
+    parts = [f"{len(v)} {what} (first: {v[0]})" for what, v in (
+        ("tensors of the model missing from it", missing), ("tensors the model does not have", unexpected),
+        ("shapes differ", shapes)) if v]  # fmt: skip
+    if parts:
+        raise UserError(f"{path}: does not fit this model: {'; '.join(parts)}" + (f"; {hint}" if hint else ""))
+
+
+def prepare_run_dir_all_ranks(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Rank 0 creates (or clears) the run folder; every rank raises the same error if it refuses."""
+    error = None
+    if dist_utils.is_main():
+        try:
+            prepare_run_dir(out, resume=resume, overwrite=overwrite)
+        except UserError as e:
+            error = str(e)
+    error = dist_utils.broadcast_object(error)
+    if error:
+        raise UserError(error)
 
 
 # --------------------------------------------------------------------------------------------

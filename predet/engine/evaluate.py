@@ -44,6 +44,7 @@ from predet.data.detection import (
     load_gt,
     missing_segmentation,
 )
+from predet.engine.common import check_state_fits
 from predet.errors import UserError
 from predet.modeling.detectors import build_detector
 from predet.utils import load_checkpoint, write_json
@@ -280,6 +281,9 @@ def evaluate_run(
 
     device = _device_of(cfg)
     model = build_detector(cfg, classes, for_test=True)
+    check_state_fits(model, state["model"], ckpt or run / "checkpoints" / "last.pt",
+                     hint=f"not a checkpoint of {run}/config.yaml's model.arch={cfg.model.arch} "
+                     "(a pre-training checkpoint? export it and fine-tune first)")  # fmt: skip
     model.load_state_dict(state["model"])
     model.to(device)
     unreadable: list[int] = []

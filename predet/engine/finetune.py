@@ -41,13 +41,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from predet import distributed
-from predet.config import FinetuneConfig, load_config, save_config
+from predet.config import FinetuneConfig, load_config, save_config, to_dict
 from predet.data.detection import DetectionDataset, collate_detection, load_gt, resolve_split
 from predet.engine.common import (
     MetricLogger,
     build_lr_scheduler,
+    check_state_fits,
     checkpoint_path,
+    config_changes,
     load_training_checkpoint,
+    prepare_run_dir_all_ranks,
+    restore_scheduler,
     scaled_lr,
 )
 from predet.data.stream import epoch_permutation
@@ -56,7 +60,7 @@ from predet.engine.loop import Checkpointer, restore_rng, train
 from predet.errors import UserError
 from predet.export import check_init_sidecar
 from predet.modeling.detectors import build_detector, init_widths, load_init
-from predet.utils import prepare_run_dir, seed_everything, write_json
+from predet.utils import seed_everything, write_json
 
 __all__ = ["finetune", "resolve_init_widths", "resolve_lr", "schedule", "StepBatchSampler",
            "build_optimizer", "run"]  # fmt: skip
@@ -223,21 +227,15 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
     device = distributed.init(cfg.train.device)
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
-    if main:
-        prepare_run_dir(out, resume=resume, overwrite=overwrite)
-    distributed.barrier()
     cfg = resolve_init_widths(cfg, init)
-    norm_note = None
+    notes: list[str] = []  # log.txt's first lines: data, model and init are checked before OUT is made
     if init == "scratch" and cfg.model.norm == "frozenbn":  # as torchvision's detectors do
         cfg.model.norm = "bn"
-        norm_note = ("model.norm=frozenbn with --init scratch: trains BatchNorm instead (a random init "
-                     "has no statistics to freeze)")
+        notes.append("model.norm=frozenbn with --init scratch: trains BatchNorm instead (a random init "
+                     "has no statistics to freeze)")  # fmt: skip
     lr_note = "train.lr" if cfg.train.lr is not None else (
         f"train.base_lr {cfg.train.base_lr:g} x {cfg.train.batch_size * world}/{cfg.train.base_batch} images")
     cfg.train.lr = resolve_lr(cfg, world)  # config.yaml records the lr the run trains at
-    if main:
-        save_config(cfg, out / "config.yaml")
-    log = _RunLog(out, enabled=main)
     seed_everything(cfg.seed)
 
     d = cfg.data
@@ -251,14 +249,26 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
         raise UserError(f"model.num_classes={cfg.model.num_classes} but {d.train.ann} has {len(classes)} classes")
     total, lr_steps = schedule(cfg, len(dataset), world)
     warmup = min(cfg.train.warmup_steps, total)
-    log.text(f"train: {len(dataset)} images ({dataset.num_without_boxes} without boxes left out), "
-             f"{len(classes)} classes; {total} steps at {cfg.train.batch_size}x{world} images, "
-             f"lr {cfg.train.lr:g} ({lr_note}), warm-up {warmup}, lr x0.1 at {lr_steps}")  # fmt: skip
-
-    if norm_note:
-        log.text(norm_note)
+    notes.insert(0, f"train: {len(dataset)} images ({dataset.num_without_boxes} without boxes left out), "
+                    f"{len(classes)} classes; {total} steps at {cfg.train.batch_size}x{world} images, "
+                    f"lr {cfg.train.lr:g} ({lr_note}), warm-up {warmup}, lr x0.1 at {lr_steps}")  # fmt: skip
     model = build_detector(cfg, classes)
     report = load_init(model, init, name=cfg.name)
+    last = checkpoint_path(out)
+    state = None
+    if resume:
+        if not last.is_file():
+            raise UserError(f"--resume: no checkpoint at {last}")
+        state = load_training_checkpoint(last)
+        changed = config_changes(_saved_config(out), to_dict(cfg), ["model"])
+        check_state_fits(model, state["model"], last,
+                         hint=f"changed since: {', '.join(changed)}" if changed else "")  # fmt: skip
+    prepare_run_dir_all_ranks(out, resume=resume, overwrite=overwrite)
+    if main:
+        save_config(cfg, out / "config.yaml")
+    log = _RunLog(out, enabled=main)
+    for line in notes:
+        log.text(line)
     log.text(report.summary())
     log.text("init loaded: " + " ".join(report.loaded), echo=False)
     log.text("init not loaded: " + (" ".join(report.missing) or "-"), echo=0 < len(report.missing) <= 12)
@@ -269,14 +279,10 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
     opt = build_optimizer(model, cfg)
     sched = build_lr_scheduler(opt, warmup_steps=warmup, milestones=lr_steps, warmup_factor=cfg.train.warmup_factor)
     start = 0
-    last = checkpoint_path(out)
-    if resume:
-        if not last.is_file():
-            raise UserError(f"--resume: no checkpoint at {last}")
-        state = load_training_checkpoint(last)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        restore_scheduler(sched, opt, state["scheduler"])  # the config's schedule, the checkpoint's step
         start = int(state["step"])
         restore_rng(state["rng"], seed=cfg.seed)
         log.metric_logger.resume_from(start)  # rows logged after that checkpoint are redone
@@ -311,6 +317,16 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
     distributed.barrier()
     log.close()
     return out
+
+
+def _saved_config(out: Path) -> dict:
+    """``OUT/config.yaml`` as a dict (the config a checkpoint there was written under), or {}."""
+    import yaml
+
+    try:
+        return yaml.safe_load((out / "config.yaml").read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
 
 
 class _LossNames(nn.Module):

@@ -33,10 +33,14 @@ from predet.data.datasets import PretrainData, build_pretrain_data
 from predet.engine.common import (
     MetricLogger,
     build_lr_scheduler,
+    check_state_fits,
     checkpoint_path,
+    config_changes,
+    prepare_run_dir_all_ranks,
     gather_digests,
     load_training_checkpoint,
     resolve_device,
+    restore_scheduler,
     scaled_lr,
     to_device,
     uniform_milestones,
@@ -45,7 +49,7 @@ from predet.data.stream import BatchStream, StreamPosition
 from predet.engine.loop import Checkpointer, restore_rng, train
 from predet.errors import UserError
 from predet.modeling.predet import build_predet, check_num_classes
-from predet.utils import prepare_run_dir, seed_everything, write_json
+from predet.utils import seed_everything, write_json
 
 __all__ = ["run", "pretrain"]
 
@@ -83,8 +87,12 @@ def pretrain(
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = model if model is not None else build_predet(cfg, num_classes=len(classes))
         ckpt = _load_resume_checkpoint(out, classes) if resume else None
+        if ckpt is not None:  # a model the checkpoint does not fit: an error before config.yaml is touched
+            changed = config_changes(ckpt.get("config", {}), to_dict(cfg), ["model", "loss"])
+            check_state_fits(model, ckpt["model"], checkpoint_path(out),
+                             hint=f"changed since: {', '.join(changed)}" if changed else "")  # fmt: skip
         cfg.train.lr = _lr(cfg)  # config.yaml records the lr the run trains at
-        _prepare_run_dir_all_ranks(out, resume=resume, overwrite=overwrite)
+        prepare_run_dir_all_ranks(out, resume=resume, overwrite=overwrite)
         if dist_utils.is_main():
             save_config(cfg, out / "config.yaml")
         _train(cfg, data, classes, model.to(device), out, ckpt, device=device)
@@ -112,19 +120,6 @@ def _lr(cfg: Any) -> float:
     t = cfg.train
     global_batch = t.batch_size * dist_utils.world_size()
     return t.lr if t.lr is not None else scaled_lr(t.base_lr, t.base_batch, global_batch)
-
-
-def _prepare_run_dir_all_ranks(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Rank 0 creates (or clears) the run folder; every rank raises the same error if it refuses."""
-    error = None
-    if dist_utils.is_main():
-        try:
-            prepare_run_dir(out, resume=resume, overwrite=overwrite)
-        except UserError as e:
-            error = str(e)
-    error = dist_utils.broadcast_object(error)
-    if error:
-        raise UserError(error)
 
 
 def _load_resume_checkpoint(out: Path, classes: list[str]) -> dict:
@@ -197,17 +192,8 @@ def _restore(
     """Load a checkpoint's training state; returns where the data stream resumes."""
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    # the step count comes from the checkpoint, lr and schedule from the (possibly edited) config:
-    # LambdaLR.load_state_dict would update our schedule object in place with the saved one's
-    # fields (milestones, warm-up); a None entry leaves it alone
-    schedule = scheduler.lr_lambdas[0]
-    base_lrs = scheduler.base_lrs
-    saved = dict(ckpt["scheduler"])
-    saved["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
-    scheduler.load_state_dict(saved)
-    scheduler.base_lrs = base_lrs
-    for group, base in zip(optimizer.param_groups, base_lrs):
-        group["initial_lr"], group["lr"] = base, base * schedule(scheduler.last_epoch)
+    # the step count comes from the checkpoint, lr and schedule from the (possibly edited) config
+    restore_scheduler(scheduler, optimizer, ckpt["scheduler"])
     scaler.load_state_dict(ckpt.get("scaler", {}))
     pos = ckpt.get("data_position", {})
     epoch = int(pos.get("epoch", 0))

@@ -114,10 +114,11 @@ class InitReport:
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
+    named: bool = False  # the name was given (config ``name``), not taken from the file's stem
 
     def to_dict(self) -> dict:
-        return {"init": self.name, "path": self.path, "loaded": self.loaded, "missing": self.missing,
-                "unused": self.unused}  # fmt: skip
+        return {"init": self.name, "path": self.path, "named": self.named, "loaded": self.loaded,
+                "missing": self.missing, "unused": self.unused}  # fmt: skip
 
     def summary(self) -> str:
         return (f"init '{self.name}': loaded {len(self.loaded)} tensors, not loaded {len(self.missing)}, "
@@ -209,12 +210,13 @@ def load_init(model: nn.Module, init: str, *, name: str | None = None) -> InitRe
     if box_head is not None:
         targets.update(box_head.state_dict())  # fc6.*, fc7.* (TwoMLPHead)
     if init == "scratch":
-        return InitReport(name=name or "scratch", path=None, missing=sorted(model.backbone.state_dict()))
+        return InitReport(name=name or "scratch", path=None, missing=sorted(model.backbone.state_dict()),
+                          named=bool(name))  # fmt: skip
     path = Path(init)
     state = read_init(path)
     num_levels = len(model.backbone.fpn.inner_blocks)
     state = _shift_fpn(state, num_levels)
-    report = InitReport(name=name or path.stem, path=str(path))
+    report = InitReport(name=name or path.stem, path=str(path), named=bool(name))
     with torch.no_grad():
         for key, value in state.items():
             if key not in targets:
@@ -232,6 +234,12 @@ def load_init(model: nn.Module, init: str, *, name: str | None = None) -> InitRe
             targets[key].copy_(value)  # state_dict() tensors share storage with the parameters
             report.loaded.append(key)
     backbone_keys = model.backbone.state_dict().keys()
+    if not any(k in backbone_keys for k in report.loaded):  # e.g. a --box-head export given as --init
+        raise UserError(
+            f"--init {path}: none of its {len(state)} tensors is a backbone or FPN tensor of the model "
+            f"(first: {next(iter(state), '-')}); expected a `predet export --format torchvision` backbone "
+            "file or a ResNet state dict"
+        )
     report.missing = sorted(k for k in backbone_keys if k not in set(report.loaded))
     report.loaded.sort()
     report.unused.sort()

@@ -73,3 +73,21 @@ def test_seeds_of_one_init_make_one_mean_std_row(tmp_path: Path) -> None:
         "| predet | 3 | 16.0 ± 2.0 | 30.0 ± 2.0 | 15.0 ± 2.0 | +5.5 |\n"
         "| scratch | 2 | 10.5 ± 0.7 | 21.0 ± 1.4 | 9.0 ± 0.0 | +0.0 |\n"
     )
+
+
+def test_two_files_of_one_stem_are_two_rows_a_given_name_one(tmp_path: Path) -> None:
+    def run(folder: str, init: str, path: str, a: float, named: bool = False) -> Path:
+        r = make_run(tmp_path, folder, init, ap(a, 2 * a, a))
+        (r / "init.json").write_text(json.dumps({"init": init, "path": path, "named": named}))
+        return r
+
+    stems = [run("a0", "backbone", "exp/predet/backbone.pth", 10.0), run("b0", "backbone", "exp/cls/backbone.pth", 30.0),
+             run("a1", "backbone", "exp/predet/backbone.pth", 12.0)]  # fmt: skip
+    assert compare(stems) == (
+        "| init | n | AP^bb | AP^bb_50 | AP^bb_75 |\n|---|---:|---:|---:|---:|\n"
+        "| backbone (exp/predet/backbone.pth) | 2 | 11.0 ± 1.4 | 22.0 ± 2.8 | 11.0 ± 1.4 |\n"
+        "| backbone (exp/cls/backbone.pth) | 1 | 30.0 ± 0.0 | 60.0 ± 0.0 | 30.0 ± 0.0 |\n"
+    )
+    # `name=predet` on the exports of two pre-training seeds (the demo's --pretrain-seeds): one row
+    named = [run("p0", "predet", "d/predet.pth", 10.0, True), run("p1", "predet", "d/predet-p1.pth", 14.0, True)]
+    assert compare(named).splitlines()[-1] == "| predet | 2 | 12.0 ± 2.8 | 24.0 ± 5.7 | 12.0 ± 2.8 |"
