@@ -311,10 +311,12 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
         autocast=functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_amp),
     )  # fmt: skip
     distributed.barrier()
+    # rank 0 alone evaluates, with no collective: the other ranks return now instead of waiting
+    # at a barrier that a long evaluation (LVIS, COCO masks) would hold past the process group's
+    # timeout, killing the job after its training had finished
     if main and d.val.ann:
         results = evaluate_run(out, progress=progress)
         log.text(format_results(results))
-    distributed.barrier()
     log.close()
     return out
 
