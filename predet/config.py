@@ -555,6 +555,7 @@ def _check_pretrain_rest(cfg: Any) -> None:
     ):
         if value < 1:
             raise UserError(f"config key '{key}' must be >= 1, got {value}")
+    _check_keep_last(cfg.ckpt)
     if t.stop_at is not None and not 1 <= t.stop_at <= t.steps:
         raise UserError(f"train.stop_at={t.stop_at} must lie in [1, train.steps={t.steps}]")
     if t.amp_dtype not in ("bfloat16", "float16"):
@@ -628,13 +629,38 @@ def _check_finetune(cfg: Any) -> None:
     keys = ("num_classes", "test_size", "max_size", "fpn_channels", "box_head_dim", "mask_head_dim",
             "roi_canonical_scale")  # fmt: skip
     _positive("model", m, keys)
+    _positive("model", m, ("detections_per_img", "proposals_train", "proposals_test", "roi_batch_size_per_image",
+                           "mask_head_lr_mult"))  # fmt: skip
+    if not m.train_sizes or any(int(v) <= 0 for v in m.train_sizes):
+        raise UserError(f"model.train_sizes={list(m.train_sizes)}: give one or more positive sizes")
+    _probability("model", m, ("score_thresh",))
     _one_of("data.format", cfg.data.format, ("coco", "lvis", "voc"))
-    _positive("data", cfg.data, ("subset", "eval_batch_size"))
+    _positive("data", cfg.data, ("subset", "eval_batch_size", "val_subset"))
+    if cfg.data.num_workers < 0:
+        raise UserError(f"data.num_workers: must be >= 0, got {cfg.data.num_workers}")
     if t.steps is None and not re.fullmatch(r"\d+(?:\.\d+)?x", t.schedule):
         raise UserError(f"train.schedule='{t.schedule}': expected a multiple of 1x such as 1x, 2x, 9x")
-    _positive("train", t, ("steps", "iters_per_x", "batch_size", "log_every", "clip_grad"))
+    _positive("train", t, ("steps", "iters_per_x", "batch_size", "log_every", "clip_grad", "lr", "base_lr",
+                           "base_batch", "num_threads"))  # fmt: skip
+    _probability("train", t, ("flip_p",))
+    _fraction("train", t, ("warmup_factor",))
+    for key in ("warmup_steps", "weight_decay"):
+        if getattr(t, key) < 0:
+            raise UserError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
+    if not 0 <= t.momentum < 1:
+        raise UserError(f"train.momentum: must be in [0, 1), got {t.momentum}")
+    if t.lr_steps is not None:
+        ms = [int(v) for v in t.lr_steps]
+        if any(v < 1 for v in ms) or any(b <= a for a, b in zip(ms, ms[1:])):
+            raise UserError(f"train.lr_steps={ms}: must be strictly increasing steps >= 1")
     _positive("ckpt", cfg.ckpt, ("every",))
+    _check_keep_last(cfg.ckpt)
     _check_device("train.device", t.device)
+
+
+def _check_keep_last(ckpt: Any) -> None:
+    if ckpt.keep_last < 0:
+        raise UserError(f"ckpt.keep_last: must be >= 0 (0 keeps every periodic checkpoint), got {ckpt.keep_last}")
 
 
 _CHECKS: dict[type, tuple[Callable[[Any], None], ...]] = {

@@ -214,3 +214,31 @@ def test_seed_out_of_range_names_the_key(schema, override, key):
 def test_largest_seed_loads():
     cfg = load_config(FinetuneConfig, None, [f"seed={2**32 - 1}", f"data.subset_seed={2**32 - 1}"])
     assert cfg.seed == cfg.data.subset_seed == 4294967295
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.warmup_steps=-5", "train.warmup_steps: must be >= 0, got -5"),
+        ("train.flip_p=3", "train.flip_p: must be in [0, 1], got 3.0"),
+        ("model.train_sizes=[]", "model.train_sizes=[]: give one or more positive sizes"),
+        ("train.lr_steps=[5,2]", "train.lr_steps=[5, 2]: must be strictly increasing steps >= 1"),
+        ("data.val_subset=-1", "data.val_subset: must be positive, got -1"),
+        ("ckpt.keep_last=-1", "ckpt.keep_last: must be >= 0"),
+        ("train.lr=0", "train.lr: must be positive, got 0.0"),
+        ("train.momentum=1", "train.momentum: must be in [0, 1), got 1.0"),
+        ("model.score_thresh=2", "model.score_thresh: must be in [0, 1], got 2.0"),
+        ("train.warmup_factor=0", "train.warmup_factor: must be in (0, 1], got 0.0"),
+    ],
+)
+def test_bad_finetune_values_fail_at_load(override, needle):
+    """Each was accepted and then trained wrongly (a negative warm-up, lr 0, flip always) or crashed
+    mid-run (an empty size list, decreasing milestones)."""
+    with pytest.raises(UserError) as e:
+        load_config(FinetuneConfig, "configs/finetune/mask_rcnn_tiny_cpu.yaml", [override])
+    assert needle in str(e.value)
+
+
+def test_keep_last_is_checked_for_pretraining_too():
+    with pytest.raises(UserError, match="ckpt.keep_last: must be >= 0"):
+        load_config(PretrainConfig, None, ["ckpt.keep_last=-2"])
