@@ -298,10 +298,10 @@ def _inputs(
     replaced (the batch's ``num_skipped``).
 
     ``always_detect`` (DDP): ``has_queries`` is always True, so that a batch without a valid
-    query still runs the detection heads (their losses are then exactly 0, and its ``crpn_recall``
-    and ``lookup_top1`` read 0): every rank must
-    reach the same parameters in the same order, or DDP's gradient all-reduce mismatches between
-    a rank that ran the heads and one that did not (a hang under NCCL, an abort under gloo)."""
+    query still runs the detection heads (their losses are then exactly 0, its ``crpn_recall`` and
+    ``lookup_top1`` read 0): every rank must reach the same parameters, or DDP's gradient
+    all-reduce mismatches between a rank that ran the heads and one that did not (a hang under
+    NCCL, an abort under gloo)."""
     for batch in stream:
         skipped[0] += int(batch.pop("num_skipped", 0))
         if "query_mask" in batch:  # read here, on the host, so that the forward never syncs
