@@ -36,6 +36,7 @@ def _vocab_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synonyms", required=True, help="JSON {class: [tag, ...]}")
     p.add_argument("--min-images", type=int, default=1, help="drop classes with fewer images")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace OUT/vocab.json and OUT/manifest.jsonl if they exist")
 
 
 def _queries_args(p: argparse.ArgumentParser) -> None:

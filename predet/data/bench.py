@@ -29,6 +29,7 @@ from predet.data.images import BadImage, load_image
 from predet.data.manifest import read_manifest
 from predet.data.queries import QueryParams, _edge_boxes, compute_queries, gradient_edges
 from predet.data.transforms import TwoViewTransform, map_boxes, sample_seed, visible_fraction
+from predet.errors import UserError
 
 __all__ = ["run"]
 
@@ -204,19 +205,24 @@ def _valid_fraction(paths: list[Path], boxes: list[np.ndarray], t: TwoViewTransf
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.images < 1 or args.repeats < 1:
+        raise UserError(f"--images and --repeats must be >= 1, got {args.images} and {args.repeats}")
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as tmp:
         if getattr(args, "manifest", None):
-            paths = []
+            paths, bad = [], []
             for e in read_manifest(args.manifest).entries:
                 try:
                     load_image(e.path)
                     paths.append(e.path)
-                except BadImage:
+                except BadImage as err:
+                    bad.append(err)
                     continue
                 if len(paths) == args.images:
                     break
+            if not paths:
+                raise UserError(f"{args.manifest}: none of its {len(bad)} images can be read (first: {bad[0]})")
         else:
             paths = _sample_images(Path(tmp), args.images)
         print(f"bench data: {len(paths)} images, views {args.size}x{args.size}, 1 thread")

@@ -406,14 +406,27 @@ def build_pretrain_data(cfg: Any) -> PretrainData:
             raise UserError("data.format=shards needs data.shards (a folder or shard pattern)")
         if cfg.data.max_images is not None:
             raise UserError("data.max_images samples a manifest or COCO JSON; shards stream whole (unset it)")
+        if cfg.data.min_images != 1:
+            raise UserError(
+                f"data.min_images={cfg.data.min_images} filters a manifest's classes; shards carry the classes "
+                "`predet data shards` wrote (unset it, or run `predet data vocab --min-images N` before writing them)"
+            )
+        from predet.config import PretrainDataConfig
+
+        if cfg.data.heldout not in (0, PretrainDataConfig.heldout):  # the default (a manifest's) is no ask
+            raise UserError(
+                f"data.heldout={cfg.data.heldout} holds out a slice of a manifest or COCO JSON; shards "
+                "stream whole, with no held-out slice (unset it)"
+            )
         return _build_shards(cfg)
     if fmt not in ("manifest", "coco"):
         raise UserError(f"data.format: unknown value '{fmt}' (manifest | shards | coco)")
     if not cfg.data.manifest:
         raise UserError("data.manifest is empty: give a manifest (or a COCO JSON with data.format=coco)")
     path = Path(cfg.data.manifest)
-    # one reader: JSON Lines, or a COCO JSON as weak labels (read_coco_as_manifest, detected)
-    manifest = read_manifest(path, cfg.data.images if fmt == "coco" else None)
+    # one reader: JSON Lines, or a COCO JSON as weak labels (read_coco_as_manifest, detected);
+    # data.images is the image root of either, whatever data.format says (as `predet data queries --images`)
+    manifest = read_manifest(path, cfg.data.images)
     entries = [manifest.entries[i] for i in sample_indices(len(manifest.entries), cfg.data.max_images)]
     sampled = {} if len(entries) == len(manifest.entries) else {"manifest_images": len(manifest.entries)}
     if manifest.header.get("format") == "coco":

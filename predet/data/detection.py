@@ -29,6 +29,7 @@ Format notes:
 from __future__ import annotations
 
 import json
+import math
 import sys
 import xml.etree.ElementTree as ET
 from collections import defaultdict
@@ -86,7 +87,11 @@ def _read_json(path: Path) -> dict:
     # would silently become one class, and the AP of one of them zero
     ids_of: dict[str, list] = defaultdict(list)
     for c in gt["categories"]:
-        ids_of[c.get("name")].append(c.get("id"))
+        if not isinstance(c, dict) or "id" not in c:
+            raise UserError(f"{path}: category {json.dumps(c)[:60]} has no 'id'")
+        if not isinstance(c.get("name"), str):
+            raise UserError(f"{path}: category {c['id']} has no 'name' string")
+        ids_of[c["name"]].append(c["id"])
     dup = {n: ids for n, ids in ids_of.items() if len(ids) > 1}
     if dup:
         name, ids = next(iter(dup.items()))
@@ -95,9 +100,37 @@ def _read_json(path: Path) -> dict:
     return gt
 
 
-def load_coco_json(path: str | Path) -> dict:
-    """A COCO JSON file as a dict (``iscrowd`` and ``area`` filled in where absent)."""
-    gt = _read_json(Path(path))
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_annotations(gt: dict, path: Path) -> None:
+    """UserError naming the file and the annotation of a field the dataset needs that is missing
+    or malformed (``image_id``, ``category_id``, ``bbox`` = 4 numbers)."""
+    for a in gt["annotations"]:
+        if not isinstance(a, dict):
+            raise UserError(f"{path}: annotation {json.dumps(a)[:60]} is not a JSON object")
+        where = f"{path}: annotation {a.get('id')} (image {a.get('image_id')})"
+        for key in ("image_id", "category_id", "bbox"):
+            if key not in a:
+                raise UserError(f"{where} has no '{key}'")
+        box = a["bbox"]
+        if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
+            raise UserError(f"{where}: 'bbox' must be [x, y, width, height], got {json.dumps(box)[:60]}")
+
+
+def _check_file_names(gt: dict, path: Path) -> None:
+    for img in gt["images"]:
+        if not isinstance(img, dict) or "id" not in img:
+            raise UserError(f"{path}: image {json.dumps(img)[:60]} has no 'id'")
+        if not isinstance(img.get("file_name"), str) or not img["file_name"]:
+            raise UserError(f"{path}: image {img['id']} has no 'file_name'")
+
+
+def _load_annotations(path: Path) -> dict:
+    """:func:`_read_json` with the fields checked, ``iscrowd`` and ``area`` filled in where absent."""
+    gt = _read_json(path)
+    _check_annotations(gt, path)
     for ann in gt["annotations"]:
         ann.setdefault("iscrowd", 0)
         if "area" not in ann:
@@ -105,16 +138,26 @@ def load_coco_json(path: str | Path) -> dict:
     return gt
 
 
+def load_coco_json(path: str | Path) -> dict:
+    """A COCO JSON file as a dict (``iscrowd`` and ``area`` filled in where absent)."""
+    gt = _load_annotations(Path(path))
+    _check_file_names(gt, Path(path))
+    return gt
+
+
 def load_lvis_json(path: str | Path) -> dict:
     """An LVIS-style JSON as a COCO-format dict keeping the federated-annotation fields."""
-    gt = load_coco_json(path)
+    gt = _load_annotations(Path(path))
     for img in gt["images"]:
+        if not isinstance(img, dict):
+            raise UserError(f"{path}: image {json.dumps(img)[:60]} is not a JSON object")
         img.setdefault("neg_category_ids", [])
         img.setdefault("not_exhaustive_category_ids", [])
         if "file_name" not in img:
             if "coco_url" not in img:
                 raise UserError(f"{path}: image {img.get('id')} has neither file_name nor coco_url")
             img["file_name"] = img["coco_url"].rsplit("/", 1)[-1]
+    _check_file_names(gt, Path(path))
     return gt
 
 
@@ -130,21 +173,44 @@ def _voc_xml_files(ann: Path) -> list[Path]:
             raise UserError(f"VOC annotation folder {ann} holds no .xml files")
         return files
     if ann.suffix == ".txt" and ann.is_file():
-        root = ann.parents[2]  # VOC2007/ImageSets/Main/<split>.txt -> VOC2007
-        ids = [line.split()[0] for line in ann.read_text().splitlines() if line.strip()]
-        files = [root / "Annotations" / f"{i}.xml" for i in ids]
-        for f in files:
+        parents = ann.resolve().parents
+        if len(parents) < 3:
+            raise UserError(f"{ann}: a VOC image list must be <VOC root>/ImageSets/Main/<split>.txt")
+        root = parents[2]  # VOC2007/ImageSets/Main/<split>.txt -> VOC2007
+        try:
+            text = ann.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{ann}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        files = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            f = root / "Annotations" / f"{line.split()[0]}.xml"
             if not f.is_file():
-                raise UserError(f"{ann}: listed image's annotation not found: {f}")
+                raise UserError(f"{ann}:{lineno}: listed image's annotation not found: {f}")
+            files.append(f)
+        if not files:
+            raise UserError(f"{ann}: VOC image list holds no image ids")
         return files
     raise UserError(f"VOC annotations must be a folder of XML files or an ImageSets .txt: {ann}")
 
 
-def _voc_text(node: ET.Element, tag: str, path: Path) -> str:
+def _voc_text(node: ET.Element, tag: str, path: Path | str) -> str:
     child = node.find(tag)
     if child is None or child.text is None:
         raise UserError(f"{path}: missing <{tag}>")
     return child.text.strip()
+
+
+def _voc_number(node: ET.Element, tag: str, path: Path | str) -> float:
+    text = _voc_text(node, tag, path)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise UserError(f"{path}: <{tag}> must be a number, got {text[:30]!r}")
+    return value
 
 
 def load_voc(ann: str | Path, classes: Optional[Sequence[str]] = None) -> dict:
@@ -163,13 +229,14 @@ def load_voc(ann: str | Path, classes: Optional[Sequence[str]] = None) -> dict:
         size = root.find("size")
         if size is None:
             raise UserError(f"{path}: missing <size>")
-        w, h = int(float(_voc_text(size, "width", path))), int(float(_voc_text(size, "height", path)))
+        w, h = int(_voc_number(size, "width", path)), int(_voc_number(size, "height", path))
         images.append({"id": img_id, "file_name": _voc_text(root, "filename", path), "width": w, "height": h})
-        for obj in root.iter("object"):
+        for k, obj in enumerate(root.iter("object"), start=1):
             bb = obj.find("bndbox")
             if bb is None:
                 raise UserError(f"{path}: <object> without <bndbox>")
-            x1, y1, x2, y2 = (float(_voc_text(bb, k, path)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            where = f"{path}: object {k}"
+            x1, y1, x2, y2 = (_voc_number(bb, tag, where) for tag in ("xmin", "ymin", "xmax", "ymax"))
             difficult = obj.find("difficult")
             is_difficult = difficult is not None and (difficult.text or "0").strip() == "1"
             box = [x1 - 1.0, y1 - 1.0, x2 - x1 + 1.0, y2 - y1 + 1.0]
@@ -255,6 +322,11 @@ def missing_segmentation(gt: dict) -> int:
     return sum(1 for a in gt["annotations"] if not a.get("iscrowd", 0) and not has_segmentation(a))
 
 
+class WrongSize(BadImage):
+    """An image whose size (EXIF orientation applied) is not its annotations' ``width`` x
+    ``height``: skipped and counted like an unreadable one."""
+
+
 def _has_usable_box(anns: list[dict]) -> bool:
     return any(not a.get("iscrowd", 0) and a["bbox"][2] > 1 and a["bbox"][3] > 1 for a in anns)
 
@@ -325,6 +397,7 @@ class DetectionDataset(Dataset):
                         )
         self.ids = ids
         self.unreadable: dict[str, str] = {}  # path -> reason, of the files this process skipped
+        self._undecodable: set[str] = set()  # of those, the ones not worth decoding again
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -333,39 +406,47 @@ class DetectionDataset(Dataset):
         """The image as float RGB ``[3, H, W]`` in 0-1, EXIF orientation applied (as detectron2
         reads images: annotations are in the frame the image is shown in), any PIL mode made RGB
         (greyscale, CMYK, palette, 16-bit, alpha on white). Raises :class:`BadImage` for a missing,
-        truncated or corrupt file."""
+        truncated or corrupt file, :class:`WrongSize` for one whose size is not the annotations'
+        (its boxes would be in another frame)."""
         path = self.root / info["file_name"]
         img, _ = load_image(path, min_side=1)
         arr = np.asarray(img)
         h, w = arr.shape[:2]
-        if "height" in info and (info["height"], info["width"]) != (h, w):
-            raise UserError(
-                f"{path}: image is {w}x{h} (EXIF orientation applied) but the annotations say "
-                f"{info['width']}x{info['height']}"
+        if "height" in info and (info["height"], info.get("width")) != (h, w):
+            raise WrongSize(
+                path,
+                f"image is {w}x{h} (EXIF orientation applied) but the annotations say "
+                f"{info.get('width')}x{info['height']}",
             )
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)  # HWC -> CHW
 
     def _read(self, img_id: int) -> torch.Tensor:
-        """:meth:`_load_image`, remembering unreadable files (named on stderr the first
-        ``MAX_NAMED`` times per process; a file already found unreadable is not decoded again)."""
+        """:meth:`_load_image`, remembering unusable files (each named on stderr once, the first
+        ``MAX_NAMED`` per process; a file already found unreadable is not decoded again, one of the
+        wrong size is: another image may give the file its right size)."""
         info = self.images[img_id]
         path = str(self.root / info["file_name"])
-        if path in self.unreadable:
+        if path in self._undecodable:
             raise BadImage(path, self.unreadable[path])
         try:
             return self._load_image(info)
         except BadImage as e:
+            if not isinstance(e, WrongSize):
+                self._undecodable.add(e.path)
+            if e.path in self.unreadable:
+                raise
             self.unreadable[e.path] = e.reason
             if len(self.unreadable) <= MAX_NAMED:
                 more = " (further ones are skipped without a line)" if len(self.unreadable) == MAX_NAMED else ""
-                print(f"warning: skipping unreadable image {e}{more}", file=sys.stderr, flush=True)
+                what = "image" if isinstance(e, WrongSize) else "unreadable image"
+                print(f"warning: skipping {what} {e}{more}", file=sys.stderr, flush=True)
             raise
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
-        """``(image, target)``. An unreadable image is skipped: in training the next readable
-        image takes its place (detectron2's rule; the flip still draws from item ``(epoch, i)``);
-        in evaluation the item is ``([3, 0, 0] empty image, {"image_id": id, "unreadable":
-        reason})``, which :func:`predict` leaves out and counts."""
+        """``(image, target)``. An unusable image (unreadable, or not the annotations' size) is
+        skipped: in training the next readable image takes its place (detectron2's rule; the flip
+        still draws from item ``(epoch, i)``); in evaluation the item is ``([3, 0, 0] empty image,
+        {"image_id": id, "unreadable": reason})``, which :func:`predict` leaves out and counts."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
         for attempt in range(len(self.ids)):
             img_id = self.ids[(index + attempt) % len(self.ids)]
@@ -376,10 +457,11 @@ class DetectionDataset(Dataset):
                 if not self.train:
                     return torch.zeros(3, 0, 0), {"image_id": img_id, "unreadable": e.reason}
         else:
+            first = next(iter(self.unreadable.items()), ("", ""))
             raise UserError(
                 f"{self.root}: none of the {len(self.ids)} images can be read (first: "
-                f"{next(iter(self.unreadable.items()), ('', ''))[0]}); check the images folder "
-                "against the annotations' file_name"
+                f"{first[0]}: {first[1]}); check the images folder against the annotations' "
+                "file_name, width and height"
             )
         _, h, w = image.shape
         anns = [a for a in self.anns[img_id] if not a.get("iscrowd", 0)]

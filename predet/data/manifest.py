@@ -5,7 +5,8 @@ A manifest is JSON Lines, one image per line (relative paths are relative to the
     {"image": "images/000001.jpg", "tags": ["#Dogs", "puppy"]}
     {"image": "/abs/path.png", "labels": ["dog"], "queries": [[x1, y1, x2, y2], ...]}
 
-A first line without ``image`` is a header (metadata such as the synthetic world's noise rates).
+A first line without ``image`` is a header (metadata such as the synthetic world's noise rates),
+unless it holds ``labels``, ``tags`` or ``queries``: that is an image line whose ``image`` is missing.
 A COCO JSON file is also accepted wherever a manifest is: its images become entries whose ``labels``
 are the categories of their annotations (weak, image-level labels; the boxes are NOT used).
 
@@ -68,6 +69,9 @@ def sample_indices(n: int, k: Optional[int]) -> np.ndarray:
     return np.sort(order[: max(0, int(k))]).astype(np.int64)
 
 
+_IMAGE_KEYS = {"labels", "tags", "queries"}  # a line with one of these describes an image
+
+
 def _str_list(obj: object, where: str, key: str) -> list[str]:
     if not isinstance(obj, list) or not all(isinstance(t, str) for t in obj):
         raise UserError(f"{where}: '{key}' must be a list of strings, got {json.dumps(obj)[:60]}")
@@ -109,8 +113,8 @@ def _looks_like_coco(path: Path) -> bool:
 def read_manifest(path: str | os.PathLike, images_root: Optional[str | os.PathLike] = None) -> Manifest:
     """Read a JSONL manifest (or a COCO JSON, see :func:`read_coco_as_manifest`).
 
-    Raises :class:`UserError` naming ``file:line`` for a line that is not a JSON object, lacks
-    ``image`` or has badly typed ``tags``/``labels``/``queries``.
+    Raises :class:`UserError` naming ``file:line`` for a line that is not UTF-8 or not a JSON
+    object, lacks ``image`` or has badly typed ``tags``/``labels``/``queries``.
     """
     path = Path(path)
     if not path.is_file():
@@ -120,11 +124,18 @@ def read_manifest(path: str | os.PathLike, images_root: Optional[str | os.PathLi
     root = Path(images_root) if images_root is not None else path.parent
     entries: list[ManifestEntry] = []
     header: dict = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
+    with open(path, "rb") as f:  # decoded line by line: an error names the line
+        for lineno, data in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{where}: not UTF-8 text (byte {data[e.start]:#04x} at column {e.start + 1}); "
+                    "save the manifest as UTF-8"
+                ) from None
             if not raw.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as e:
@@ -132,10 +143,10 @@ def read_manifest(path: str | os.PathLike, images_root: Optional[str | os.PathLi
             if not isinstance(obj, dict):
                 raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             if "image" not in obj:
-                if not entries and not header:
+                if not entries and not header and not _IMAGE_KEYS & obj.keys():
                     header = obj  # metadata line (e.g. the synthetic world's noise rates)
                     continue
-                raise UserError(f"{where}: missing key 'image'")
+                raise UserError(f"{where}: missing key 'image' (keys: {', '.join(map(repr, sorted(obj)))[:80]})")
             entries.append(_parse_entry(obj, root, where, lineno))
     if not entries:
         raise UserError(f"{path}: manifest has no images")

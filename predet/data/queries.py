@@ -3,10 +3,14 @@
 Cache layout (``predet data queries --out DIR``): ``DIR/queries-<shard>.npz`` with ``images`` (the
 manifest's ``image`` strings), ``paths`` (resolved files), ``offsets`` (int64, ``len(images)+1``),
 ``boxes`` (float32 ``[total, 4]`` XYXY in original-image pixels, i.e. after EXIF rotation),
-``scores`` (float32 ``[total]``), ``failed_images``/``failed_reasons``; plus ``DIR/failed.jsonl``.
+``scores`` (float32 ``[total]``), ``failed_images``/``failed_reasons``, ``entries`` (the ``image``
+strings of every entry the shard was computed for, in order); plus ``DIR/failed.jsonl``.
 Shard ``k`` holds manifest entries ``[k * shard_size, (k + 1) * shard_size)``; rank ``r`` of a
 torchrun launch computes the shards with ``k % WORLD_SIZE == r``; a finished shard file is skipped
-on re-runs (resumable).
+on re-runs (resumable) when it was computed for the same entries, else it is recomputed (a
+manifest with lines added or removed, another ``--shard-size``). A shard written before
+``entries`` was recorded counts as finished when its ``images`` and ``failed_images`` are the
+shard's entries.
 
 EdgeBoxes needs an edge map and an orientation map. The structured-edge model cannot be shipped,
 so the default edge map is the colour gradient magnitude (Gaussian-smoothed Sobel, max over
@@ -24,6 +28,7 @@ import math
 import multiprocessing as mp
 import os
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -46,7 +51,9 @@ __all__ = [
     "gradient_edges",
     "compute_queries",
     "write_query_file",
+    "shard_covers",
     "cache_queries",
+    "read_truth_boxes",
     "query_recall",
     "run",
 ]
@@ -246,9 +253,13 @@ def write_query_file(
     boxes: Sequence[np.ndarray],
     scores: Sequence[np.ndarray],
     failed: Sequence[tuple[str, str]] = (),
+    entries: Optional[Sequence[str]] = None,
 ) -> None:
-    """Write one cache shard atomically (temp file + rename)."""
+    """Write one cache shard atomically (temp file + rename). ``entries``: the manifest strings the
+    shard was computed for, in order (default: ``images`` then the failed ones)."""
     path = Path(path)
+    if entries is None:
+        entries = [*images, *(f[0] for f in failed)]
     counts = np.array([len(b) for b in boxes], np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
@@ -261,8 +272,22 @@ def write_query_file(
         scores=_concat(scores, None),
         failed_images=np.array([f[0] for f in failed], dtype=np.str_),
         failed_reasons=np.array([f[1] for f in failed], dtype=np.str_),
+        entries=np.array(list(entries), dtype=np.str_),
     )
     os.replace(tmp, path)
+
+
+def shard_covers(path: str | os.PathLike, images: Sequence[str]) -> bool:
+    """Whether the cache shard ``path`` exists and was computed for exactly ``images`` (manifest
+    strings, in order; a shard without the ``entries`` record: as a multiset of its images and
+    failed images). An unreadable file does not cover anything."""
+    try:
+        with np.load(path) as z:
+            if "entries" in z.files:
+                return z["entries"].tolist() == list(images)
+            return sorted(z["images"].tolist() + z["failed_images"].tolist()) == sorted(images)
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
 
 
 class QueryCache:
@@ -366,14 +391,26 @@ def cache_queries(
     world_size: int = 1,
     progress: bool = True,
 ) -> dict[str, int]:
-    """Compute and write this rank's missing shards. Returns counts (images done, failed, skipped shards)."""
+    """Compute and write this rank's missing or stale shards (:func:`shard_covers`). Returns
+    counts (images done, failed, boxes, shards skipped and recomputed)."""
     from tqdm import tqdm
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shards = [(k, es) for k, es in _shard_jobs(entries, shard_size) if k % world_size == rank]
-    todo = [(k, es) for k, es in shards if not (out / f"queries-{k:06d}.npz").exists()]
-    counts = {"images": 0, "failed": 0, "boxes": 0, "shards_skipped": len(shards) - len(todo)}
+    todo, stale = [], 0
+    for k, es in shards:
+        path = out / f"queries-{k:06d}.npz"
+        if path.exists() and shard_covers(path, [e.image for e in es]):
+            continue
+        if path.exists():
+            stale += 1
+            print(f"{path}: computed for other images than the manifest's entries {k * shard_size}.."
+                  f"{k * shard_size + len(es) - 1} (the manifest or --shard-size changed): recomputing it",
+                  flush=True)  # fmt: skip
+        todo.append((k, es))
+    counts = {"images": 0, "failed": 0, "boxes": 0, "shards_skipped": len(shards) - len(todo),
+              "shards_recomputed": stale}  # fmt: skip
     total = sum(len(es) for _, es in todo)
     bar = tqdm(total=total, desc=f"queries (rank {rank})", unit="img", disable=None if progress and total else True, mininterval=2.0)
     cv2.setNumThreads(1)  # before any fork, see _init_worker
@@ -392,7 +429,8 @@ def cache_queries(
                 paths.append(str(e.path.resolve()))
                 boxes.append(b)
                 scores.append(s)
-            write_query_file(out / f"queries-{k:06d}.npz", images=images, paths=paths, boxes=boxes, scores=scores, failed=failed)
+            write_query_file(out / f"queries-{k:06d}.npz", images=images, paths=paths, boxes=boxes, scores=scores,
+                             failed=failed, entries=[e.image for e in es])  # fmt: skip
             counts["images"] += len(images)
             counts["failed"] += len(failed)
             counts["boxes"] += sum(len(b) for b in boxes)
@@ -405,24 +443,50 @@ def cache_queries(
     return counts
 
 
+def read_truth_boxes(truth: str | os.PathLike) -> list[tuple[str, np.ndarray]]:
+    """``(image, boxes float32 [K, 4])`` of each line of a ``truth.jsonl`` (``{"image", "boxes"}``);
+    UserError naming ``file:line`` for a line that is not UTF-8 JSON, lacks ``image`` or has a box
+    that is not 4 numbers."""
+    out = []
+    with open(truth, "rb") as f:
+        for lineno, data in enumerate(f, start=1):
+            where = f"{truth}:{lineno}"
+            try:
+                rec = json.loads(data.decode("utf-8")) if data.strip() else None
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise UserError(f"{where}: not a UTF-8 JSON line ({type(e).__name__}: {e})") from None
+            if rec is None:
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
+                raise UserError(f"{where}: expected a JSON object with an 'image' string")
+            bad = UserError(f"{where}: 'boxes' must be a list of [x1, y1, x2, y2] boxes, got "
+                            f"{json.dumps(rec.get('boxes'))[:60]}")  # fmt: skip
+            try:
+                boxes = np.asarray(rec.get("boxes", []), dtype=np.float32)
+            except (TypeError, ValueError):
+                raise bad from None
+            if boxes.size == 0:
+                boxes = boxes.reshape(0, 4)
+            if boxes.ndim != 2 or boxes.shape[1] != 4 or not np.isfinite(boxes).all():
+                raise bad
+            out.append((rec["image"], boxes))
+    return out
+
+
 def query_recall(cache: QueryCache, truth: str | os.PathLike, *, iou: float = 0.5, top: int = 100) -> tuple[float, int]:
     """Fraction of true boxes (``truth.jsonl``: ``{"image", "boxes"}``) that have a cached query
     with IoU >= ``iou`` among the first ``top``; returns (recall, number of true boxes)."""
     hit = n = 0
-    with open(truth, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            gt = torch.tensor(rec.get("boxes", []), dtype=torch.float32).reshape(-1, 4)
-            got = cache.get(rec["image"])
-            if gt.numel() == 0 or got is None:
-                n += len(gt)
-                continue
-            q = torch.from_numpy(got[0][:top]).reshape(-1, 4)
+    for image, boxes in read_truth_boxes(truth):
+        gt = torch.from_numpy(boxes)
+        got = cache.get(image)
+        if gt.numel() == 0 or got is None:
             n += len(gt)
-            if len(q):
-                hit += int((box_iou(gt, q).max(dim=1).values >= iou).sum())
+            continue
+        q = torch.from_numpy(got[0][:top]).reshape(-1, 4)
+        n += len(gt)
+        if len(q):
+            hit += int((box_iou(gt, q).max(dim=1).values >= iou).sum())
     return (hit / n if n else math.nan), n
 
 
@@ -443,6 +507,9 @@ def run(args: argparse.Namespace) -> int:
     )
     check_opencv()
     rank, world = env_rank()
+    truth = manifest.path.parent / "truth.jsonl"
+    if truth.is_file() and world == 1:
+        read_truth_boxes(truth)  # a malformed line is an error now, not after the long work
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = max(1, args.workers or cores)
     t0 = time.perf_counter()
@@ -456,14 +523,15 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"rank {rank}/{world}: {counts['images']} images, {counts['boxes']} boxes "
         f"({counts['boxes'] / max(counts['images'], 1):.1f}/image), {counts['failed']} failed, "
-        f"{counts['shards_skipped']} finished shards skipped; {rate:.2f} images/s with {workers} workers"
+        f"{counts['shards_skipped']} finished shards skipped"
+        + (f", {counts['shards_recomputed']} stale ones recomputed" if counts["shards_recomputed"] else "")
+        + f"; {rate:.2f} images/s with {workers} workers"
     )
     failed_path = out / "failed.jsonl"
     if failed_path.exists() and failed_path.stat().st_size:
         for line in failed_path.read_text().splitlines()[:10]:
             rec = json.loads(line)
             print(f"  failed: {rec['image']}: {rec['reason']}")
-    truth = manifest.path.parent / "truth.jsonl"
     if truth.is_file() and world == 1:
         recall, n = query_recall(QueryCache(out), truth, iou=0.5, top=params.max_boxes)
         print(f"query recall vs {truth.name}: {recall:.3f} of {n} true boxes have a query with IoU >= 0.5 (top {params.max_boxes})")

@@ -6,8 +6,11 @@ file when it is a plain RGB JPEG without EXIF rotation, else the decoded RGB ima
 (quality 95), so every reader sees the pixel frame the queries were computed in.
 
 Shard ``k`` (``OUT/shard-<k>.tar``) holds manifest entries ``[k * N, (k + 1) * N)``; rank ``r`` of a
-torchrun launch writes the shards with ``k % WORLD_SIZE == r``; finished shards are skipped on
-re-runs. ``OUT/vocab.json`` carries the classes, ``OUT/failed.jsonl`` the unreadable images.
+torchrun launch writes the shards with ``k % WORLD_SIZE == r``. ``OUT/shard-<k>.entries.json``
+records what the shard was written for (its entries' ``image`` strings and classes): on re-runs a
+shard whose record matches is skipped, any other (the manifest, the classes or ``--shard-size``
+changed, or a shard written before the record existed) is rewritten.
+``OUT/vocab.json`` carries the classes, ``OUT/failed.jsonl`` the unreadable images.
 Reading is :class:`predet.data.datasets.ShardDataset` (``data.format=shards``, ``data.shards=OUT``).
 """
 
@@ -72,23 +75,31 @@ def write_shards(
     rank: int = 0,
     world_size: int = 1,
 ) -> dict[str, int]:
-    """Write this rank's missing shards; returns counts (written, failed, shards written/skipped)."""
+    """Write this rank's missing or stale shards; returns counts (written, failed, shards
+    written/skipped/rewritten)."""
     import webdataset as wds
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    counts = {"written": 0, "failed": 0, "no_class": 0, "shards_written": 0, "shards_skipped": 0}
+    counts = {"written": 0, "failed": 0, "no_class": 0, "shards_written": 0, "shards_skipped": 0,
+              "shards_rewritten": 0}  # fmt: skip
     for k, start in enumerate(range(0, len(entries), shard_size)):
         if k % world_size != rank:
             continue
         path = out / f"shard-{k:06d}.tar"
+        stop = min(start + shard_size, len(entries))
+        record = {"images": [e.image for e in entries[start:stop]], "labels": [list(x) for x in labels[start:stop]]}
         if path.exists():
-            counts["shards_skipped"] += 1
-            continue
+            if _read_record(out / f"shard-{k:06d}.entries.json") == record:
+                counts["shards_skipped"] += 1
+                continue
+            counts["shards_rewritten"] += 1
+            print(f"{path}: written for other images or classes than the manifest's entries {start}..{stop - 1} "
+                  "(or before shards recorded them): rewriting it", flush=True)  # fmt: skip
         failed: list[dict] = []
         tmp = out / f".shard-{k:06d}.tar.tmp{os.getpid()}"
         with wds.TarWriter(str(tmp)) as sink:
-            for i in range(start, min(start + shard_size, len(entries))):
+            for i in range(start, stop):
                 e = entries[i]
                 if not labels[i]:
                     counts["no_class"] += 1
@@ -106,13 +117,22 @@ def write_shards(
                     failed.append({"image": e.image, "reason": err.reason})
                     continue
                 counts["written"] += 1
-        # the shard's failures first, then the shard: a finished shard always has its list
+        # the shard's failures and record first, then the shard: a finished shard always has both
         atomic_write_text(out / f"shard-{k:06d}.failed.jsonl", "".join(json.dumps(f) + "\n" for f in failed))
+        atomic_write_text(out / f"shard-{k:06d}.entries.json", json.dumps(record) + "\n")
         os.replace(tmp, path)
         counts["shards_written"] += 1
         counts["failed"] += len(failed)
     _merge_failed(out)
     return counts
+
+
+def _read_record(path: Path) -> Optional[dict]:
+    """A shard's ``entries.json`` record; None when absent or unreadable (the shard is rewritten)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _merge_failed(out: Path) -> None:
@@ -143,7 +163,9 @@ def run(args: argparse.Namespace) -> int:
     counts = write_shards(entries, vocab.labels, out, cache=cache, shard_size=args.shard_size, rank=rank, world_size=world)
     print(
         f"rank {rank}/{world}: {counts['written']} images in {counts['shards_written']} new shards "
-        f"({counts['shards_skipped']} finished shards skipped), {counts['failed']} failed, "
+        f"({counts['shards_skipped']} finished shards skipped"
+        + (f", {counts['shards_rewritten']} stale ones rewritten" if counts["shards_rewritten"] else "")
+        + f"), {counts['failed']} failed, "
         f"{counts['no_class']} without a class -> {out}"
     )
     failed_path = out / "failed.jsonl"

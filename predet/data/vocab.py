@@ -4,7 +4,8 @@ Tags are normalised (:func:`normalize_tag`), mapped to classes through a
 synonyms file ``{class: [tag, ...]}``, unique images are counted per class, and classes with fewer
 than ``min_images`` images are dropped. Writes ``OUT/vocab.json`` =
 ``{"classes": [...], "counts": {class: images}, "dropped": {class: images}}`` and
-``OUT/manifest.jsonl`` with ``labels`` (images left without any class are not written).
+``OUT/manifest.jsonl`` with ``labels`` (images left without any class are not written). An output
+is never one of the input files, and existing outputs are replaced only with ``--overwrite``.
 ``predet pretrain`` applies exactly :func:`build_vocab` when its manifest carries only tags.
 """
 
@@ -167,7 +168,29 @@ def write_labelled_manifest(entries: Sequence[ManifestEntry], vocab: Vocab, out_
     return len(lines)
 
 
+OUTPUTS = ("vocab.json", "manifest.jsonl")
+
+
+def check_outputs(
+    out: str | os.PathLike, inputs: Sequence[str | os.PathLike], overwrite: bool = False
+) -> None:
+    """UserError, before any work, when an output file in ``out`` is one of the ``inputs`` (the
+    input would be lost: always refused) or already exists (refused unless ``overwrite``)."""
+    out = Path(out)
+    for name in OUTPUTS:
+        target = out / name
+        for src in map(Path, inputs):
+            same = target.resolve() == src.resolve()
+            if same or (target.exists() and src.exists() and os.path.samefile(target, src)):  # hard link
+                raise UserError(
+                    f"--out {out}: writing {name} there would overwrite the input {src}; choose another --out"
+                )
+        if target.exists() and not overwrite:
+            raise UserError(f"{target} exists; pass --overwrite to replace it, or choose another --out")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_outputs(args.out, [args.manifest, args.synonyms], args.overwrite)
     manifest = read_manifest(args.manifest)
     synonyms = load_synonyms(args.synonyms)
     vocab = build_vocab(manifest.entries, synonyms, args.min_images)
