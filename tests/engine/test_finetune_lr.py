@@ -50,11 +50,12 @@ def test_shipped_configs_keep_their_effective_lr(name: str, world_size: int, lr:
 
 @pytest.mark.parametrize(
     "override, message",
-    [("train.base_batch=0", "train.base_batch=0: must be positive"),
-     ("train.base_lr=-0.1", "train.base_lr=-0.1: must be positive"),
-     ("train.lr=0", "train.lr=0.0: must be positive")],
+    [("train.base_batch=0", "train.base_batch: must be positive, got 0"),
+     ("train.base_lr=-0.1", "train.base_lr: must be positive, got -0.1"),
+     ("train.lr=0", "train.lr: must be positive, got 0.0")],
 )  # fmt: skip
 def test_bad_lr_settings_are_user_errors(override: str, message: str) -> None:
+    """Refused when the config is loaded, before a run folder exists."""
     with pytest.raises(UserError, match=message):
         resolve_lr(load_config(FinetuneConfig, R50, [override]))
 
