@@ -21,7 +21,7 @@ from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
 
 from predet.config import CROIConfig
-from predet.modeling.losses import box_regression_loss, info_nce
+from predet.modeling.losses import box_regression_loss, has_area, info_nce
 from predet.modeling.proposals import batched_box_iou
 
 __all__ = ["ContrastiveROIHead", "assign_candidates"]
@@ -88,8 +88,11 @@ class ContrastiveROIHead(nn.Module):
             b_pos = b_p.gather(1, pos_index.unsqueeze(2).expand(-1, -1, E))  # [B, Q, E]
             box_pos = candidates.gather(1, pos_index.unsqueeze(2).expand(-1, -1, 4))  # [B, Q, 4]
             deltas = self.regression(b_q.flatten(0, 1), b_pos.flatten(0, 1)).float()  # [B*Q, 4]
-            target = self.box_coder.encode_single(query_boxes.flatten(0, 1), box_pos.flatten(0, 1))
-            target = torch.where(mask.flatten().unsqueeze(1), target, deltas.detach())
+            qb, pb = query_boxes.flatten(0, 1), box_pos.flatten(0, 1)
+            target = self.box_coder.encode_single(qb, pb)
+            # a zero-area box has no log-size target (log 0/0): its slot gets zero loss, like an invalid one
+            fits = mask.flatten() & has_area(qb) & has_area(pb)
+            target = torch.where(fits.unsqueeze(1), target, deltas.detach())
             losses["loss_croi_reg"] = box_regression_loss(deltas, target, mask.sum())
         with torch.no_grad():
             best = sim.masked_fill(~candidate_valid.unsqueeze(1), float("-inf")).argmax(dim=2)

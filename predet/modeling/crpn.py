@@ -34,7 +34,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou, clip_boxes_to_image
 
 from predet.config import CRPNConfig
-from predet.modeling.losses import box_regression_loss
+from predet.modeling.losses import box_regression_loss, has_area
 from predet.modeling.proposals import box_recall, jitter_boxes, nms_per_view, top_k_per_level
 
 __all__ = ["ContrastiveRPN", "JitterProposals", "CRPNHead", "match_anchors", "sample_anchors"]
@@ -139,8 +139,10 @@ class ContrastiveRPN(nn.Module):
         panchor = panchor.flatten()
         pquery = matched[pview, panchor]
         deltas = self.head.regression(hidden, q_reg, pview, panchor, pquery)  # [B*S, 4]
-        target = self.box_coder.encode_single(boxes[pview, pquery], anchors[panchor])
-        target = torch.where(filled.unsqueeze(1), target, deltas.detach())  # empty slots: 0 loss
+        matched_boxes = boxes[pview, pquery]
+        target = self.box_coder.encode_single(matched_boxes, anchors[panchor])
+        # empty slots, and a zero-area query (no log-size target): 0 loss
+        target = torch.where((filled & has_area(matched_boxes)).unsqueeze(1), target, deltas.detach())
         loss_reg = box_regression_loss(deltas, target, num_sampled)
         return {"loss_crpn_cls": loss_cls, "loss_crpn_reg": loss_reg}
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["multilabel_softmax_ce", "multilabel_bce", "info_nce", "box_regression_loss"]
+__all__ = ["multilabel_softmax_ce", "multilabel_bce", "info_nce", "has_area", "box_regression_loss"]
 
 
 def multilabel_softmax_ce(logits: Tensor, labels: Tensor) -> Tensor:
@@ -57,6 +57,12 @@ def info_nce(sim: Tensor, pos_index: Tensor, neg_mask: Tensor, valid: Tensor, ta
     denom = torch.logsumexp(torch.cat([pos.unsqueeze(2), neg], dim=2), dim=2)  # [B, Q]
     loss = (denom - pos) * valid.to(pos.dtype)
     return loss.sum() / valid.sum().clamp(min=1)
+
+
+def has_area(boxes: Tensor) -> Tensor:
+    """``[..., 4]`` XYXY -> ``[...]`` bool: positive width and height (a box that has a log-size
+    regression target)."""
+    return (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
 
 
 def box_regression_loss(

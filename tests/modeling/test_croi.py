@@ -167,3 +167,27 @@ def test_croi_regression_loss_sums_over_valid_queries_only():
     losses["loss_croi_reg"].backward()
     assert torch.isfinite(b_q.grad).all() and torch.isfinite(b_p.grad).all()
     assert b_q.grad[~mask].abs().max() == 0  # invalid queries get no gradient from the regression
+
+
+def test_a_valid_zero_area_query_adds_no_regression_loss_and_no_nan():
+    """A zero-width query (valid: the data filters them, a direct caller may not) has no log-size
+    target: its slot counts 0, the other query's loss is unchanged, every gradient stays finite
+    (before: log 0/0 made loss_croi_reg and every gradient NaN)."""
+    torch.manual_seed(0)
+    head = ContrastiveROIHead(in_dim=8, cfg=CROIConfig())
+    good = torch.tensor([[[5.0, 5.0, 25.0, 25.0]]])
+    flat = torch.tensor([[[10.0, 10.0, 10.0, 30.0], [5.0, 5.0, 25.0, 25.0]]])  # query 0: zero width
+    props, pv = torch.tensor([[[50.0, 50.0, 60.0, 60.0]]]), torch.tensor([[True]])
+    b_q = torch.randn(1, 2, 8, requires_grad=True)
+    b_p = torch.randn(1, 3, 8)
+    m2 = torch.tensor([[True, True]])
+    torch.manual_seed(1)
+    losses, _ = head(b_q, b_p, torch.cat([props, flat], 1), torch.cat([pv, m2], 1), flat, m2)
+    assert torch.isfinite(losses["loss_croi_reg"])
+    losses["loss_croi_reg"].backward()
+    assert torch.isfinite(b_q.grad).all() and b_q.grad[0, 0].abs().max() == 0
+    # the good query alone (same features for it and its own box), normalised by 1 instead of 2
+    torch.manual_seed(1)
+    alone, _ = head(b_q[:, 1:].detach(), b_p[:, [0, 2]], torch.cat([props, good], 1),
+                    torch.ones(1, 2, dtype=torch.bool), good, torch.tensor([[True]]))  # fmt: skip
+    torch.testing.assert_close(losses["loss_croi_reg"].detach() * 2, alone["loss_croi_reg"], atol=1e-6, rtol=1e-5)
