@@ -189,6 +189,10 @@ def time_steps(
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.config is None:  # the shipped tiny config, wherever the command runs from
+        from predet.demo import config_dir
+
+        args.config = str(config_dir() / "pretrain" / "tiny_cpu.yaml")
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     if args.iters < 1:
         raise UserError(f"--iters: must be >= 1, got {args.iters}")

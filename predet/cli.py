@@ -148,7 +148,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bench_step_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="configs/pretrain/tiny_cpu.yaml")
+    p.add_argument("--config", default=None, help="pre-training config (default: the shipped configs/pretrain/tiny_cpu.yaml)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("overrides", nargs="*", metavar="key=value")

@@ -127,20 +127,8 @@ def resolve_world(
         w = ensure_world(preset, seed, root=out / "world")
         return DemoWorld(w.manifest, w.queries, w.det_train, w.det_val, w.det_images)
     root = Path(world)
-    files = {
-        "manifest": root / "pretrain" / "manifest.jsonl",
-        "det_train": root / "det" / "train.json",
-        "det_val": root / "det" / "val.json",
-    }
-    for path in [root, *files.values()]:
-        if not path.exists():
-            raise UserError(
-                f"--world {root}: {path} not found (expected pretrain/manifest.jsonl, det/train.json, "
-                "det/val.json, det/images/)"
-            )
+    files = world_files(root)
     images = root / "det" / "images"
-    if not images.is_dir():
-        raise UserError(f"--world {root}: {images} is not a folder of detection images")
     queries = root / "queries"
     if not any(queries.glob("queries-*.npz")):
         from predet.data.manifest import read_manifest, sample_indices
@@ -156,6 +144,41 @@ def resolve_world(
         counts = cache_queries(entries, queries, params, workers=_cpus())
         print(f"    query cache: {counts}", flush=True)
     return DemoWorld(files["manifest"], queries, files["det_train"], files["det_val"], images)
+
+
+def world_files(root: Path) -> dict[str, Path]:
+    """The DESIGN §6 files of the world at ``root`` (``manifest``, ``det_train``, ``det_val``);
+    a missing one (or a missing ``det/images/`` folder) is a one-line error naming it."""
+    files = {
+        "manifest": root / "pretrain" / "manifest.jsonl",
+        "det_train": root / "det" / "train.json",
+        "det_val": root / "det" / "val.json",
+    }
+    for path in [root, *files.values()]:
+        if not path.exists():
+            raise UserError(
+                f"--world {root}: {path} not found (expected pretrain/manifest.jsonl, det/train.json, "
+                "det/val.json, det/images/)"
+            )
+    images = root / "det" / "images"
+    if not images.is_dir():
+        raise UserError(f"--world {root}: {images} is not a folder of detection images")
+    return files
+
+
+def _check_world(root: Path, cfg: "PretrainConfig", max_images: int) -> tuple[list, dict]:  # noqa: F821
+    """Read and check a world's files before any compute: its layout, the pre-training manifest
+    (and the classes its ``max_images`` sample gives: tags need a synonyms file) and both detection
+    files. Returns the manifest's entries and ``{path: loaded COCO dict}`` of the detection files."""
+    from predet.data.datasets import manifest_vocab
+    from predet.data.detection import load_coco_json
+    from predet.data.manifest import read_manifest, sample_indices
+
+    files = world_files(root)
+    entries = read_manifest(files["manifest"]).entries
+    manifest_vocab(cfg, files["manifest"], [entries[i] for i in sample_indices(len(entries), max_images)])
+    gts = {p: load_coco_json(p) for p in (files["det_train"], files["det_val"])}
+    return entries, gts
 
 
 def _fit_subset(cfg: "FinetuneConfig", w: DemoWorld) -> list[str]:  # noqa: F821
@@ -196,16 +219,11 @@ def _world_finetune_overrides(gts: dict[Path, dict]) -> list[str]:
     return out
 
 
-def _say_sample(manifest: Path, max_images: int, cfg: "PretrainConfig", *, has_cache: bool) -> Optional[list]:  # noqa: F821
-    """Print that the pre-training reads a ``data.max_images`` sample of a large manifest;
-    returns the manifest's entries (None when the file is missing), read once for the demo."""
+def _say_sample(manifest: Path, n: int, max_images: int, cfg: "PretrainConfig", *, has_cache: bool) -> None:  # noqa: F821
+    """Print that the pre-training reads a ``data.max_images`` sample of a manifest of ``n``
+    images, when it is larger."""
     from predet.data.heldout import heldout_indices
-    from predet.data.manifest import read_manifest
 
-    if not manifest.is_file():
-        return None  # resolve_world names the missing file
-    entries = read_manifest(manifest).entries
-    n = len(entries)
     if n > max_images:
         held = len(heldout_indices(max_images, cfg.data.heldout))
         queries = "" if has_cache else " and query boxes are computed for those only"
@@ -213,7 +231,6 @@ def _say_sample(manifest: Path, max_images: int, cfg: "PretrainConfig", *, has_c
               f"{cfg.train.batch_size} = {cfg.train.steps * cfg.train.batch_size} of them: they read a "
               f"fixed sample of {max_images} ({held} held out){queries} (--pretrain data.max_images=N "
               "to change)", flush=True)  # fmt: skip
-    return entries
 
 
 def _say_scale(val_gt: dict, test_size: int) -> None:
@@ -317,17 +334,23 @@ def demo(
 
         check_opencv()  # the query cache will be computed: before OUT is (re)made
     sample = []  # a --world's pre-training reads what its steps can see (data.max_images)
+    entries, gts = None, {}
     if world is not None:
         pcfg = load_config(PretrainConfig, cfgs / plan.pretrain_config, [*plan.pretrain_overrides, *pretrain_overrides])
         max_images = pcfg.data.max_images or pcfg.train.steps * pcfg.train.batch_size + pcfg.data.heldout
         sample = [f"data.max_images={max_images}"]
+        # every file of the world read and checked now: an error costs no query pass, no pre-training
+        entries, gts = _check_world(Path(world), pcfg, max_images)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if Path(out).is_dir() and any(Path(out).iterdir()) and not overwrite:
+        raise UserError(f"--out {out} exists; pass --overwrite to replace it, or choose another --out")
     out = prepare_run_dir(out, overwrite=overwrite)
     clock, t_start = _Clock(), time.time()
 
     done = clock.stage("world", f"1/6 {'world ' + str(world) if world else f'built-in {preset!r} world'} and its query boxes")
-    entries = None
     if sample:
-        entries = _say_sample(Path(world) / "pretrain" / "manifest.jsonl", max_images, pcfg, has_cache=has_cache)
+        _say_sample(Path(world) / "pretrain" / "manifest.jsonl", len(entries), max_images, pcfg, has_cache=has_cache)
     w = resolve_world(world, preset=preset, seed=seed, out=out, query_max_side=plan.query_max_side,
                       max_images=max_images if sample else None, entries=entries)  # fmt: skip
     done()
@@ -367,10 +390,7 @@ def demo(
     # every detector gets the pre-trained widths (the CPU configs use a narrow FPN), scratch included
     widths = [f"model.backbone={cfg.model.backbone}", f"model.fpn_channels={cfg.model.fpn_channels}",
               f"model.box_head_dim={cfg.model.box_head_dim}"]  # fmt: skip
-    if world is not None:  # a user's world: its det sets read once for the checks below
-        from predet.data.detection import load_coco_json
-
-        gts = {p: load_coco_json(p) for p in (w.det_train, w.det_val)}
+    if world is not None:  # a user's world: its det sets, read by _check_world
         det += _world_finetune_overrides(gts)
     subset = _fit_subset(
         load_config(FinetuneConfig, cfgs / plan.finetune_config, [*det, *plan.finetune_overrides, *finetune_overrides]),

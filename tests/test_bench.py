@@ -17,12 +17,13 @@ PROPOSAL_LINE = re.compile(r"^predet_proposal_ms=(\d+\.\d+) share=(\d+\.\d+)$")
 
 
 @pytest.mark.slow
-def test_bench_step_prints_the_timing_line(capsys):
+def test_bench_step_prints_the_timing_line(capsys, tmp_path, monkeypatch):
+    """Without --config, from a folder that is not the checkout: the shipped tiny config."""
+    monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rc = main(["bench", "step", "--config", CONFIG, "--iters", "2", "--warmup", "1",
-                   "train.batch_size=1", "model.input_size=64"])  # fmt: skip
+        rc = main(["bench", "step", "--iters", "2", "--warmup", "1", "train.batch_size=1", "model.input_size=64"])
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out.strip().splitlines()

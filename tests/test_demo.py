@@ -78,9 +78,10 @@ def test_demo_on_a_world_end_to_end(tmp_path, tiny_world, capsys):
     assert {"world", "pretrain-predet", "pretrain-cls-only", "finetune-scratch", "correlation"} <= set(
         summary["stage_seconds"]
     )
-    # an existing demo folder is not overwritten
+    # an existing demo folder is not overwritten; the hint names the flag the demo has
     assert cli.main(["demo", "--out", str(out), "--preset", "tiny"]) == 2
-    assert "exists" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "exists; pass --overwrite" in err and "--resume" not in err
 
 
 def _photo_world(tmp_path, src):
@@ -159,6 +160,30 @@ def test_world_layout_errors_name_the_missing_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nowhere" in err[0] and "not found" in err[0]
     assert not (tmp_path / "d").exists()  # nothing written for a bad --world
+
+
+def test_a_broken_world_file_is_an_error_before_any_compute(tmp_path, tiny_world, capsys):
+    """A world's manifest classes and detection files are read before the query pass and the
+    pre-trainings (a malformed det/val.json surfaced after both), and OUT is not made."""
+    import shutil
+
+    w = tmp_path / "w"
+    for sub in ("pretrain", "det"):
+        shutil.copytree(tiny_world / sub, w / sub)
+    (w / "det" / "val.json").write_text('{"images": [')
+    args = ["demo", "--preset", "tiny", "--world", str(w), "--out", str(tmp_path / "d")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "val.json" in err[0] and "not valid JSON" in err[0], err
+    shutil.copy(tiny_world / "det" / "val.json", w / "det" / "val.json")
+    lines = (w / "pretrain" / "manifest.jsonl").read_text().splitlines()
+    tagged = [json.dumps({"image": json.loads(x)["image"], "tags": ["circle"]}) for x in lines if '"image"' in x]
+    (w / "pretrain" / "manifest.jsonl").write_text("\n".join(tagged) + "\n")  # tags, and no synonyms.json
+    (w / "pretrain" / "synonyms.json").unlink(missing_ok=True)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no synonyms file" in err[0], err
+    assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.slow

@@ -550,7 +550,23 @@ def _image_boxes(data, index: int, seed: int, boxes_per_gt: int, bins: int) -> O
 def _forward(
     model: nn.Module, items: list[dict], size: Optional[int], device: torch.device, pool: str
 ) -> list[np.ndarray]:
-    """Similarities per image of a batch: the detector's transform, backbone and RoI pooler."""
+    """Similarities per image of a batch, the images of one size at a time: padded to a larger
+    image's size, an image's features near its border change (BatchNorm's shift makes the padding
+    nonzero), and the numbers would depend on ``batch_size``."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, it in enumerate(items):
+        groups.setdefault(tuple(it["image"].shape[-2:]), []).append(k)
+    out: list[Optional[np.ndarray]] = [None] * len(items)
+    for idx in groups.values():
+        for k, sim in zip(idx, _forward_same_size(model, [items[k] for k in idx], size, device, pool)):
+            out[k] = sim
+    return out  # type: ignore[return-value]
+
+
+def _forward_same_size(
+    model: nn.Module, items: list[dict], size: Optional[int], device: torch.device, pool: str
+) -> list[np.ndarray]:
+    """Similarities per image of images of one size: the detector's transform, backbone and RoI pooler."""
     t = model.transform
     images = [it["image"].to(device) for it in items]
     gts = [torch.from_numpy(it["gt"]).float().to(device) for it in items]

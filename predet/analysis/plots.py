@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -33,13 +34,13 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def smooth(values: Sequence[float], window: int) -> list[float]:
-    """Trailing moving average over ``window`` points (window 1 returns the values)."""
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
+    """Trailing moving average over ``window`` points (window 1 returns the values). A NaN/inf
+    value (``metrics.jsonl`` may hold one) is left out of the windows it falls in, so the curve
+    goes on after it; a window of nothing finite is NaN (a gap in the plot)."""
+    out = []
+    for i in range(len(values)):
+        finite = [v for v in values[max(0, i - window + 1) : i + 1] if math.isfinite(v)]
+        out.append(sum(finite) / len(finite) if finite else math.nan)
     return out
 
 
@@ -59,9 +60,9 @@ def plot_curves(
         out: PNG path.
     """
     series = {name: read_metrics(path) for name, path in runs.items()}
-    keys = [k for k in keys if any(k in r for rows in series.values() for r in rows)]
+    asked, keys = list(keys), [k for k in keys if any(k in r for rows in series.values() for r in rows)]
     if not keys:
-        raise UserError(f"none of the runs log any of the keys {list(keys)}")
+        raise UserError(f"none of the runs log any of the keys {asked}")
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for name, rows in series.items():

@@ -151,7 +151,7 @@ def _bench_two_view(
 
 def _bench_tv2(paths: list[Path], size: int) -> tuple[float, dict[str, float]]:
     """torchvision.transforms.v2 MoCo-v2 on uint8 tensors (what the issue measured at 3.1/s)."""
-    from torchvision.io import decode_jpeg
+    from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms import v2
 
     crop = v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True)
@@ -164,7 +164,7 @@ def _bench_tv2(paths: list[Path], size: int) -> tuple[float, dict[str, float]]:
     torch.manual_seed(0)
     for p in paths:
         with timer("decode"):
-            x = decode_jpeg(torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8))
+            x = decode_image(torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8), mode=ImageReadMode.RGB)
         for _ in range(2):
             with timer("crop+resize"):
                 y = crop(x)

@@ -35,12 +35,12 @@ from predet.data.images import BadImage, decode_image, load_image
 from predet.data.manifest import ManifestEntry, read_manifest, sample_indices
 from predet.data.queries import QueryCache
 from predet.data.transforms import TwoViewTransform, sample_seed
-from predet.data.vocab import build_vocab, load_synonyms
+from predet.data.vocab import Vocab, build_vocab, load_synonyms
 from predet.errors import UserError
 
 __all__ = [
     "PretrainData", "WeakLabelDataset", "ShardDataset", "build_pretrain_data", "collate_two_view",
-    "draft_side",
+    "draft_side", "manifest_vocab",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -305,6 +305,21 @@ def _synonyms_for(cfg: Any, manifest_path: Path, entries: Sequence[ManifestEntry
     return load_synonyms(path)
 
 
+def manifest_vocab(cfg: Any, manifest_path: Path, entries: Sequence[ManifestEntry]) -> Vocab:
+    """The classes a pre-training on a manifest's ``entries`` learns: their labels, or their tags
+    through the synonyms file ``cfg`` or the manifest's folder names; the same errors as
+    :func:`build_pretrain_data` (tags without a synonyms file, no class of ``data.min_images``
+    images), for a caller that checks before the long work."""
+    return _checked_vocab(cfg, manifest_path, entries, _synonyms_for(cfg, manifest_path, entries))
+
+
+def _checked_vocab(cfg: Any, manifest_path: Path, entries: Sequence[ManifestEntry], synonyms: Optional[dict]) -> Vocab:
+    vocab = build_vocab(entries, synonyms, cfg.data.min_images)
+    if not vocab.classes:
+        raise UserError(f"{manifest_path}: no class has >= {cfg.data.min_images} images (data.min_images)")
+    return vocab
+
+
 def _from_entries(
     cfg: Any,
     manifest_path: Path,
@@ -314,9 +329,7 @@ def _from_entries(
 ) -> PretrainData:
     """``sampled``: ``{"manifest_images": n}`` when ``entries`` are a ``data.max_images`` sample
     of the manifest's n (reported in the counts)."""
-    vocab = build_vocab(entries, synonyms, cfg.data.min_images)
-    if not vocab.classes:
-        raise UserError(f"{manifest_path}: no class has >= {cfg.data.min_images} images (data.min_images)")
+    vocab = _checked_vocab(cfg, manifest_path, entries, synonyms)
     has_inline = any(e.queries is not None for e in entries)
     cache = QueryCache(cfg.data.queries) if cfg.data.queries else None
     if cache is None and not has_inline:

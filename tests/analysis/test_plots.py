@@ -15,6 +15,15 @@ def test_smooth_is_a_trailing_mean():
     assert smooth(v, 3) == pytest.approx(ref)
 
 
+def test_smooth_goes_on_after_a_nan_or_inf():
+    """A non-finite value drops out of its windows (a running sum kept it for good: every later
+    point was NaN)."""
+    nan, inf = float("nan"), float("inf")
+    assert smooth([1.0, nan, 3.0, 5.0, 7.0], 2) == pytest.approx([1.0, 1.0, 3.0, 4.0, 6.0])
+    out = smooth([inf, nan, 2.0, 4.0], 2)
+    assert np.isnan(out[0]) and np.isnan(out[1]) and out[2:] == pytest.approx([2.0, 3.0])
+
+
 def test_plot_curves_writes_png(tmp_path):
     for name, slope in (("a", 1.0), ("b", 0.5)):
         run = tmp_path / name

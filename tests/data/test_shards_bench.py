@@ -79,3 +79,19 @@ def test_bench_data_reports_figures(capsys) -> None:
     assert q > 0 and two > 0 and tv2 > 0
     assert speedup == pytest.approx(two / tv2, rel=0.02)
     assert 0.0 < frac < 1.0
+
+
+def test_bench_data_times_a_manifest_of_png_images(tmp_path: Path, capsys) -> None:
+    """The torchvision baseline decodes any format the loader reads (it took JPEG only: a PNG
+    manifest was a traceback)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "labels": ["a"]}))
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["bench", "data", "--images", "2", "--repeats", "1", "--size", "64",
+                 "--manifest", str(tmp_path / "m.jsonl")]) == 0  # fmt: skip
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("query_img_s=")
