@@ -136,7 +136,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
                    help="budget and built-in world (small: the CPU demo; tiny: seconds, for tests; "
                    "gpu: R50-FPN on one GPU)")
     p.add_argument("--world", default=None, metavar="W",
-                   help="run the recipe on the DESIGN §6 world in W instead of the built-in one")
+                   help="run the recipe on your world in W (W/pretrain/manifest.jsonl, W/det/train.json, "
+                        "W/det/val.json, W/det/images/) instead of the built-in one")
     p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds per init (default: 3)")
     p.add_argument("--pretrain-seeds", type=int, default=1,
                    help="pre-trainings per method, each fine-tuned --seeds times (default: 1)")  # fmt: skip
