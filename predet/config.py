@@ -556,6 +556,7 @@ def _check_pretrain_rest(cfg: Any) -> None:
         if value < 1:
             raise UserError(f"config key '{key}' must be >= 1, got {value}")
     _check_keep_last(cfg.ckpt)
+    _check_sgd(t)
     if t.stop_at is not None and not 1 <= t.stop_at <= t.steps:
         raise UserError(f"train.stop_at={t.stop_at} must lie in [1, train.steps={t.steps}]")
     if t.amp_dtype not in ("bfloat16", "float16"):
@@ -640,15 +641,11 @@ def _check_finetune(cfg: Any) -> None:
         raise UserError(f"data.num_workers: must be >= 0, got {cfg.data.num_workers}")
     if t.steps is None and not re.fullmatch(r"\d+(?:\.\d+)?x", t.schedule):
         raise UserError(f"train.schedule='{t.schedule}': expected a multiple of 1x such as 1x, 2x, 9x")
-    _positive("train", t, ("steps", "iters_per_x", "batch_size", "log_every", "clip_grad", "lr", "base_lr",
-                           "base_batch", "num_threads"))  # fmt: skip
+    _positive("train", t, ("steps", "iters_per_x", "batch_size", "log_every", "clip_grad", "num_threads"))
     _probability("train", t, ("flip_p",))
-    _fraction("train", t, ("warmup_factor",))
-    for key in ("warmup_steps", "weight_decay"):
-        if getattr(t, key) < 0:
-            raise UserError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
-    if not 0 <= t.momentum < 1:
-        raise UserError(f"train.momentum: must be in [0, 1), got {t.momentum}")
+    if t.warmup_steps < 0:
+        raise UserError(f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
+    _check_sgd(t)
     if t.lr_steps is not None:
         ms = [int(v) for v in t.lr_steps]
         if any(v < 1 for v in ms) or any(b <= a for a, b in zip(ms, ms[1:])):
@@ -656,6 +653,17 @@ def _check_finetune(cfg: Any) -> None:
     _positive("ckpt", cfg.ckpt, ("every",))
     _check_keep_last(cfg.ckpt)
     _check_device("train.device", t.device)
+
+
+def _check_sgd(t: Any) -> None:
+    """``train.*`` of SGD shared by both configs: lr / base_lr / base_batch > 0, momentum in
+    [0, 1), weight decay >= 0, warm-up factor in (0, 1]."""
+    _positive("train", t, ("lr", "base_lr", "base_batch"))
+    if not 0 <= t.momentum < 1:
+        raise UserError(f"train.momentum: must be in [0, 1), got {t.momentum}")
+    if t.weight_decay < 0:
+        raise UserError(f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    _fraction("train", t, ("warmup_factor",))
 
 
 def _check_keep_last(ckpt: Any) -> None:

@@ -242,3 +242,16 @@ def test_bad_finetune_values_fail_at_load(override, needle):
 def test_keep_last_is_checked_for_pretraining_too():
     with pytest.raises(UserError, match="ckpt.keep_last: must be >= 0"):
         load_config(PretrainConfig, None, ["ckpt.keep_last=-2"])
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [("train.momentum=1.5", "train.momentum: must be in [0, 1), got 1.5"),
+     ("train.weight_decay=-1", "train.weight_decay: must be >= 0, got -1.0"),
+     ("train.lr=0", "train.lr: must be positive, got 0.0"),
+     ("train.warmup_factor=0", "train.warmup_factor: must be in (0, 1], got 0.0")],
+)  # fmt: skip
+def test_pretraining_sgd_values_are_checked_as_fine_tuning_ones(override, needle):
+    with pytest.raises(UserError) as e:
+        load_config(PretrainConfig, None, [override])
+    assert needle in str(e.value)
