@@ -45,17 +45,25 @@ def test_demo_on_a_world_end_to_end(tmp_path, tiny_world, capsys):
     assert all(row.split("|")[2].strip() == "2" and "±" in row for row in rows)
     assert "beyond" in table or "no verdict" in table
     assert all(f"- {n}: " in table.split("Per fine-tuning seed")[1] for n in ("predet", "cls-only", "scratch"))
+    # each row holds its own runs: the results are those of finetune-<init>-s<k>, fine-tuned from
+    # that init's export, and the table is `predet compare` of those folders
+    from predet.analysis.compare import compare
+
+    folders = [out / f"finetune-{n}-s{k}" for n in ("predet", "cls-only", "scratch") for k in (0, 1)]
+    assert r["table"] == compare(folders)
     for name, results in r["results"].items():
-        assert len(results) == 2
-        for res in results:
-            ap = res["bbox"]["AP"]
-            assert ap is None or 0.0 <= ap <= 100.0
+        assert results == [json.loads((out / f"finetune-{name}-s{k}" / "results.json").read_text()) for k in (0, 1)]
+        for k in (0, 1):
+            used = json.loads((out / f"finetune-{name}-s{k}" / "init.json").read_text())
+            assert used["init"] == name and used["path"] == (None if name == "scratch" else str(out / f"{name}.pth"))
     # both pre-trainings logged the same steps, only PreDet has detection losses; both scored cls_map
     pre = {n: [json.loads(l) for l in (out / f"pretrain-{n}" / "metrics.jsonl").read_text().splitlines()]
            for n in ("predet", "cls-only")}  # fmt: skip
     assert [row["step"] for row in pre["predet"]] == [row["step"] for row in pre["cls-only"]]
     assert "loss_info" in pre["predet"][-1] and "loss_info" not in pre["cls-only"][-1]
-    for n in ("predet", "cls-only"):
+    for n in ("predet", "cls-only"):  # the last evaluation each pre-training logged
+        last = [row for row in pre[n] if "cls_map_true" in row][-1]
+        assert r["cls_map"][n] == {"cls_map": last["cls_map"], "cls_map_true": last["cls_map_true"]}
         assert 0.0 < r["cls_map"][n]["cls_map_true"] <= 1.0 and f"{n}: cls_map" in table
     # the correlation of the three inits, under the demo's names, in the json and the png
     corr = json.loads((out / "correlation.json").read_text())

@@ -82,3 +82,51 @@ def test_heldout_set_reads_truth(tmp_path) -> None:
     # truth.jsonl that does not cover every held-out image: no true labels
     hs = build_heldout_set(tmp_path / "manifest.jsonl", ["c.jpg"], ["C"], [["dog"]], ["cat", "dog", "emu"])
     assert hs.truth is None
+
+
+def test_evaluator_scores_equal_a_direct_computation(tmp_path) -> None:
+    """ClsEvaluator against the head written out: whole image resized to S (bilinear), ImageNet
+    normalisation, the model in eval mode (BatchNorm's running statistics), softmax averaged over
+    the FPN levels; an unreadable image skipped and counted; the train mode restored."""
+    import torch
+    from PIL import Image
+
+    from predet.analysis.cls_map import ClsEvaluator
+    from predet.config import PretrainConfig, load_config
+    from predet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from predet.modeling.predet import build_predet
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate([(80, 60), (64, 64), (100, 128)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    paths.insert(1, str(tmp_path / "bad.png"))
+    tags = np.array([[1, 0, 0], [0, 1, 0], [0, 1, 1], [1, 0, 1]])
+    truth = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])
+    cfg = load_config(PretrainConfig, None, ["model.backbone=resnet18", "model.fpn_channels=16", "model.input_size=32",
+                                             "loss.crpn=false", "loss.info=false", "loss.croi_reg=false"])  # fmt: skip
+    torch.manual_seed(0)
+    model = build_predet(cfg, 3)
+    model.train()
+    with torch.no_grad():  # move BatchNorm's running statistics away from (0, 1)
+        model.backbone(torch.randn(4, 3, 32, 32) * 3 + 1)
+    ev = ClsEvaluator(paths, tags, truth, input_size=32)
+    out = ev(model)
+    assert ev.skipped == 1 and len(ev) == 3 and model.training
+
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((32, 32), resample=2)).copy())
+                     for p in paths if "bad" not in p]).permute(0, 3, 1, 2).float() / 255  # fmt: skip
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    model.eval()
+    with torch.no_grad():
+        ref = model.cls_head(model.backbone(x)).softmax(dim=-1).mean(dim=0).numpy()  # [3, K]
+    np.testing.assert_allclose(ev.scores(model), ref, atol=1e-5)
+    kept = [0, 2, 3]
+    assert out["cls_map"] == pytest.approx(mean_average_precision(ref, tags[kept]), abs=1e-6)
+    assert out["cls_map_true"] == pytest.approx(mean_average_precision(ref, truth[kept]), abs=1e-6)
+    model.train()
+    with torch.no_grad():  # the same images in train mode score differently: eval mode mattered
+        train_scores = model.cls_head(model.backbone(x)).softmax(dim=-1).mean(dim=0).numpy()
+    assert np.abs(train_scores - ref).max() > 1e-3

@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 from predet.cli import main
+from predet.data.images import load_image
 from predet.data.manifest import read_manifest
 from predet.data.queries import (
     QueryCache,
@@ -159,9 +160,14 @@ def test_queries_cli_names_bad_images_and_processes_good_ones(odd_images: Path, 
     for name, reason in bad.items():
         assert reason in failed[f"images/{name}"]
     cache = QueryCache(out)
+    params = QueryParams(max_boxes=20)  # --max-boxes 20, the other settings the CLI's defaults
     for name in good:
-        boxes, _ = cache.get(f"images/{name}")
-        assert len(boxes) >= 3, name
+        boxes, scores = cache.get(f"images/{name}")
+        assert 3 <= len(boxes) <= 20, name
+        # exactly the boxes the library computes for the decoded image, in original pixels
+        want, want_scores = compute_queries(np.asarray(load_image(odd_images / "images" / name)[0]), params)
+        np.testing.assert_allclose(boxes, want, atol=1e-4)
+        np.testing.assert_allclose(scores, want_scores, atol=1e-5)
     assert f"{len(good)} images" in capsys.readouterr().out
 
 

@@ -24,6 +24,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Recording(torch.utils.data.Dataset):
+    """The stand-in dataset, noting each (epoch, item) this rank reads."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.epoch, self.read = inner, 0, []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.inner.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int) -> dict:
+        self.read.append((self.epoch, int(i)))
+        return self.inner[i]
+
+
 def _worker(rank: int, port: int, out: str, extra: list, resume: bool, stubs) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
@@ -31,7 +49,11 @@ def _worker(rank: int, port: int, out: str, extra: list, resume: bool, stubs) ->
     from predet.engine.pretrain import pretrain
 
     cfg = load_config(PretrainConfig, None, [*ARGS, *extra])
-    pretrain(cfg, Path(out), resume=resume, data=stubs["data"](), model=stubs["model"]())
+    data = stubs["data"]()
+    data.dataset = _Recording(data.dataset)
+    pretrain(cfg, Path(out), resume=resume, data=data, model=stubs["model"]())
+    if not resume:
+        Path(out, f"read{rank}.json").write_text(json.dumps(data.dataset.read))
 
 
 def _launch(out: Path, stubs: dict, *extra: str, resume: bool = False) -> None:
@@ -58,6 +80,11 @@ def test_ddp_two_ranks_identical_and_resume_exact(toy_data, toy_model, tmp_path)
     assert {r["world_size"] for r in rows} == {2}
     a = load_checkpoint(straight / "checkpoints" / "last.pt")
     assert len(a["rng"]) == 2 and a["data_position"]["world_size"] == 2
+    # each rank reads its own half of every epoch: epoch 0 is split into two disjoint halves
+    read = [json.loads((straight / f"read{r}.json").read_text()) for r in range(2)]
+    epoch0 = [{i for e, i in rows if e == 0} for rows in read]
+    assert len(epoch0[0]) == len(epoch0[1]) == 12 and not epoch0[0] & epoch0[1]
+    assert epoch0[0] | epoch0[1] == set(range(24))
     # 24 items / 2 ranks / 3 per batch = 4 steps per epoch: step 6 is epoch 1, batch 2
     assert (a["data_position"]["epoch"], a["data_position"]["batch"]) == (1, 2)
 
