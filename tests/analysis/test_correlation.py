@@ -326,6 +326,10 @@ def test_cli_on_the_tiny_world_writes_json_and_png(tiny_world, inits, tmp_path, 
         for s in buckets.values():
             assert set(s) == {"pearson", "spearman", "pairs"}
             assert (s["pearson"] is None) == (s["pairs"] < 3)
+    # the CLI's flags reach the analysis: the same numbers as the call with those arguments
+    api = correlation({"scratch": "scratch", "r18": inits["file"]}, det / "val.json", det / "images",
+                      seed=1, boxes_per_gt=20, max_images=6, threads=1)  # fmt: skip
+    assert result == json.loads(json.dumps(api))
     png = (out / "correlation.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     printed = capsys.readouterr().out

@@ -248,6 +248,18 @@ def test_contrastive_rpn_forward(head_and_inputs):
     torch.testing.assert_close(again[0], props)
     assert torch.equal(again[1], valid)
     assert rpn.anchors(feats, (20, 16))[0] is anchors  # cached
+    # crpn_recall is the recall of those proposals: each valid query's best IoU > 0.5, by hand
+    iou = box_iou(boxes[0][mask[0]], props[0][valid[0]])  # view 1 has no valid query
+    want = (iou.max(dim=1).values > 0.5).float().mean()
+    torch.testing.assert_close(metrics["crpn_recall"], want)
+    # the losses are those of the module's matching and sampling (same RNG draw), not of others
+    with torch.no_grad():
+        torch.manual_seed(0)  # the forward's draws, in its order: matching, then sampling
+        labels, matched = match_anchors(anchors, boxes, mask, fg_iou=0.5, bg_iou=rpn.cfg.bg_iou)
+        pos, neg = sample_anchors(labels, batch_per_view=16, positive_fraction=rpn.cfg.positive_fraction)
+        ref = rpn.losses(scores, hidden, q_reg, anchors, boxes, matched, pos, neg)
+    for k in ref:
+        torch.testing.assert_close(losses[k].detach(), ref[k])
 
 
 def test_jitter_proposals_has_the_crpn_interface():
