@@ -91,13 +91,26 @@ def test_cls_only_baseline_does_no_detection_work(tiny_cfg, make_batch):
     assert model.box_head is None and model.crpn is None and model.croi_head is None
     out = model(make_batch())
     assert set(out) == {"loss_cls", "valid_queries"}
+    # exactly the full model's classification term: same backbone + head init (built first), same batch
+    torch.manual_seed(0)
+    cls_only = build_predet(tiny_cfg("loss.crpn=false", "loss.info=false", "loss.croi_reg=false"), num_classes=5)
+    torch.manual_seed(0)
+    full = build_predet(tiny_cfg(), num_classes=5)
+    batch = make_batch(seed=7)
+    torch.testing.assert_close(cls_only(batch)["loss_cls"], full(batch)["loss_cls"])
 
 
 def test_crpn_only(tiny_cfg, make_batch):
+    torch.manual_seed(0)
     model = build_predet(tiny_cfg("loss.info=false", "loss.croi_reg=false"), num_classes=5)
-    out = model(make_batch())
+    batch = make_batch(seed=7)
+    torch.manual_seed(123)
+    out = model(batch)
     crpn_keys = {"loss_crpn_cls", "loss_crpn_reg", "crpn_recall"}
     assert set(out) == {"loss_cls", "valid_queries"} | crpn_keys
+    # the CRPN part of the full model, term for term (the CROI head is built and draws after it)
+    for k in ("loss_cls", *sorted(crpn_keys)):
+        assert math.isclose(out[k].item(), GOLDEN[k], rel_tol=1e-4, abs_tol=1e-6), (k, out[k].item())
 
 
 def test_loss_weights(tiny_cfg, make_batch):
