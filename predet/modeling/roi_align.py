@@ -45,6 +45,7 @@ def interp_weights(start: Tensor, length: Tensor, size: int, out: int, sr: int) 
     R = start.shape[0]
     k = (torch.arange(out * sr, device=start.device, dtype=start.dtype) + 0.5) / sr  # [out*sr]
     p = start[:, None] + k * (length[:, None] / out)  # [R, out*sr]
+    p = torch.nan_to_num(p, nan=-2.0)  # a NaN box (e.g. in a masked-out slot) samples nothing
     inside = (p >= -1.0) & (p <= size)
     p = p.clamp(min=0.0)
     low = p.floor().clamp(max=size - 1)
@@ -80,7 +81,10 @@ def roi_align_separable(
         raise ValueError("roi_align_separable needs a fixed sampling_ratio >= 1")
     B, C, H, Wd = x.shape
     n = boxes.shape[1]
-    b = boxes.reshape(B * n, 4).to(x.dtype) * spatial_scale
+    # coordinates and interpolation weights in float32 at least: in bfloat16 (8-bit mantissa) a
+    # box edge at x=100.3 would move by up to half a pixel (torchvision's kernel runs in float32)
+    cdtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    b = boxes.reshape(B * n, 4).to(cdtype) * spatial_scale
     if aligned:
         b = b - 0.5
     w = b[:, 2] - b[:, 0]
@@ -91,6 +95,7 @@ def roi_align_separable(
     wx = interp_weights(b[:, 0], w, Wd, output_size, sampling_ratio)  # [B*n, out, W]
     if weight is not None:
         wy = wy * weight.reshape(B * n, 1, 1).to(wy.dtype)
+    wy, wx = wy.to(x.dtype), wx.to(x.dtype)
     o = output_size
     # rows: [B, n*out, H] @ [B, H, C*W] -> [B, n*out, C*W]
     rows = torch.bmm(wy.view(B, n * o, H), x.permute(0, 2, 1, 3).reshape(B, H, C * Wd))

@@ -44,6 +44,26 @@ def test_single_level_matches_torchvision(aligned: bool, sr: int) -> None:
     torch.testing.assert_close(g_got, g_ref, rtol=0, atol=1e-12)
 
 
+def test_bfloat16_features_keep_float32_coordinates_and_nan_boxes_sample_nothing() -> None:
+    """bf16 features (CPU autocast): the box coordinates and weights stay float32, as in
+    torchvision's kernel (in bf16 a box edge near x=100 moved by up to half a pixel: errors of 0.2
+    against 0.005); a NaN box (a garbage masked-out slot) pools zeros instead of raising."""
+    g = torch.Generator().manual_seed(0)
+    B, n, C, H, W = 2, 9, 4, 40, 40
+    x = torch.randn(B, C, H, W, generator=g)
+    boxes = _boxes(g, B, n, 160.0) + 0.3  # off the bf16 grid (step 0.5 between 64 and 128)
+    ref = roi_align(x, list(boxes.unbind(0)), 7, spatial_scale=0.25, sampling_ratio=2, aligned=True)
+    xb = x.bfloat16()
+    got = roi_align_separable(xb, boxes, 7, 0.25, 2, aligned=True).reshape(ref.shape).float()
+    tv = roi_align(xb.float(), list(boxes.unbind(0)), 7, spatial_scale=0.25, sampling_ratio=2, aligned=True)
+    assert (got - ref).abs().max() < 4 * (tv - ref).abs().max() + 0.02  # bf16 rounding of values only
+    nan_boxes = boxes.clone()
+    nan_boxes[0, 0] = float("nan")
+    out = roi_align_separable(x, nan_boxes, 7, 0.25, 2, aligned=True)
+    assert torch.isfinite(out).all() and out[0, 0].abs().max() == 0
+    torch.testing.assert_close(out[0, 1:], roi_align_separable(x, boxes, 7, 0.25, 2, aligned=True)[0, 1:])
+
+
 def test_interp_weights_hand_example() -> None:
     # one bin, one sample at the centre of [1, 3] on a 4-cell axis: x = 2.0 -> all weight on 2;
     # a sample at 2.5 splits 0.5 / 0.5; beyond the end (size 4 -> x = 3.7) clamps to cell 3;
