@@ -341,11 +341,7 @@ def demo(
         sample = [f"data.max_images={max_images}"]
         # every file of the world read and checked now: an error costs no query pass, no pre-training
         entries, gts = _check_world(Path(world), pcfg, max_images)
-    if Path(out).exists() and not Path(out).is_dir():
-        raise UserError(f"--out {out} is a file, not a folder")
-    if Path(out).is_dir() and any(Path(out).iterdir()) and not overwrite:
-        raise UserError(f"--out {out} exists; pass --overwrite to replace it, or choose another --out")
-    out = prepare_run_dir(out, overwrite=overwrite)
+    out = prepare_run_dir(out, overwrite=overwrite, resumable=False)
     clock, t_start = _Clock(), time.time()
 
     done = clock.stage("world", f"1/6 {'world ' + str(world) if world else f'built-in {preset!r} world'} and its query boxes")

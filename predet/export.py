@@ -47,7 +47,7 @@ import torch
 import yaml
 
 from predet.errors import UserError
-from predet.utils import atomic_write_bytes, atomic_write_text, load_checkpoint, write_json
+from predet.utils import atomic_write_bytes, atomic_write_text, flatten_keys, load_checkpoint, write_json
 
 __all__ = [
     "run", "export_backbone", "extract_backbone", "extract_box_head", "to_detectron2", "backbone_metadata",
@@ -291,20 +291,10 @@ def detectron2_config(meta: Mapping[str, Any], weights: str | Path, norm: Option
     return {"MODEL": model, "INPUT": {"FORMAT": "RGB"}}
 
 
-def _flat(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in cfg.items():
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def train_net_command(d2_cfg: Mapping[str, Any], base: str = D2_BASE_CONFIG) -> str:
     """One shell line: detectron2's ``tools/train_net.py`` on ``base`` with ``d2_cfg``'s keys as options."""
     opts = []
-    for key, value in _flat(d2_cfg).items():
+    for key, value in flatten_keys(d2_cfg).items():
         text = "[" + ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) + "]" if isinstance(
             value, list) else str(value)  # fmt: skip
         opts += [key, text]

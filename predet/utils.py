@@ -9,7 +9,7 @@ import random
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -93,8 +93,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
-def prepare_run_dir(out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
-    """Create a run folder; an existing non-empty one needs ``resume`` or ``overwrite``."""
+def prepare_run_dir(out: str | Path, resume: bool = False, overwrite: bool = False, *, resumable: bool = True) -> Path:
+    """Create a run folder; an existing non-empty one needs ``resume`` or ``overwrite``
+    (``resumable=False``: a command without ``--resume``, whose error names ``--overwrite`` only)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"run folder {out} is a file, not a folder; choose another --out")
@@ -102,9 +103,8 @@ def prepare_run_dir(out: str | Path, resume: bool = False, overwrite: bool = Fal
         if resume:
             return out
         if not overwrite:
-            raise UserError(
-                f"run folder {out} exists; pass --resume to continue it or --overwrite to replace it"
-            )
+            how = "--resume to continue it or --overwrite to replace it" if resumable else "--overwrite to replace it"
+            raise UserError(f"run folder {out} exists; pass {how}")
         shutil.rmtree(out)
     elif resume and out.exists():
         raise UserError(
@@ -121,3 +121,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def flatten_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"a.b.c": leaf}`` (dotted keys, depth first)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

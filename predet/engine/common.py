@@ -19,7 +19,7 @@ import torch
 
 from predet import distributed as dist_utils
 from predet.errors import UserError
-from predet.utils import load_checkpoint, prepare_run_dir, save_checkpoint
+from predet.utils import flatten_keys, load_checkpoint, prepare_run_dir, save_checkpoint
 
 __all__ = [
     "scaled_lr",
@@ -156,20 +156,10 @@ def restore_scheduler(
         group["initial_lr"], group["lr"] = base, base * schedule(scheduler.last_epoch)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], sections: Sequence[str]) -> list[str]:
     """``key: old -> new`` for each key under ``sections`` (e.g. ``["model", "loss"]``) whose value
     differs between two configs given as nested dicts."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten_keys(old), flatten_keys(new)
     keys = sorted(k for k in set(a) | set(b) if k.split(".")[0] in sections and a.get(k) != b.get(k))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
 

@@ -113,6 +113,16 @@ class ToyPreDet(nn.Module):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    the CI machine's 2 cores are shared, and OpenMP spinning costs 5-10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def toy_data():
     """``toy_data(n=24, seed=0)``: the stand-in data."""
     return make_toy_data

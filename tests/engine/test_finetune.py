@@ -30,12 +30,7 @@ TINY = "configs/finetune/mask_rcnn_tiny_cpu.yaml"
 KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI machine's 2 cores are shared: OpenMP spinning costs 5-10x
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/engine/conftest.py
 
 
 def tiny_cfg(*overrides: str) -> FinetuneConfig:

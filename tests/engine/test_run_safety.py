@@ -19,12 +19,7 @@ from predet.modeling.detectors import build_detector, load_init
 TINY = "configs/finetune/mask_rcnn_tiny_cpu.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/engine/conftest.py
 
 
 def _cfg(det: Path, *overrides: str) -> FinetuneConfig:
