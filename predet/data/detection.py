@@ -114,9 +114,30 @@ def _check_annotations(gt: dict, path: Path) -> None:
         for key in ("image_id", "category_id", "bbox"):
             if key not in a:
                 raise UserError(f"{where} has no '{key}'")
+        for key in ("image_id", "category_id"):
+            if not isinstance(a[key], (int, str)) or isinstance(a[key], bool):
+                raise UserError(f"{where}: '{key}' must be an integer, got {json.dumps(a[key])[:60]}")
         box = a["bbox"]
         if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
             raise UserError(f"{where}: 'bbox' must be [x, y, width, height], got {json.dumps(box)[:60]}")
+
+
+def _check_references(gt: dict, path: Path) -> None:
+    """UserError naming the first annotation whose ``category_id`` is not among the file's
+    categories or whose ``image_id`` is not among its images (dropping it silently would leave
+    objects unannotated: false positives in training, missed ground truth in evaluation)."""
+    image_ids = set()
+    for img in gt["images"]:
+        if not isinstance(img, dict) or "id" not in img:
+            raise UserError(f"{path}: image {json.dumps(img)[:60]} has no 'id'")
+        image_ids.add(img["id"])
+    cat_ids = {c["id"] for c in gt["categories"]}
+    for a in gt["annotations"]:
+        where = f"{path}: annotation {a.get('id')} (image {a['image_id']})"
+        if a["category_id"] not in cat_ids:
+            raise UserError(f"{where} has category_id {a['category_id']!r}, which is not in 'categories'")
+        if a["image_id"] not in image_ids:
+            raise UserError(f"{where} refers to an image_id that is not in 'images'")
 
 
 def _check_file_names(gt: dict, path: Path) -> None:
@@ -131,6 +152,7 @@ def _load_annotations(path: Path) -> dict:
     """:func:`_read_json` with the fields checked, ``iscrowd`` and ``area`` filled in where absent."""
     gt = _read_json(path)
     _check_annotations(gt, path)
+    _check_references(gt, path)
     for ann in gt["annotations"]:
         ann.setdefault("iscrowd", 0)
         if "area" not in ann:

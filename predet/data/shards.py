@@ -9,7 +9,8 @@ Shard ``k`` (``OUT/shard-<k>.tar``) holds manifest entries ``[k * N, (k + 1) * N
 torchrun launch writes the shards with ``k % WORLD_SIZE == r``. ``OUT/shard-<k>.entries.json``
 records what the shard was written for (its entries' ``image`` strings and classes): on re-runs a
 shard whose record matches is skipped, any other (the manifest, the classes or ``--shard-size``
-changed, or a shard written before the record existed) is rewritten.
+changed, or a shard written before the record existed) is rewritten, and shards numbered beyond
+the manifest's last (an earlier run over a longer manifest) are removed.
 ``OUT/vocab.json`` carries the classes, ``OUT/failed.jsonl`` the unreadable images.
 Reading is :class:`predet.data.datasets.ShardDataset` (``data.format=shards``, ``data.shards=OUT``).
 """
@@ -76,7 +77,7 @@ def write_shards(
     world_size: int = 1,
 ) -> dict[str, int]:
     """Write this rank's missing or stale shards; returns counts (written, failed, shards
-    written/skipped/rewritten)."""
+    written/skipped/rewritten, and on rank 0 shards removed beyond the manifest's last)."""
     import webdataset as wds
 
     out = Path(out)
@@ -123,8 +124,28 @@ def write_shards(
         os.replace(tmp, path)
         counts["shards_written"] += 1
         counts["failed"] += len(failed)
+    if rank == 0:
+        counts["shards_removed"] = _remove_trailing(out, n_shards=-(-len(entries) // shard_size))
     _merge_failed(out)
     return counts
+
+
+def _remove_trailing(out: Path, *, n_shards: int) -> int:
+    """Delete the shards numbered ``n_shards`` and above, left by an earlier run over a longer
+    manifest or a smaller ``--shard-size``: the reader streams every ``*.tar`` of the folder, so
+    they would bring back images the manifest no longer holds. Returns how many were removed."""
+    removed = 0
+    for path in sorted(out.glob("shard-*.tar")):
+        stem = path.name[len("shard-") : -len(".tar")]
+        if not stem.isdigit() or int(stem) < n_shards:
+            continue
+        for extra in (out / f"shard-{stem}.entries.json", out / f"shard-{stem}.failed.jsonl"):
+            extra.unlink(missing_ok=True)
+        path.unlink()
+        removed += 1
+    if removed:
+        print(f"{out}: removed {removed} shards beyond the manifest's {n_shards} (left by an earlier, longer run)", flush=True)
+    return removed
 
 
 def _read_record(path: Path) -> Optional[dict]:

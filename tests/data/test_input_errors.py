@@ -92,6 +92,12 @@ COCO_CAT = {"id": 1, "name": "a"}
          "annotation 3 (image 7): 'bbox' must be [x, y, width, height], got [1, 2, 3]"),
         ([COCO_IMAGE], [{"id": 3, "image_id": 7, "bbox": [1, 2, 3, 4]}], [COCO_CAT],
          "annotation 3 (image 7) has no 'category_id'"),
+        ([COCO_IMAGE], [{"id": 3, "image_id": 7, "category_id": 2, "bbox": [1, 2, 3, 4]}], [COCO_CAT],
+         "annotation 3 (image 7) has category_id 2, which is not in 'categories'"),
+        ([COCO_IMAGE], [{"id": 3, "image_id": 8, "category_id": 1, "bbox": [1, 2, 3, 4]}], [COCO_CAT],
+         "annotation 3 (image 8) refers to an image_id that is not in 'images'"),
+        ([COCO_IMAGE], [{"id": 3, "image_id": [7], "category_id": 1, "bbox": [1, 2, 3, 4]}], [COCO_CAT],
+         "annotation 3 (image [7]): 'image_id' must be an integer, got [7]"),
         ([COCO_IMAGE], [], [{"id": 4}], "category 4 has no 'name' string"),
         ([{"id": 9, "width": 80, "height": 64}], [], [COCO_CAT], "image 9 has no 'file_name'"),
     ],
@@ -292,6 +298,20 @@ def test_data_shards_are_rewritten_when_their_entries_changed(tmp_path: Path, ca
     (out / "shard-000002.entries.json").unlink()
     c = write_shards(entries, labels, out, shard_size=2)
     assert (c["shards_skipped"], c["shards_rewritten"]) == (2, 1) and (out / "shard-000002.entries.json").exists()
+    # the manifest shrinks to 3 lines: the third shard would bring im/4 back, it is removed
+    (out / "shard-000002.failed.jsonl").write_text('{"image": "im/4.png", "reason": "x"}\n')
+    capsys.readouterr()
+    c = write_shards(entries[:3], labels[:3], out, shard_size=2)
+    assert (c["shards_skipped"], c["shards_rewritten"], c["shards_removed"]) == (1, 1, 1)
+    assert "removed 1 shards beyond the manifest's 2" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("shard-*")) == [
+        f"shard-{k:06d}.{x}" for k in range(2) for x in ("entries.json", "failed.jsonl", "tar")
+    ]  # fmt: skip
+    assert (out / "failed.jsonl").read_text() == ""
+    # a rank other than 0 removes nothing (rank 0 does, once)
+    (out / "shard-000007.tar").write_bytes(b"")
+    assert "shards_removed" not in write_shards(entries[:3], labels[:3], out, shard_size=2, rank=1, world_size=2)
+    assert (out / "shard-000007.tar").exists()
 
 
 # ---------------------------------------------------------------------------------------------
