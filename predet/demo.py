@@ -273,6 +273,8 @@ def _verdict(stats: dict[str, dict]) -> str:
     ap = {n: stats[n]["bbox"]["AP"] for n in INITS if n in stats}
     if len(ap) < 3 or any(v[0] is None for v in ap.values()):
         return "not every init has a box AP: no verdict"
+    if any(sd is None for _, sd in ap.values()):  # one fine-tune of an init: its noise is unmeasured
+        return "an init has one fine-tune with a box AP: no verdict on noise (use --seeds 2 or more)"
     (p, p_sd), others = ap["predet"], [ap["cls-only"], ap["scratch"]]
     margin = min(p - m for m, _ in others)
     noise = max(sd for _, sd in [ap["predet"], *others])

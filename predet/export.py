@@ -136,6 +136,11 @@ def extract_backbone(state: Mapping[str, Any], name: str = "state dict") -> dict
     }
     if "body.conv1.weight" not in out or not any(k.startswith("fpn.") for k in out):
         raise UserError(f"{name}: no backbone + FPN weights (keys backbone.body.*, backbone.fpn.*)")
+    if any(k.startswith("fpn.extra_blocks.p7.") for k in out):  # FPN on C3..C5 + P6/P7
+        raise UserError(
+            f"{name}: a RetinaNet backbone (FPN on C3-C5 with P6/P7): the exports are the P2-P6 FPN "
+            "of Mask / Faster R-CNN; export the pre-training run instead"
+        )
     for key in [k for k in out if k.endswith(".running_mean")]:
         counter = key.removesuffix("running_mean") + "num_batches_tracked"
         out.setdefault(counter, torch.tensor(0, dtype=torch.long))
@@ -427,8 +432,16 @@ def export_backbone(
                              source=_source(name, extra), name=name)  # fmt: skip
     out = Path(out)
     side = sidecar_path(out)
-    if side == out:
-        raise UserError(f"--out {out}: the weights need another suffix than the {side.suffix} sidecar")
+    if fmt == "detectron2" and out.suffix != ".pkl":
+        # detectron2's checkpointer unpickles only a .pkl; any other name goes to torch.load
+        raise UserError(f"--out {out}: a detectron2 export must end in .pkl (detectron2 reads other names with torch.load)")
+    if fmt == "torchvision" and out.suffix in (".pkl", ".json", ".yaml"):
+        raise UserError(f"--out {out}: a torchvision export needs a suffix such as .pth ({out.suffix} is detectron2's "
+                        "weights or an export's metadata)")  # fmt: skip
+    head_path = out.with_name(f"{out.stem}_box_head{out.suffix}")
+    for path in (out, side, head_path):
+        if path.is_dir():
+            raise UserError(f"--out {out}: {path} is a folder; give a file name")
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "detectron2":
         d2_cfg = detectron2_config(meta, out.resolve(), norm)
@@ -439,9 +452,10 @@ def export_backbone(
     _save_torch(backbone, out)
     written = [out]
     if head:
-        head_path = out.with_name(f"{out.stem}_box_head{out.suffix}")
         _save_torch(head, head_path)
         written.append(head_path)
+    else:  # an earlier export's head beside the file would be read with this backbone (read_init)
+        head_path.unlink(missing_ok=True)
     files = {"weights": out.name, "box_head": written[1].name if head else None}
     write_json(side, {"format": "torchvision", **files, **meta})
     return [*written, side]

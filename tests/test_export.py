@@ -188,3 +188,46 @@ def test_export_norm_option_errors(narrow_exports, tmp_path, capsys):
                  "--norm", "gn"]) == 2  # fmt: skip
     assert "--norm: only for --format detectron2" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "x.pth").exists()
+
+
+def test_export_out_names_are_checked(r50_ckpt, tmp_path, capsys):
+    path, _ = r50_ckpt
+    cases = [
+        ("detectron2", "model.pth", "a detectron2 export must end in .pkl"),
+        ("torchvision", "tv.pkl", "a torchvision export needs a suffix such as .pth"),
+        ("torchvision", "tv.json", "a torchvision export needs a suffix such as .pth"),
+        ("torchvision", "folder", "folder is a folder; give a file name"),
+    ]
+    (tmp_path / "folder").mkdir()
+    for fmt, name, message in cases:
+        assert main(["export", "--ckpt", str(path), "--format", fmt, "--out", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (name, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+def test_export_without_box_head_removes_a_stale_one(r50_ckpt, tmp_path):
+    from predet.modeling.detectors import read_init
+
+    path, _ = r50_ckpt
+    out = tmp_path / "predet.pth"
+    export_backbone(path, "torchvision", out, box_head=True)
+    assert "fc6.weight" in read_init(out)
+    assert export_backbone(path, "torchvision", out) == [out, tmp_path / "predet.json"]
+    assert not (tmp_path / "predet_box_head.pth").exists() and "fc6.weight" not in read_init(out)
+    # a head file the sidecar does not name (copied in by hand) is not read with the backbone
+    export_backbone(path, "torchvision", tmp_path / "other.pth", box_head=True)
+    (tmp_path / "other_box_head.pth").rename(tmp_path / "predet_box_head.pth")
+    assert "fc6.weight" not in read_init(out)
+    (tmp_path / "predet.json").unlink()  # without metadata, the sibling is the export's head
+    assert "fc6.weight" in read_init(out)
+
+
+def test_retinanet_backbone_is_not_exported(tmp_path):
+    from predet.modeling.backbone import build_backbone
+
+    backbone = build_backbone("resnet18", norm="frozenbn", fpn_channels=32, retinanet_levels=True)
+    with pytest.raises(UserError, match=r"a RetinaNet backbone \(FPN on C3-C5 with P6/P7\)"):
+        export_backbone({f"backbone.{k}": v for k, v in backbone.state_dict().items()}, "torchvision",
+                        tmp_path / "r.pth")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []

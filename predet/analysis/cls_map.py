@@ -4,7 +4,8 @@ The classification head of a pre-training run is scored on a fixed held-out slic
 that training never sees: per class, the average precision of the head's scores against the image
 tags (``cls_map``) and, when the world ships ``truth.jsonl``, against the true labels
 (``cls_map_true``); the mean is taken over the classes with at least one positive image. A
-classifier that knows nothing scores about the classes' label frequency (chance).
+classifier that knows nothing scores a little above the classes' label frequency
+(:func:`chance_map`, exact for a random ranking).
 
 AP is the non-interpolated average precision of the ranked list (scikit-learn's
 ``average_precision_score``): ``sum_k P@k * rel_k / #positives``; tied scores are ranked as one
@@ -33,12 +34,13 @@ __all__ = [
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     """AP of one class: ``scores [N]`` (higher = more confident), ``labels [N]`` (0/1).
 
-    Returns ``nan`` when there is no positive.
+    Returns ``nan`` when there is no positive, or when a score is not finite (a diverged head
+    must not rank its NaNs into a plausible number).
     """
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     labels = np.asarray(labels).reshape(-1) > 0
     npos = int(labels.sum())
-    if npos == 0:
+    if npos == 0 or not np.isfinite(scores).all():
         return float("nan")
     order = np.argsort(-scores, kind="stable")
     s, y = scores[order], labels[order]
@@ -53,22 +55,35 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
 def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     """Mean over classes of :func:`average_precision`; ``scores``, ``labels`` ``[N, K]``.
 
-    Classes without a positive image are left out; ``nan`` when no class has one.
+    Classes without a positive image are left out; ``nan`` when no class has one or when a
+    score is not finite.
     """
     scores, labels = np.asarray(scores), np.asarray(labels)
     if scores.shape != labels.shape or scores.ndim != 2:
         raise ValueError(f"scores {scores.shape} and labels {labels.shape} must both be [N, K]")
+    if not np.isfinite(scores).all():
+        return float("nan")
     aps = [average_precision(scores[:, k], labels[:, k]) for k in range(labels.shape[1])]
     aps = [a for a in aps if not np.isnan(a)]
     return float(np.mean(aps)) if aps else float("nan")
 
 
 def chance_map(labels: np.ndarray) -> float:
-    """Expected mAP of random scores: the mean label frequency over the classes with a positive."""
+    """Expected mAP of random scores (a uniformly random ranking), over the classes with a positive.
+
+    For a class with n positives among N images, E[AP] = (H_N + (n - 1) / (N - 1) * (N - H_N)) / N
+    with H_N = 1 + 1/2 + ... + 1/N: above the label frequency n / N when n is small (one positive
+    in 10 images: 0.293, not 0.1), tending to it as n grows.
+    """
     labels = np.asarray(labels) > 0
-    freq = labels.mean(axis=0)
-    freq = freq[labels.any(axis=0)]
-    return float(freq.mean()) if freq.size else float("nan")
+    N = labels.shape[0]
+    npos = labels.sum(axis=0)
+    npos = npos[npos > 0].astype(np.float64)
+    if not npos.size:
+        return float("nan")
+    h = float(np.sum(1.0 / np.arange(1, N + 1)))
+    slope = (npos - 1) / (N - 1) if N > 1 else np.zeros_like(npos)
+    return float(np.mean((h + slope * (N - h)) / N))
 
 
 class ClsEvaluator:

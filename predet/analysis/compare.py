@@ -53,13 +53,14 @@ def load_run_results(run: str | Path) -> tuple[str, dict]:
 
 
 def mean_std(values: Sequence[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
-    """Mean and sample standard deviation (ddof 1; 0 for one value) of the defined values."""
+    """Mean and sample standard deviation (ddof 1) of the defined values; the std is None for
+    one value (unmeasured, not 0: a single run says nothing about the noise)."""
     vals = [float(v) for v in values if v is not None]
     if not vals:
         return None, None
     mean = sum(vals) / len(vals)
     if len(vals) == 1:
-        return mean, 0.0
+        return mean, None
     return mean, (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
 
 
@@ -95,7 +96,7 @@ def _cell(stat: Optional[list], with_std: bool) -> str:
     mean, std = stat if stat else (None, None)
     if mean is None:
         return "-"
-    return f"{mean:.1f} ± {std:.1f}" if with_std else f"{mean:.1f}"
+    return f"{mean:.1f} ± {std:.1f}" if with_std and std is not None else f"{mean:.1f}"
 
 
 def compare(runs: Sequence[str | Path]) -> str:

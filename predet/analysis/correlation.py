@@ -95,13 +95,14 @@ MIN_PAIRS = 3
 # Statistics
 # --------------------------------------------------------------------------------------------
 def pearson(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
-    """Pearson's r of two equal-length samples; None for < 3 points or a constant sample."""
+    """Pearson's r of two equal-length samples; None for < 3 points, a constant sample or a value
+    that is not finite (a NaN similarity: undefined, not a number to plot)."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(
             f"pearson: expected two 1-D samples of one length, got {x.shape} and {y.shape}"
         )
-    if len(x) < MIN_PAIRS:
+    if len(x) < MIN_PAIRS or not (np.isfinite(x).all() and np.isfinite(y).all()):
         return None
     dx, dy = x - x.mean(), y - y.mean()
     sxx, syy = float(dx @ dx), float(dy @ dy)
@@ -122,9 +123,12 @@ def average_ranks(x: Sequence[float]) -> np.ndarray:
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
-    """Spearman's rho: Pearson's r of the average ranks (ties handled); None as :func:`pearson`."""
+    """Spearman's rho: Pearson's r of the average ranks (ties handled); None as :func:`pearson`
+    (a NaN would otherwise be ranked as the largest value)."""
     if len(x) != len(y):
         raise ValueError(f"spearman: samples of lengths {len(x)} and {len(y)}")
+    if not (np.isfinite(np.asarray(x, dtype=np.float64)).all() and np.isfinite(np.asarray(y, dtype=np.float64)).all()):
+        return None
     return pearson(average_ranks(x), average_ranks(y))
 
 
@@ -307,18 +311,8 @@ def _build(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # scratch: the random init is a function of the seed
         model = build_detector(cfg, ["object"], for_test=True)
-    if weights is not None:
-        report = load_init(model, str(weights), name=name)
-        unset = [
-            k
-            for k in report.missing
-            if k.startswith("body.") and not k.endswith("num_batches_tracked")
-        ]
-        if unset:  # e.g. a resnet18 file read as a resnet34: the extra blocks would stay random
-            raise UserError(
-                f"--init {weights}: leaves {len(unset)} tensors of a {spec['architecture']} body "
-                f"unset (e.g. {unset[0]}); is it that architecture?"
-            )
+    if weights is not None:  # a body of another depth (resnet18 read as resnet34) is an error there
+        load_init(model, str(weights), name=name)
     return model.eval()
 
 

@@ -39,6 +39,7 @@ from predet.config import FinetuneConfig, load_config
 from predet.data.detection import (
     DetectionDataset,
     collate_detection,
+    has_segmentation,
     infer_format,
     is_lvis,
     load_gt,
@@ -161,6 +162,8 @@ def evaluate_predictions(gt: dict, predictions: Sequence[dict], iou_types: Seque
     lvis = is_lvis(gt)
     if lvis:
         gt = _positive_area(gt)
+    if "segm" in iou_types:
+        gt = _crowd_boxes_as_masks(gt)
     coco_gt = _coco_from_dict(gt)
     results = {}
     for iou_type in iou_types:
@@ -191,6 +194,21 @@ def evaluate_predictions(gt: dict, predictions: Sequence[dict], iou_types: Seque
                 res[f"AP{group}"] = _summarize(E, cats=np.flatnonzero(freq == group))
         results[iou_type] = {k: _to_percent(v) for k, v in res.items()}
     return results
+
+
+def _crowd_boxes_as_masks(gt: dict) -> dict:
+    """``gt`` with each crowd annotation that has no mask given its box as one (a crowd region is
+    an ignore region: models train without its mask, but COCOeval's segm pass reads one for every
+    ground truth and failed on ``"segmentation": []`` or none)."""
+    if all(has_segmentation(a) or not a.get("iscrowd", 0) for a in gt["annotations"]):
+        return gt
+    anns = []
+    for a in gt["annotations"]:
+        if a.get("iscrowd", 0) and not has_segmentation(a):
+            x, y, w, h = a["bbox"]
+            a = {**a, "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]}
+        anns.append(a)
+    return {**gt, "annotations": anns}
 
 
 @torch.inference_mode()

@@ -66,7 +66,9 @@ def build_detector(cfg, classes: Sequence[str], *, for_test: bool = False) -> nn
         anchors = AnchorGenerator(
             tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in base), ((0.5, 1.0, 2.0),) * 5
         )  # 3 scales x 3 ratios per level, as retinanet_resnet50_fpn
-        return RetinaNet(backbone, num_classes, anchor_generator=anchors, score_thresh=m.score_thresh, **common)
+        model = RetinaNet(backbone, num_classes, anchor_generator=anchors, score_thresh=m.score_thresh, **common)
+        model.head.register_forward_hook(_float32_outputs)
+        return model
     anchors = None
     if sizes is not None:
         anchors = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * 5)
@@ -89,13 +91,32 @@ def build_detector(cfg, classes: Sequence[str], *, for_test: bool = False) -> nn
         max_size=m.max_size,
     )
     if m.arch == "faster_rcnn":
-        return FasterRCNN(backbone, None, **rcnn_args)
-    dim = m.mask_head_dim  # the heads of maskrcnn_resnet50_fpn, with a configurable width
-    mask_head = MaskRCNNHeads(backbone.out_channels, [dim] * 4, dilation=1)
-    mask_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=2,
-                                   canonical_scale=m.roi_canonical_scale)
-    return MaskRCNN(backbone, None, mask_roi_pool=mask_pool, mask_head=mask_head,
-                    mask_predictor=MaskRCNNPredictor(dim, dim, num_classes), **rcnn_args)  # fmt: skip
+        model = FasterRCNN(backbone, None, **rcnn_args)
+    else:
+        dim = m.mask_head_dim  # the heads of maskrcnn_resnet50_fpn, with a configurable width
+        mask_head = MaskRCNNHeads(backbone.out_channels, [dim] * 4, dilation=1)
+        mask_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=2,
+                                       canonical_scale=m.roi_canonical_scale)
+        model = MaskRCNN(backbone, None, mask_roi_pool=mask_pool, mask_head=mask_head,
+                         mask_predictor=MaskRCNNPredictor(dim, dim, num_classes), **rcnn_args)  # fmt: skip
+    model.rpn.head.register_forward_hook(_float32_outputs)
+    model.roi_heads.box_predictor.register_forward_hook(_float32_outputs)
+    return model
+
+
+def _float32_outputs(module: nn.Module, args, output):
+    """Forward hook: a head's outputs in float32. torchvision's ``BoxCoder.decode`` casts the
+    anchors / proposals to the dtype of the predicted deltas, so under bf16 autocast every box
+    came out in bf16 (8 significant bits: coordinates in 512..1024 px rounded to multiples of 4,
+    box AP lost at evaluation, proposals moved in training); detectron2 decodes in float32 the
+    same way (``Box2BoxTransform.apply_deltas``). A no-op without autocast."""
+    if isinstance(output, torch.Tensor):
+        return output.float() if output.is_floating_point() else output
+    if isinstance(output, dict):
+        return {k: _float32_outputs(module, args, v) for k, v in output.items()}
+    if isinstance(output, (list, tuple)):
+        return type(output)(_float32_outputs(module, args, v) for v in output)
+    return output
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,10 +198,14 @@ def read_init(init: str | Path) -> dict[str, torch.Tensor]:
     ``predet export --box-head`` writes the box head beside the backbone file as
     ``<stem>_box_head<suffix>``; when that file exists it is read too.
     """
+    from predet.export import read_sidecar  # export imports no model code: no cycle
+
     path = Path(init)
     state = _read_state(path)
     head = path.with_name(f"{path.stem}_box_head{path.suffix}")
-    if head.is_file():
+    meta = read_sidecar(path) if head.is_file() else None
+    # a head file the export's metadata does not name is another export's: left alone
+    if head.is_file() and (meta is None or meta.get("box_head") is not None):
         state = {**state, **_read_state(head)}
     return _normalise_keys(state)
 
@@ -216,6 +241,7 @@ def load_init(model: nn.Module, init: str, *, name: str | None = None) -> InitRe
     state = read_init(path)
     num_levels = len(model.backbone.fpn.inner_blocks)
     state = _shift_fpn(state, num_levels)
+    _check_norm_kind(state, targets, path)
     report = InitReport(name=name or path.stem, path=str(path), named=bool(name))
     with torch.no_grad():
         for key, value in state.items():
@@ -241,6 +267,48 @@ def load_init(model: nn.Module, init: str, *, name: str | None = None) -> InitRe
             "file or a ResNet state dict"
         )
     report.missing = sorted(k for k in backbone_keys if k not in set(report.loaded))
+    _check_body_depth(report, path)
     report.loaded.sort()
     report.unused.sort()
     return report
+
+
+def _check_norm_kind(state: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], path: Path) -> None:
+    """A BatchNorm file for a GroupNorm model or the reverse is a :class:`UserError` (the affine
+    weights have the same names and shapes: BN's would land in GN, or a frozen BN would keep
+    mean 0 / var 1 and never normalise). The same rule as ``check_init_sidecar``, read from the
+    tensors, so that it holds for a file without ``F.json`` (a ResNet, a copied export)."""
+    for key in state:
+        if key.startswith("body.") and key.endswith(".running_mean"):
+            weight = key.removesuffix("running_mean") + "weight"
+            if key not in targets and weight in targets:
+                raise UserError(f"--init {path}: BatchNorm statistics ('{key}') for a GroupNorm model "
+                                "(model.norm=gn): use model.norm=frozenbn, bn or syncbn")  # fmt: skip
+    for key in targets:
+        if key.startswith("body.") and key.endswith(".running_mean") and key not in state:
+            weight = key.removesuffix("running_mean") + "weight"
+            if weight in state:
+                raise UserError(f"--init {path}: '{weight}' has no BatchNorm statistics (a GroupNorm "
+                                "backbone?) for a BatchNorm model: use model.norm=gn")  # fmt: skip
+
+
+def _check_body_depth(report: InitReport, path: Path) -> None:
+    """A ResNet body of another depth of the same widths (R18 / R34, R50 / R101 / R152) matches
+    every shared tensor: a :class:`UserError` instead of a half-random body or a half-used file."""
+    loaded_body = [k for k in report.loaded if k.startswith("body.")]
+    if not loaded_body:
+        return  # an FPN-only or head-only file: nothing to compare
+    # BN's step counters are not weights (a frozen-BN file has none)
+    missing = [k for k in report.missing if k.startswith("body.") and not k.endswith("num_batches_tracked")]
+    unused = [k for k in report.unused if k.startswith("body.")]
+    if missing or unused:
+        def blocks(keys: list[str]) -> str:
+            return ", ".join(sorted({".".join(k.split(".")[1:3]) for k in keys})[:4])
+
+        raise UserError(
+            f"--init {path}: its ResNet body is not the model's (model.backbone of another depth?): "
+            + "; ".join(x for x in (
+                f"{len(missing)} body tensors of the model are not in the file ({blocks(missing)}...)" if missing else "",
+                f"{len(unused)} of the file are not in the model ({blocks(unused)}...)" if unused else "",
+            ) if x)  # fmt: skip
+        )

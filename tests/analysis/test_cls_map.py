@@ -53,11 +53,23 @@ def test_map_skips_classes_without_positives_and_chance() -> None:
     labels = np.array([[1, 0, 0], [0, 1, 0], [0, 1, 0]])
     # class 0: AP 1; class 1: ranks 0.8(+) 0.3(+) 0.1(-) -> 1; class 2 has no positive
     assert mean_average_precision(scores, labels) == pytest.approx(1.0)
-    assert chance_map(labels) == pytest.approx((1 / 3 + 2 / 3) / 2)
-    # random scores average to about the label frequency
+    # exact E[AP] of a random ranking, N = 3: 1 positive -> (1 + 1/2 + 1/3) / 3; 2 positives -> the
+    # mean over the 3 places of the negative, APs 1, 5/6 and 7/12: 0.8056
+    perms = [(1, 1, 0), (1, 0, 1), (0, 1, 1)]
+    two = np.mean([average_precision(np.array([3.0, 2.0, 1.0]), np.array(p)) for p in perms])
+    assert chance_map(labels) == pytest.approx(((1 + 1 / 2 + 1 / 3) / 3 + two) / 2)
+    assert chance_map(np.eye(10)[:, :1]) == pytest.approx(sum(1 / k for k in range(1, 11)) / 10)  # 0.293
+    # random scores average to chance, sparse classes included (where it is well above n / N)
     rng = np.random.default_rng(1)
-    y = rng.random((4000, 5)) < np.array([0.05, 0.1, 0.2, 0.3, 0.5])
-    assert mean_average_precision(rng.random(y.shape), y) == pytest.approx(chance_map(y), abs=0.02)
+    y = rng.random((256, 6)) < np.array([0.01, 0.03, 0.1, 0.2, 0.3, 0.5])
+    draws = [mean_average_precision(rng.random(y.shape), y) for _ in range(400)]
+    assert np.mean(draws) == pytest.approx(chance_map(y), abs=3 * np.std(draws) / 20)
+    assert chance_map(y) > y.mean(axis=0).mean() + 0.01
+    # a score that is not finite makes the mAP NaN, whatever the other scores
+    bad = scores.copy()
+    bad[1, 0] = np.nan
+    assert np.isnan(mean_average_precision(bad, labels)) and np.isnan(average_precision(bad[:, 0], labels[:, 0]))
+    assert np.isnan(mean_average_precision(np.full((3, 3), np.nan), labels))
     with pytest.raises(ValueError):
         mean_average_precision(scores, labels[:2])
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from predet.analysis.compare import compare
+from predet.analysis.compare import compare, mean_std
 from predet.cli import main
 
 
@@ -71,7 +71,7 @@ def test_seeds_of_one_init_make_one_mean_std_row(tmp_path: Path) -> None:
         "| init | n | AP^bb | AP^bb_50 | AP^bb_75 | ΔAP^bb vs scratch |\n"
         "|---|---:|---:|---:|---:|---:|\n"
         "| predet | 3 | 16.0 ± 2.0 | 30.0 ± 2.0 | 15.0 ± 2.0 | +5.5 |\n"
-        "| scratch | 2 | 10.5 ± 0.7 | 21.0 ± 1.4 | 9.0 ± 0.0 | +0.0 |\n"
+        "| scratch | 2 | 10.5 ± 0.7 | 21.0 ± 1.4 | 9.0 | +0.0 |\n"
     )
 
 
@@ -86,8 +86,23 @@ def test_two_files_of_one_stem_are_two_rows_a_given_name_one(tmp_path: Path) -> 
     assert compare(stems) == (
         "| init | n | AP^bb | AP^bb_50 | AP^bb_75 |\n|---|---:|---:|---:|---:|\n"
         "| backbone (exp/predet/backbone.pth) | 2 | 11.0 ± 1.4 | 22.0 ± 2.8 | 11.0 ± 1.4 |\n"
-        "| backbone (exp/cls/backbone.pth) | 1 | 30.0 ± 0.0 | 60.0 ± 0.0 | 30.0 ± 0.0 |\n"
+        "| backbone (exp/cls/backbone.pth) | 1 | 30.0 | 60.0 | 30.0 |\n"
     )
     # `name=predet` on the exports of two pre-training seeds (the demo's --pretrain-seeds): one row
     named = [run("p0", "predet", "d/predet.pth", 10.0, True), run("p1", "predet", "d/predet-p1.pth", 14.0, True)]
     assert compare(named).splitlines()[-1] == "| predet | 2 | 12.0 ± 2.8 | 24.0 ± 5.7 | 12.0 ± 2.8 |"
+
+
+def test_demo_verdict_needs_the_noise_of_every_row() -> None:
+    from predet.demo import _verdict
+
+    def stats(*aps: list) -> dict:
+        return {n: {"bbox": {"AP": list(mean_std(v))}} for n, v in zip(("predet", "cls-only", "scratch"), aps)}
+
+    assert mean_std([30.1]) == (30.1, None)
+    # one fine-tune per init: a margin of 0.1 over an unmeasured noise is no verdict
+    assert _verdict(stats([30.1], [30.0], [29.9])) == (
+        "an init has one fine-tune with a box AP: no verdict on noise (use --seeds 2 or more)")
+    assert _verdict(stats([3.0, 3.2], [2.0, 2.2], [1.0, 1.4])) == (
+        "PreDet box AP 3.1 ± 0.1: +1.0 over the better of cls-only/scratch, largest std 0.3 -> beyond noise")
+    assert _verdict(stats([3.0, 3.2], [2.0, 3.0], [1.0, 1.4])).endswith("largest std 0.7 -> NOT beyond noise")

@@ -67,6 +67,8 @@ def test_pearson_and_spearman_on_hand_made_cases():
     assert pearson([1, 2], [3, 4]) is None and spearman([1, 2], [3, 4]) is None
     assert pearson([1, 1, 1, 1], [1, 2, 3, 4]) is None and spearman([1, 2, 3], [5, 5, 5]) is None
     assert bucket_stats([], []) == {"pearson": None, "spearman": None, "pairs": 0}
+    # a NaN similarity leaves both undefined (Spearman ranked it as the largest value: 0.6)
+    assert bucket_stats([0.1, 0.2, 0.3, 0.4], [1, np.nan, 2, 3]) == {"pearson": None, "spearman": None, "pairs": 4}
     assert bucket_stats([1, 2, 3, 4], [1, 3, 2, 4]) == {"pearson": 0.8, "spearman": 0.8, "pairs": 4}
 
 
@@ -241,7 +243,7 @@ def test_architecture_and_width_come_from_the_tensors_or_the_sidecar(inits, tmp_
     side.write_text(json.dumps({**meta, "architecture": "resnet34"}))
     assert _describe_file(weights)["architecture"] == "resnet34"  # the sidecar is what is read ...
     det = tiny_world / "det"
-    with pytest.raises(UserError, match="e.pth: leaves 80 tensors of a resnet34 body unset"):
+    with pytest.raises(UserError, match=r"e.pth: its ResNet body is not the model's .*: 80 body tensors of the model are not in the file"):
         correlation({"e": weights}, det / "val.json", det / "images", max_images=1)  # not silently
     side.write_text(json.dumps({**meta, "architecture": "resnet50"}))
     with pytest.raises(UserError, match="shape"):  # bottleneck blocks: the tensors' shapes differ

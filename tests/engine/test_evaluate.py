@@ -260,3 +260,27 @@ def test_lvis_zero_area_items_count_for_nothing() -> None:
                    if (d["bbox"][2] * d["bbox"][3] if iou_type == "bbox" else mask_utils.area(d["segmentation"])) > 0]
         assert len(nonzero) < len(dets)
         assert evaluate_predictions(gt, dets, (iou_type,)) == evaluate_predictions(positive_gt, nonzero, (iou_type,))
+
+
+@pytest.mark.parametrize("crowd_segm", ["absent", [], "box polygon"])
+def test_segm_ap_with_a_crowd_region_without_mask(crowd_segm) -> None:
+    """A crowd annotation without a mask is scored in segm as its box (an ignore region): the
+    prediction inside it is ignored, not a false positive, and nothing crashes."""
+    def poly(x, y, w, h):
+        return [[x, y, x + w, y, x + w, y + h, x, y + h]]
+
+    def rle(x, y, w, h):
+        r = mask_utils.merge(mask_utils.frPyObjects(poly(x, y, w, h), 50, 50))
+        return {**r, "counts": r["counts"].decode()}
+
+    crowd = {"id": 2, "image_id": 1, "category_id": 1, "bbox": [30, 30, 15, 15], "area": 225, "iscrowd": 1}
+    if crowd_segm != "absent":
+        crowd["segmentation"] = poly(30, 30, 15, 15) if crowd_segm == "box polygon" else crowd_segm
+    gt = {"images": [{"id": 1, "width": 50, "height": 50, "file_name": "1.jpg"}], "categories": [{"id": 1, "name": "a"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20], "area": 400,
+                           "iscrowd": 0, "segmentation": poly(5, 5, 20, 20)}, crowd]}  # fmt: skip
+    preds = [{"image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20], "score": 0.6, "segmentation": rle(5, 5, 20, 20)},
+             {"image_id": 1, "category_id": 1, "bbox": [32, 32, 10, 10], "score": 0.9, "segmentation": rle(32, 32, 10, 10)}]  # fmt: skip
+    res = evaluate_predictions(gt, preds, ("bbox", "segm"))
+    assert res["segm"]["AP"] == pytest.approx(100.0) and res["bbox"]["AP"] == pytest.approx(100.0)
+    assert "segmentation" not in crowd or crowd["segmentation"] in ([], poly(30, 30, 15, 15))  # gt not modified
