@@ -59,9 +59,15 @@ def _ragged(arrays: Sequence[np.ndarray], dtype: Any, width: Optional[int] = Non
 
 def draft_side(transform: TwoViewTransform) -> int:
     """Short side a JPEG may be decoded at (libjpeg draft) without losing view resolution: the
-    smallest crop (``crop_scale[0]`` of the area) must still hold ``size`` pixels per side."""
-    min_scale = transform.crop_scale[0] if transform.crop else 1.0
-    return int(math.ceil(transform.size / math.sqrt(max(min_scale, 1e-3))))
+    smallest crop (``crop_scale[0]`` of the area, at the most elongated ``crop_ratio``) must still
+    hold ``size`` pixels on its short side. For a square image of side s that side is
+    ``s * sqrt(scale / max_ratio)``; a longer image only has more."""
+    if not transform.crop:
+        return int(transform.size)
+    min_scale = max(transform.crop_scale[0], 1e-3)
+    r0, r1 = transform.crop_ratio
+    elongation = max(r1, 1.0 / r0, 1.0)
+    return int(math.ceil(transform.size * math.sqrt(elongation / min_scale)))
 
 
 def _init_cv2_threads() -> None:

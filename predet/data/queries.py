@@ -4,13 +4,15 @@ Cache layout (``predet data queries --out DIR``): ``DIR/queries-<shard>.npz`` wi
 manifest's ``image`` strings), ``paths`` (resolved files), ``offsets`` (int64, ``len(images)+1``),
 ``boxes`` (float32 ``[total, 4]`` XYXY in original-image pixels, i.e. after EXIF rotation),
 ``scores`` (float32 ``[total]``), ``failed_images``/``failed_reasons``, ``entries`` (the ``image``
-strings of every entry the shard was computed for, in order); plus ``DIR/failed.jsonl``.
+strings of every entry the shard was computed for, in order), ``params`` (the
+:class:`QueryParams` as JSON); plus ``DIR/failed.jsonl``.
 Shard ``k`` holds manifest entries ``[k * shard_size, (k + 1) * shard_size)``; rank ``r`` of a
 torchrun launch computes the shards with ``k % WORLD_SIZE == r``; a finished shard file is skipped
-on re-runs (resumable) when it was computed for the same entries, else it is recomputed (a
-manifest with lines added or removed, another ``--shard-size``). A shard written before
-``entries`` was recorded counts as finished when its ``images`` and ``failed_images`` are the
-shard's entries.
+on re-runs (resumable) when it was computed for the same entries with the same parameters, else it
+is recomputed (a manifest with lines added or removed, another ``--shard-size``, ``--method``,
+``--max-boxes``...), and shards numbered beyond the manifest's last are removed (their boxes and
+failure records would be read with the cache). A shard written before ``entries`` / ``params``
+were recorded counts as finished when its ``images`` and ``failed_images`` are the shard's entries.
 
 EdgeBoxes needs an edge map and an orientation map. The structured-edge model cannot be shipped,
 so the default edge map is the colour gradient magnitude (Gaussian-smoothed Sobel, max over
@@ -29,7 +31,7 @@ import multiprocessing as mp
 import os
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -254,9 +256,11 @@ def write_query_file(
     scores: Sequence[np.ndarray],
     failed: Sequence[tuple[str, str]] = (),
     entries: Optional[Sequence[str]] = None,
+    params: Optional[QueryParams] = None,
 ) -> None:
     """Write one cache shard atomically (temp file + rename). ``entries``: the manifest strings the
-    shard was computed for, in order (default: ``images`` then the failed ones)."""
+    shard was computed for, in order (default: ``images`` then the failed ones); ``params``: how
+    its boxes were computed (recorded, when given, for :func:`shard_covers`)."""
     path = Path(path)
     if entries is None:
         entries = [*images, *(f[0] for f in failed)]
@@ -273,16 +277,25 @@ def write_query_file(
         failed_images=np.array([f[0] for f in failed], dtype=np.str_),
         failed_reasons=np.array([f[1] for f in failed], dtype=np.str_),
         entries=np.array(list(entries), dtype=np.str_),
+        **({} if params is None else {"params": np.array(params_record(params), dtype=np.str_)}),
     )
     os.replace(tmp, path)
 
 
-def shard_covers(path: str | os.PathLike, images: Sequence[str]) -> bool:
+def params_record(params: QueryParams) -> str:
+    """The parameters of a query computation as a canonical JSON string (stored in each shard)."""
+    return json.dumps(asdict(params), sort_keys=True)
+
+
+def shard_covers(path: str | os.PathLike, images: Sequence[str], params: Optional[QueryParams] = None) -> bool:
     """Whether the cache shard ``path`` exists and was computed for exactly ``images`` (manifest
     strings, in order; a shard without the ``entries`` record: as a multiset of its images and
-    failed images). An unreadable file does not cover anything."""
+    failed images) and, when ``params`` is given and the shard recorded its own, with those
+    parameters. An unreadable file does not cover anything."""
     try:
         with np.load(path) as z:
+            if params is not None and "params" in z.files and str(z["params"]) != params_record(params):
+                return False
             if "entries" in z.files:
                 return z["entries"].tolist() == list(images)
             return sorted(z["images"].tolist() + z["failed_images"].tolist()) == sorted(images)
@@ -401,13 +414,13 @@ def cache_queries(
     todo, stale = [], 0
     for k, es in shards:
         path = out / f"queries-{k:06d}.npz"
-        if path.exists() and shard_covers(path, [e.image for e in es]):
+        if path.exists() and shard_covers(path, [e.image for e in es], params):
             continue
         if path.exists():
             stale += 1
             print(f"{path}: computed for other images than the manifest's entries {k * shard_size}.."
-                  f"{k * shard_size + len(es) - 1} (the manifest or --shard-size changed): recomputing it",
-                  flush=True)  # fmt: skip
+                  f"{k * shard_size + len(es) - 1} or with other parameters (the manifest, --shard-size or "
+                  "a query option changed): recomputing it", flush=True)  # fmt: skip
         todo.append((k, es))
     counts = {"images": 0, "failed": 0, "boxes": 0, "shards_skipped": len(shards) - len(todo),
               "shards_recomputed": stale}  # fmt: skip
@@ -430,7 +443,7 @@ def cache_queries(
                 boxes.append(b)
                 scores.append(s)
             write_query_file(out / f"queries-{k:06d}.npz", images=images, paths=paths, boxes=boxes, scores=scores,
-                             failed=failed, entries=[e.image for e in es])  # fmt: skip
+                             failed=failed, entries=[e.image for e in es], params=params)  # fmt: skip
             counts["images"] += len(images)
             counts["failed"] += len(failed)
             counts["boxes"] += sum(len(b) for b in boxes)
@@ -439,8 +452,25 @@ def cache_queries(
         if pool is not None:
             pool.close()
             pool.join()
+    if rank == 0:
+        counts["shards_removed"] = _remove_trailing(out, n_shards=-(-len(entries) // shard_size))
     _merge_failed(out)
     return counts
+
+
+def _remove_trailing(out: Path, *, n_shards: int) -> int:
+    """Delete the shards numbered ``n_shards`` and above (an earlier run over a longer manifest or
+    with a smaller ``--shard-size``): :class:`QueryCache` reads every ``queries-*.npz``, and their
+    boxes and failure records would override the fresh ones. Returns how many were removed."""
+    removed = 0
+    for path in sorted(out.glob("queries-*.npz")):
+        stem = path.stem.removeprefix("queries-")
+        if stem.isdigit() and int(stem) >= n_shards:
+            path.unlink()
+            removed += 1
+    if removed:
+        print(f"{out}: removed {removed} query shards beyond the manifest's {n_shards} (left by an earlier run)", flush=True)
+    return removed
 
 
 def read_truth_boxes(truth: str | os.PathLike) -> list[tuple[str, np.ndarray]]:

@@ -243,6 +243,17 @@ def test_query_cache_recomputes_shards_whose_entries_changed(tmp_path: Path, cap
     cache = QueryCache(out)
     assert all(cache.get(e.image) is not None for e in entries)
     assert cache_queries(entries, out, p, shard_size=2, progress=False)["shards_skipped"] == 3
+    # other parameters: every shard is recomputed with them (the boxes of max_boxes=5 were kept)
+    capsys.readouterr()
+    again = cache_queries(entries, out, QueryParams(max_boxes=1), shard_size=2, progress=False)
+    assert (again["shards_skipped"], again["shards_recomputed"]) == (0, 3)
+    assert "or with other parameters" in capsys.readouterr().out
+    assert all(len(QueryCache(out).get(e.image)[0]) == 1 for e in entries)
+    # a larger --shard-size: shards 1 and 2 of the old layout would be read over the new ones
+    (out / "queries-000002.npz").rename(out / "queries-000007.npz")
+    again = cache_queries(entries, out, QueryParams(max_boxes=1), shard_size=3, progress=False)
+    assert (again["shards_recomputed"], again["shards_removed"]) == (2, 1)
+    assert sorted(f.name for f in out.glob("queries-*.npz")) == ["queries-000000.npz", "queries-000001.npz"]
 
 
 def test_query_cache_without_entries_record_is_judged_by_its_contents(tmp_path: Path) -> None:

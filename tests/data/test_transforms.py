@@ -249,3 +249,20 @@ def test_from_config_switches() -> None:
     assert torch.allclose(out["view1"], want, atol=0.03)  # 2x2 means, +-1 uint8 level of rounding
     assert torch.equal(out["view1"], out["view2"])
     assert out["boxes1"].tolist() == [[0.0, 0.0, 16.0, 16.0]]
+
+
+@pytest.mark.parametrize("size, scale", [(64, 0.35), (480, 0.2)])
+def test_draft_side_keeps_the_smallest_crop_at_view_resolution(size: int, scale: float) -> None:
+    """A square image decoded at draft_side: every crop's short side still holds the view's size
+    (the most elongated crop of the smallest area sets it: 0.87x that of a square crop)."""
+    from predet.data.datasets import draft_side
+    from predet.data.transforms import sample_crop
+
+    t = TwoViewTransform(size, crop_scale=(scale, 1.0))
+    side = draft_side(t)
+    # the bound is tight: at scale_min and aspect 4/3 the short side is size (up to rounding)
+    assert side == int(np.ceil(size * np.sqrt((4 / 3) / scale)))
+    g = torch.Generator().manual_seed(0)
+    shortest = min(min(sample_crop(side, side, t.crop_scale, t.crop_ratio, g)[2:]) for _ in range(4000))
+    assert size - 1 <= shortest < size * 1.05
+    assert draft_side(TwoViewTransform(size, crop=False)) == size
