@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from predet.config import PretrainConfig, load_config
+from predet.engine.common import resolve_device
 from predet.errors import UserError
 from predet.modeling.predet import PreDet, build_predet
 
@@ -59,17 +60,8 @@ def random_batch(
         "boxes2": boxes(),
         "query_mask": torch.ones(num_images, num_queries, dtype=torch.bool),
         "labels": labels,
+        "has_queries": True,  # set on the host, as the pre-training's loop does: no device wait
     }
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device: 'cuda' requested but no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"train.device: unknown device '{name}' (auto, cpu or cuda)")
-    return torch.device(name)
 
 
 class SectionTimer:
@@ -196,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     if args.iters < 1:
         raise UserError(f"--iters: must be >= 1, got {args.iters}")
-    device = _device(cfg.train.device)
+    device = torch.device(resolve_device(cfg.train.device))  # as pretrain reads it
     torch.manual_seed(cfg.seed)
     num_classes = cfg.model.num_classes or DEFAULT_NUM_CLASSES
     predet = build_predet(cfg, num_classes)
@@ -217,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         seed=cfg.seed,
     )  # fmt: skip
     batch = {
-        k: (v.to(device, memory_format=fmt) if v.dim() == 4 else v.to(device))
+        k: (v if not isinstance(v, torch.Tensor) else v.to(device, memory_format=fmt) if v.dim() == 4 else v.to(device))
         for k, v in batch.items()
     }
 

@@ -56,6 +56,8 @@ def test_random_batch_is_a_valid_collated_batch():
         assert (boxes >= 0).all() and (boxes <= 96).all()
         assert (wh >= 9.6 - 1e-4).all() and (wh <= 57.6 + 1e-4).all()
     assert b["query_mask"].all() and (b["labels"].sum(1) >= 1).all()
+    # read on the host as the pre-training loop does: the model's forward never waits for it
+    assert b["has_queries"] is True
     assert torch.equal(random_batch(3, 5, 96, 7, seed=1)["boxes1"], b["boxes1"])
 
 

@@ -310,12 +310,18 @@ def save_training_checkpoint(
             shutil.copyfile(step_file, tmp)
         os.replace(tmp, last)
         if keep_last > 0:
-            periodic_files = sorted(last.parent.glob("step_*.pt"))
+            # by step number: as text, step_1000000 sorts before step_999999
+            periodic_files = sorted(last.parent.glob("step_*.pt"), key=_step_of)
             for old in periodic_files[:-keep_last]:
                 old.unlink()
     else:
         save_checkpoint(state, last)
     return last
+
+
+def _step_of(path: Path) -> int:
+    stem = path.stem.removeprefix("step_")
+    return int(stem) if stem.isdigit() else -1
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -56,7 +56,7 @@ from predet.engine.common import (
 )
 from predet.data.stream import epoch_permutation
 from predet.engine.evaluate import evaluate_run, format_results
-from predet.engine.loop import Checkpointer, restore_rng, train
+from predet.engine.loop import Checkpointer, restore_log_window, restore_rng, train
 from predet.errors import UserError
 from predet.export import check_init_sidecar
 from predet.modeling.detectors import build_detector, init_widths, load_init
@@ -309,6 +309,7 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
         logger=log.metric_logger, checkpointer=checkpointer, log_every=cfg.train.log_every,
         images_per_step=cfg.train.batch_size * world, clip_grad=cfg.train.clip_grad, progress=progress and main,
         autocast=functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_amp),
+        log_window=restore_log_window(state.get("log_window")) if state is not None else None,
     )  # fmt: skip
     distributed.barrier()
     # rank 0 alone evaluates, with no collective: the other ranks return now instead of waiting

@@ -36,7 +36,7 @@ from predet.engine.common import (
 )
 from predet.utils import seed_everything
 
-__all__ = ["train", "Checkpointer", "restore_rng"]
+__all__ = ["train", "Checkpointer", "restore_rng", "restore_log_window"]
 
 
 class Checkpointer:
@@ -65,18 +65,22 @@ class Checkpointer:
         self.extra_state = extra_state or dict
         self.last_good = last_good  # named in the error of a non-finite loss
 
-    def save(self, step: int) -> None:
-        rngs: list[Any] = [get_rng_state()]
+    def save(self, step: int, log_window: Optional[dict[str, Any]] = None) -> None:
+        """``log_window``: this rank's metrics window not yet logged (see :func:`train`), kept
+        per rank beside the RNG states so that a resumed run logs the rows it would have."""
+        mine = (get_rng_state(), log_window)
+        per_rank: list[Any] = [mine]
         if dist_utils.is_initialized():  # a collective: every rank gets here
-            rngs = [None] * dist_utils.world_size()
-            torch.distributed.all_gather_object(rngs, get_rng_state())
+            per_rank = [None] * dist_utils.world_size()
+            torch.distributed.all_gather_object(per_rank, mine)
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": step,
-            "rng": rngs,
+            "rng": [r for r, _ in per_rank],
+            "log_window": [w for _, w in per_rank],
             **self.extra_state(),
         }
         if dist_utils.is_main():
@@ -84,6 +88,15 @@ class Checkpointer:
                 state, self.run_dir, periodic=step % self.every == 0, keep_last=self.keep_last
             )
         dist_utils.barrier()
+
+
+def restore_log_window(windows: Any) -> Optional[dict[str, Any]]:
+    """This rank's unlogged metrics window from a checkpoint's ``log_window`` (one per rank), or
+    None (a checkpoint without one, or of a run with another number of processes)."""
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    if isinstance(windows, list) and len(windows) == world and isinstance(windows[rank], dict):
+        return windows[rank]
+    return None
 
 
 def restore_rng(rngs: Any, *, seed: int) -> None:
@@ -118,6 +131,7 @@ def train(
     progress: bool = True,
     evaluate: Optional[Callable[[], dict[str, float]]] = None,
     eval_every: int = 0,
+    log_window: Optional[dict[str, Any]] = None,
 ) -> None:
     """Train steps ``start+1 .. stop``.
 
@@ -130,10 +144,19 @@ def train(
         autocast: returns the forward's autocast context.
         evaluate: held-out metrics (e.g. ``cls_map``), computed every ``eval_every`` steps and at
             ``stop``, logged with that step's row (or a row of their own between log steps).
+        log_window: the metrics of the steps since the last logged row at ``start``, as saved in
+            the checkpoint resumed from (:func:`restore_log_window`): the next row averages them
+            too, as the uninterrupted run's does.
+
+    The gradient norm is read with the step's values; without a float16 ``GradScaler`` (which
+    skips such steps itself) a non-finite one stops the run before the update, like a loss.
     """
     scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
     params = [p for p in model.parameters() if p.requires_grad]
     window, window_start = _Window(), time.perf_counter()
+    if log_window is not None:
+        window = _Window.from_state(log_window["window"])
+        window_start -= float(log_window["elapsed"])
     bar = tqdm(total=stop, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     model.train()
     for step in range(start + 1, stop + 1):
@@ -144,18 +167,20 @@ def train(
             raise RuntimeError(f"the model returned no loss_* term (got {sorted(outputs)})")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        checked: dict[str, torch.Tensor] = {**outputs, "loss": loss}
         extra: dict[str, torch.Tensor] = {}
-        if clip_grad:
+        if clip_grad or not scaler.is_enabled():
             scaler.unscale_(optimizer)
-            # logged: how much clipping scales the step down (norm before clipping)
-            extra["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            # logged: how much clipping scales the step down (the norm before clipping); without
+            # clipping, the norm alone (max_norm inf scales by 1)
+            norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or math.inf)
+            # a float16 scaler's skipped steps have an inf norm: logged, not checked
+            (extra if scaler.is_enabled() else checked)["grad_norm"] = norm
         # the step's one device -> host read (DDP's flag included), after the backward and before
         # the update: the backward is queued without waiting for the forward (issue 11), and a
-        # non-finite loss still stops the run before it reaches the weights. (A float16 run's
-        # GradScaler reads its inf flag in scaler.step once more.)
-        values = _check_finite(
-            {**outputs, "loss": loss}, step=step, last_good=checkpointer.last_good, extra=extra
-        )
+        # non-finite loss or gradient still stops the run before it reaches the weights. (A float16
+        # run's GradScaler reads its inf flag in scaler.step once more.)
+        values = _check_finite(checked, step=step, last_good=checkpointer.last_good, extra=extra)
         scaler.step(optimizer)
         scaler.update()
         lr = optimizer.param_groups[0]["lr"]  # the lr this step used
@@ -178,7 +203,9 @@ def train(
         elif evals:
             logger.log({"step": step, **evals})
         if step % checkpointer.every == 0 or step == stop:
-            checkpointer.save(step)
+            t_save = time.perf_counter()
+            checkpointer.save(step, {"window": window.state(), "elapsed": t_save - window_start})
+            window_start += time.perf_counter() - t_save  # images_per_s counts training only
     bar.close()
 
 
@@ -193,7 +220,7 @@ def _check_finite(
     checked: e.g. a float16 run's ``grad_norm`` is inf on the steps its scaler skips); a
     :class:`NonFiniteLossError` on every rank when any rank has a non-finite value in
     ``outputs``, naming the step and the first such term (``loss_*``, metrics, ``loss``)."""
-    names = sorted(outputs, key=lambda k: (not k.startswith("loss_"), k == "loss"))
+    names = sorted(outputs, key=lambda k: (not k.startswith("loss_"), k in ("loss", "grad_norm"), k == "grad_norm"))
     tensors = {**{k: outputs[k] for k in names}, **(extra or {})}
     stacked = torch.stack([v.detach().float().reshape(()) for v in tensors.values()])
     distributed = dist_utils.is_initialized()
@@ -210,7 +237,8 @@ def _check_finite(
         bad = next(b for b in found if b is not None)
     if bad is not None:
         hint = f" (last good checkpoint: {last_good})" if last_good else " (no checkpoint written yet)"
-        raise NonFiniteLossError(f"non-finite loss at step {step}: {bad[0]}={bad[1]}{hint}")
+        what = "gradient" if bad[0] == "grad_norm" else "loss"
+        raise NonFiniteLossError(f"non-finite {what} at step {step}: {bad[0]}={bad[1]}{hint}")
     return dict(zip(tensors, values))
 
 
@@ -230,6 +258,17 @@ class _Window:
             self.sums[k] = self.sums.get(k, 0.0) + v
             self.counts[k] = self.counts.get(k, 0) + 1
         self.steps += 1
+
+    def state(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "counts": dict(self.counts), "steps": self.steps}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "_Window":
+        w = cls()
+        w.sums = {str(k): float(v) for k, v in state["sums"].items()}
+        w.counts = {str(k): int(v) for k, v in state["counts"].items()}
+        w.steps = int(state["steps"])
+        return w
 
     def means(self) -> dict[str, float]:
         parts = [(self.sums, self.counts)]

@@ -46,7 +46,7 @@ from predet.engine.common import (
     uniform_milestones,
 )
 from predet.data.stream import BatchStream, StreamPosition
-from predet.engine.loop import Checkpointer, restore_rng, train
+from predet.engine.loop import Checkpointer, restore_log_window, restore_rng, train
 from predet.errors import UserError
 from predet.modeling.predet import build_predet, check_num_classes
 from predet.utils import seed_everything, write_json
@@ -277,6 +277,7 @@ def _train(
         checkpointer=checkpointer, log_every=t.log_every, images_per_step=t.batch_size * world,
         scaler=scaler, clip_grad=t.clip_grad, progress=rank == 0,
         evaluate=evaluate, eval_every=t.eval_every or cfg.ckpt.every,
+        log_window=restore_log_window(ckpt.get("log_window")) if ckpt is not None else None,
         autocast=functools.partial(torch.autocast, "cuda", dtype=amp_dtype) if use_amp
         else contextlib.nullcontext,
     )  # fmt: skip

@@ -64,21 +64,25 @@ def make_toy_data(n: int = 24, seed: int = 0) -> ToyData:
     return ToyData(dataset=ToyTwoViewDataset(n, seed=seed))
 
 
-def make_toy_model(num_classes: int = NUM_CLASSES, *, nan_at_call: int = 0, extra_loss: str = "") -> nn.Module:
+def make_toy_model(
+    num_classes: int = NUM_CLASSES, *, nan_at_call: int = 0, extra_loss: str = "", nan_grad_at_call: int = 0
+) -> nn.Module:
     """A ToyPreDet with the same initial weights at every call."""
     torch.manual_seed(0)
-    return ToyPreDet(num_classes, nan_at_call=nan_at_call, extra_loss=extra_loss)
+    return ToyPreDet(num_classes, nan_at_call=nan_at_call, extra_loss=extra_loss, nan_grad_at_call=nan_grad_at_call)
 
 
 class ToyPreDet(nn.Module):
     """conv -> BN -> GAP -> dropout -> linear; loss_cls (softmax CE) and loss_info (view agreement).
 
     ``extra_loss``: the name of one more ``loss_*`` term the model returns (a loss added to a model
-    needs no engine edit), NaN at ``nan_at_call`` like loss_info otherwise.
+    needs no engine edit), NaN at ``nan_at_call`` like loss_info otherwise. At ``nan_grad_at_call``
+    every loss is finite but a gradient is NaN (sqrt at 0).
     """
 
-    def __init__(self, num_classes: int, nan_at_call: int = 0, extra_loss: str = "") -> None:
+    def __init__(self, num_classes: int, nan_at_call: int = 0, extra_loss: str = "", nan_grad_at_call: int = 0) -> None:
         super().__init__()
+        self.nan_grad_at_call = nan_grad_at_call
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
         self.drop = nn.Dropout(0.3)
@@ -102,6 +106,8 @@ class ToyPreDet(nn.Module):
                 extra[self.extra_loss] = extra[self.extra_loss] * float("nan")
             else:
                 loss_info = loss_info * float("nan")
+        if self.calls == self.nan_grad_at_call:  # value 0, gradient 0 * inf = NaN
+            loss_info = loss_info + (self.fc.bias[0] * 0).sqrt()
         top1 = (logits.argmax(-1) == batch["labels"].argmax(-1)).float().mean()
         return {
             "loss_cls": loss_cls,

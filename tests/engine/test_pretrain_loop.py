@@ -259,6 +259,45 @@ def test_a_nan_step_never_reaches_the_weights(toy_data, toy_model, tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("clip", ["null", "1.0"])
+def test_a_nan_gradient_of_a_finite_loss_stops_before_the_update(toy_data, toy_model, tmp_path, clip):
+    """Finite losses, a NaN gradient: the run stops at that step (it wrote NaN into the weights
+    and then into the next checkpoint, named the last good one)."""
+    model = toy_model(nan_grad_at_call=6)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient at step 6: grad_norm=nan \(last good checkpoint: "):
+        pretrain(_cfg(f"train.clip_grad={clip}"), run, data=toy_data(), model=model)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert last["step"] == 4 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_keep_last_orders_checkpoints_by_step_number(tmp_path):
+    from predet.engine.common import save_training_checkpoint
+
+    for step in (999_998, 999_999, 1_000_000, 1_000_001):
+        save_training_checkpoint({"step": step, "model": {}}, tmp_path, periodic=True, keep_last=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt")) == [
+        "step_1000000.pt", "step_1000001.pt"]  # as text, step_1000000 sorted before step_999999
+
+
+def test_a_resumed_run_logs_the_rows_of_the_unbroken_run(toy_data, toy_model, tmp_path):
+    """Killed after the checkpoint of step 3 with a row every 2 steps: the resumed run's row of
+    step 4 averages steps 3 and 4, as the unbroken run's does (it held step 4 alone: step 3's
+    values were lost from the log)."""
+    cfg = _cfg("train.log_every=2", "ckpt.every=3")
+    straight = pretrain(cfg, tmp_path / "straight", data=toy_data(), model=toy_model())
+    split = tmp_path / "split"
+    with pytest.raises(NonFiniteLossError):  # the run dies in step 4, after step 3's checkpoint
+        pretrain(cfg, split, data=toy_data(), model=toy_model(nan_at_call=4))
+    pretrain(cfg, split, resume=True, data=toy_data(), model=toy_model())
+    keys = ("step", "loss", "loss_cls", "loss_info", "lookup_top1", "lr", "grad_norm")
+    rows = {r: [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (straight, split)}
+    assert [r["step"] for r in rows[split]] == [2, 4, 6, 8]
+    for ra, rb in zip(rows[straight], rows[split], strict=True):
+        assert {k: rb[k] for k in keys} == pytest.approx({k: ra[k] for k in keys}, rel=1e-5), ra["step"]
+
+
 def test_one_device_read_per_step(toy_data, toy_model, tmp_path, monkeypatch):
     """The loop reads device values once a step (losses, metrics and grad_norm in one tensor;
     under DDP the finiteness flag too): no other ``.item()`` / ``.tolist()`` / ``float()`` of a
@@ -352,8 +391,8 @@ def test_grad_norm_is_logged_before_clipping(toy_data, toy_model, tmp_path):
     plain = pretrain(_cfg(), tmp_path / "plain", data=toy_data(), model=toy_model())
     loose = pretrain(_cfg("train.clip_grad=1e9"), tmp_path / "loose", data=toy_data(), model=toy_model())
     tight = pretrain(_cfg("train.clip_grad=1e-3"), tmp_path / "tight", data=toy_data(), model=toy_model())
-    assert all("grad_norm" not in r for r in rows(plain))
     norms = [r["grad_norm"] for r in rows(loose)]
+    assert [r["grad_norm"] for r in rows(plain)] == pytest.approx(norms, rel=1e-6)  # logged unclipped too
     assert all(n > 1e-3 for n in norms)
     # step 1 starts from the same weights in both runs: the same pre-clip norm
     assert rows(tight)[0]["grad_norm"] == pytest.approx(norms[0], rel=1e-6)
