@@ -234,7 +234,8 @@ def _check_finite(
     if any_bad:  # some rank has one: every rank learns which
         found: list[Any] = [None] * dist_utils.world_size()
         torch.distributed.all_gather_object(found, bad)
-        bad = next(b for b in found if b is not None)
+        # the cause before its effect: a rank's NaN loss makes every rank's reduced gradient NaN
+        bad = min((b for b in found if b is not None), key=lambda b: b[0] == "grad_norm")
     if bad is not None:
         hint = f" (last good checkpoint: {last_good})" if last_good else " (no checkpoint written yet)"
         what = "gradient" if bad[0] == "grad_norm" else "loss"
