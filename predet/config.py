@@ -136,7 +136,8 @@ class PretrainModelConfig:
     box_head_dim: int = 1024  # TwoMLPHead, shared by the CRPN's queries and the CROI head
     roi_sampling_ratio: int = 2  # RoIAlign sampling points per bin side (torchvision: 2)
     # box side pooled from P4 (FPN paper eq. 1: level = floor(4 + log2(sqrt(wh) / this))); 224 is
-    # for ~800-px images: scale it with the input so that boxes spread over P2-P5 as they would
+    # for ~800-px images: scaled with the input, boxes spread over P2-P5 as they would there (at the
+    # CPU configs' 64-128 px, P2 for every box measured as good or better: see small_cpu.yaml)
     roi_canonical_scale: int = 224
     cls: ClsConfig = field(default_factory=ClsConfig)
     crpn: CRPNConfig = field(default_factory=CRPNConfig)
