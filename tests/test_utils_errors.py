@@ -93,3 +93,17 @@ def test_unreadable_torch_files_are_one_line(tmp_path):
     (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(UserError, match=r"^cannot read checkpoint .*trunc\.pt"):
         load_checkpoint(tmp_path / "trunc.pt")
+
+
+def test_write_json_is_strict_json(tmp_path):
+    """A NaN / inf (a diverged cls_map, an undefined statistic) is written as null: Python's NaN
+    token is not JSON and strict readers reject the whole file."""
+    import json
+    import math
+
+    from predet.utils import write_json
+
+    path = tmp_path / "s.json"
+    write_json(path, {"a": float("nan"), "b": [1.5, float("inf"), (2, -math.inf)], "c": {"d": 0.25}, "e": "x"})
+    assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON token {c}")) == {
+        "a": None, "b": [1.5, None, [2, None]], "c": {"d": 0.25}, "e": "x"}
