@@ -103,3 +103,29 @@ def test_proposal_timer_picks_the_proposal_step(tiny_cfg_bench):
     )
     assert proposal_timer(cls_only, cuda=False) is None
 
+
+
+@pytest.mark.slow
+def test_e2e_script_compares_the_run_with_its_bench_step(tmp_path):
+    """bench/e2e_gpu.sh on the CPU with a tiny budget (issue 11's end-to-end check): its figures
+    are the bench line's PreDet images/s and the mean of the run's logged images_per_s."""
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "e2e_gpu.sh"
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "PREDET_CACHE": str(tmp_path / "cache"), "CFG": CONFIG, "DATA": "builtin:tiny", "BATCH": "2", "DEVICE": "cpu",
+           "STEPS": "6", "LOG_EVERY": "2", "SKIP": "1", "ITERS": "2", "WARMUP": "1", "OMP_NUM_THREADS": "1",
+           "TMPDIR": str(tmp_path / "tmp")}  # fmt: skip
+    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.strip().splitlines()
+    predet_ms = float(LINE.match(lines[-3]).group(1))
+    rows = [float(x) for x in re.match(r"^e2e rows: \[(.*)\]$", lines[-2]).group(1).split(", ")]
+    m = re.match(r"^e2e_images_s=(\d+\.\d) bench_images_s=(\d+\.\d) fraction=(\d+\.\d+)$", lines[-1])
+    e2e, bench, fraction = map(float, m.groups())
+    assert len(rows) == 2  # steps 4 and 6: the row of step 2 is the loader's warm-up
+    assert e2e == pytest.approx(sum(rows) / 2, abs=0.06)
+    assert bench == pytest.approx(2 * 1000 / predet_ms, abs=0.06)
+    assert fraction == pytest.approx(e2e / bench, rel=0.02)
+    assert list((tmp_path / "tmp").iterdir()) == []  # the run folder is removed
