@@ -47,6 +47,7 @@ class DemoPlan:
     # long side a --world's query boxes are computed at (QueryParams.max_side): the CPU plans'
     # 64-px views need no more than the built-in 128-px images get (upscaled to 320)
     query_max_side: int = 500
+    world: str = "small"  # the built-in world's preset (tiny | small | base), without --world
 
 
 PLANS = {
@@ -54,7 +55,7 @@ PLANS = {
     "small": DemoPlan("pretrain/small_cpu.yaml", "finetune/mask_rcnn_small_cpu.yaml", correlation_images=200,
                       query_max_side=320),
     "tiny": DemoPlan("pretrain/tiny_cpu.yaml", "finetune/mask_rcnn_tiny_cpu.yaml", correlation_images=8,
-                     query_max_side=320),
+                     query_max_side=320, world="tiny"),
     # one GPU (bench/transfer_gpu.sh): R50-FPN, ~34 epochs of pre-training at 224 px
     "gpu": DemoPlan("pretrain/r50_fpn_small_gpu.yaml", "finetune/mask_rcnn_r50_small_gpu.yaml",
                     correlation_images=100),
@@ -318,13 +319,17 @@ def demo(
     if preset not in PLANS:
         raise UserError(f"demo preset '{preset}' unknown (choose from {', '.join(PLANS)})")
     plan, cfgs = PLANS[preset], config_dir()
-    n_seeds = int(seeds or plan.seeds)
+    n_seeds = plan.seeds if seeds is None else int(seeds)
     if n_seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {n_seeds}")
     if pretrain_seeds < 1:
         raise UserError(f"--pretrain-seeds must be >= 1, got {pretrain_seeds}")
     if world is not None and not Path(world).is_dir():
         raise UserError(f"--world {world}: folder not found")
+    if world is not None:  # OUT is made (with --overwrite: emptied) before the world is read
+        w_abs, out_abs = Path(world).resolve(), Path(out).resolve()
+        if w_abs == out_abs or out_abs in w_abs.parents or w_abs in out_abs.parents:
+            raise UserError(f"--out {out} and --world {world}: one holds the other; give the demo a folder of its own")
     # a typo in an override is an error now, not after the world and a pre-training
     for switches in ([], CLS_ONLY):
         load_config(PretrainConfig, cfgs / plan.pretrain_config,
@@ -346,10 +351,10 @@ def demo(
     out = prepare_run_dir(out, overwrite=overwrite, resumable=False)
     clock, t_start = _Clock(), time.time()
 
-    done = clock.stage("world", f"1/6 {'world ' + str(world) if world else f'built-in {preset!r} world'} and its query boxes")
+    done = clock.stage("world", f"1/6 {'world ' + str(world) if world else f'built-in {plan.world!r} world'} and its query boxes")
     if sample:
         _say_sample(Path(world) / "pretrain" / "manifest.jsonl", len(entries), max_images, pcfg, has_cache=has_cache)
-    w = resolve_world(world, preset=preset, seed=seed, out=out, query_max_side=plan.query_max_side,
+    w = resolve_world(world, preset=plan.world, seed=seed, out=out, query_max_side=plan.query_max_side,
                       max_images=max_images if sample else None, entries=entries)  # fmt: skip
     done()
 

@@ -289,3 +289,43 @@ def test_bad_pretrain_seeds_is_a_user_error(tmp_path, capsys):
     assert cli.main(["demo", "--pretrain-seeds", "0", "--out", str(tmp_path / "d")]) == 2
     assert "--pretrain-seeds must be >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_bad_seeds_is_a_user_error(tmp_path, capsys):
+    assert cli.main(["demo", "--seeds", "0", "--out", str(tmp_path / "d")]) == 2  # was the plan's 3
+    assert "--seeds must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_every_plan_reads_a_builtin_world_preset(tmp_path, monkeypatch):
+    """`--preset gpu` without --world (bench/transfer_gpu.sh) asked for a built-in world 'gpu':
+    each plan names the world it runs on."""
+    from predet.data.builtin import PRESETS
+    from predet.demo import PLANS
+
+    assert {name: plan.world for name, plan in PLANS.items()} == {"small": "small", "tiny": "tiny", "gpu": "small"}
+    assert all(plan.world in PRESETS for plan in PLANS.values())
+    asked = []
+
+    def stop(world, *, preset, **kw):
+        asked.append(preset)
+        raise UserError("stop here")
+
+    monkeypatch.setattr("predet.demo.resolve_world", stop)
+    for preset in ("gpu", "tiny"):
+        with pytest.raises(UserError, match="stop here"):
+            demo(tmp_path / preset, preset=preset)
+    assert asked == ["small", "tiny"]
+
+
+@pytest.mark.parametrize("inside", ["world_in_out", "out_in_world", "same"])
+def test_out_and_world_must_not_hold_each_other(tmp_path, tiny_world, inside):
+    """--overwrite empties OUT before the world is read: a world inside it was deleted."""
+    out = tmp_path / "d"
+    world = {"world_in_out": out / "w", "out_in_world": tmp_path / "w", "same": out}[inside]
+    shutil.copytree(tiny_world, world)
+    target = {"world_in_out": out, "out_in_world": world / "demo", "same": world}[inside]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(UserError, match="one holds the other; give the demo a folder of its own"):
+        demo(target, world=world, overwrite=True)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

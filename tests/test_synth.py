@@ -295,6 +295,8 @@ def test_cli_overwrite_with_size(tmp_path: Path, capsys: pytest.CaptureFixture) 
     out = tmp_path / "w"
     out.mkdir()
     (out / "keep.txt").write_text("user file")
+    (out / "queries").mkdir()  # an old world's query cache: boxes of other images, same names
+    (out / "queries" / "queries-000000.npz").write_bytes(b"old")
     assert (
         main(["data", "synth", "--out", str(out), "--size", "64", "--seed", "3", "--overwrite"])
         == 0
@@ -302,7 +304,8 @@ def test_cli_overwrite_with_size(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert "6 classes" in capsys.readouterr().out
     assert (
         out / "keep.txt"
-    ).read_text() == "user file"  # --overwrite replaces only pretrain/ and det/
+    ).read_text() == "user file"  # --overwrite replaces only pretrain/ and det/ ...
+    assert not (out / "queries").exists()  # ... and removes the old world's query cache
     coco = COCO(str(out / "det" / "val.json"))
     assert {(im["width"], im["height"]) for im in coco.imgs.values()} == {(64, 64)}
     assert json.loads((out / "pretrain" / "meta.json").read_text())["size"] == 64

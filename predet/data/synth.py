@@ -345,7 +345,7 @@ def generate_world(
 
     Args:
         out: world folder; an existing non-empty one needs ``overwrite`` (which replaces only
-            ``out/pretrain`` and ``out/det``).
+            ``out/pretrain`` and ``out/det``, and removes the old world's query cache ``out/queries``).
         preset: ``tiny`` | ``small`` | ``base`` (image side, counts, number of classes).
         seed: the whole world is a function of (preset, seed, size, drop, add, counts).
         size: image side in px (default: the preset's).
@@ -365,7 +365,8 @@ def generate_world(
             raise UserError(
                 f"--out {out} exists and is not empty; pass --overwrite to replace the world"
             )
-        for sub in ("pretrain", "det"):
+        # a query cache beside the old world holds boxes of other images under the same names
+        for sub in ("pretrain", "det", "queries"):
             shutil.rmtree(out / sub, ignore_errors=True)
     start = time.perf_counter()
     spec = _preset(preset)
