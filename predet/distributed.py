@@ -19,9 +19,15 @@ def env_rank() -> tuple[int, int]:
 
 
 def init(device: str = "auto") -> torch.device:
-    """Initialise distributed mode if launched by torchrun; return this process's device."""
+    """Initialise distributed mode if launched by torchrun; return this process's device.
+
+    Under torchrun each process takes the GPU of its ``LOCAL_RANK`` (an index in ``device`` is
+    not used there); a single process takes the index of ``device`` (``cuda:1``), else GPU 0."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if "LOCAL_RANK" in os.environ:
+        local_rank = int(os.environ["LOCAL_RANK"])
+    else:
+        local_rank = (torch.device(device).index or 0) if device.startswith("cuda") else 0
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -10,7 +11,7 @@ import random
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -27,6 +28,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, name: str = ".lock") -> Iterator[None]:
+    """An exclusive ``flock`` on ``folder/name`` for the ``with`` block: processes that each
+    rewrite a summary of the folder (ranks merging their shards' records) take turns, so the one
+    that finishes last reads every other's finished work."""
+    import fcntl
+
+    with open(Path(folder) / name, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:

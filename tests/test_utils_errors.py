@@ -107,3 +107,52 @@ def test_write_json_is_strict_json(tmp_path):
     write_json(path, {"a": float("nan"), "b": [1.5, float("inf"), (2, -math.inf)], "c": {"d": 0.25}, "e": "x"})
     assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON token {c}")) == {
         "a": None, "b": [1.5, None, [2, None]], "c": {"d": 0.25}, "e": "x"}
+
+
+def test_a_single_process_takes_the_gpu_index_it_is_given(monkeypatch):
+    """train.device=cuda:1 ran on cuda:0 outside torchrun; under torchrun LOCAL_RANK decides."""
+    from predet import distributed
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert distributed.init("cuda:1") == torch.device("cuda", 1)
+    assert distributed.init("cuda") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.init("cuda:1") == torch.device("cuda", 3)
+    assert chosen == [1, 0, 3]
+    assert distributed.init("cpu") == torch.device("cpu") and chosen == [1, 0, 3]
+
+
+def test_folder_lock_makes_processes_take_turns(tmp_path):
+    """Ranks merging their shards' records into one file take turns under folder_lock."""
+    import threading
+
+    from predet.utils import folder_lock
+
+    order, a_in, release = [], threading.Event(), threading.Event()
+
+    def a():
+        with folder_lock(tmp_path, ".merge.lock"):
+            order.append("a in")
+            a_in.set()
+            release.wait(10)
+            order.append("a out")
+
+    def b():
+        a_in.wait(10)
+        with folder_lock(tmp_path, ".merge.lock"):
+            order.append("b in")
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    a_in.wait(10)
+    threads[1].join(0.3)  # b is waiting for the lock, not inside it
+    assert order == ["a in"]
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert order == ["a in", "a out", "b in"]

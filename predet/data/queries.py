@@ -44,7 +44,7 @@ from predet.data.images import BadImage, load_image
 from predet.data.manifest import ManifestEntry, read_manifest
 from predet.distributed import env_rank
 from predet.errors import UserError
-from predet.utils import atomic_write_text
+from predet.utils import atomic_write_text, folder_lock
 
 __all__ = [
     "QueryParams",
@@ -452,9 +452,10 @@ def cache_queries(
         if pool is not None:
             pool.close()
             pool.join()
-    if rank == 0:
-        counts["shards_removed"] = _remove_trailing(out, n_shards=-(-len(entries) // shard_size))
-    _merge_failed(out)
+    with folder_lock(out, ".merge.lock"):  # ranks take turns: the last to finish reads every shard
+        if rank == 0:
+            counts["shards_removed"] = _remove_trailing(out, n_shards=-(-len(entries) // shard_size))
+        _merge_failed(out)
     return counts
 
 
@@ -541,7 +542,8 @@ def run(args: argparse.Namespace) -> int:
     if truth.is_file() and world == 1:
         read_truth_boxes(truth)  # a malformed line is an error now, not after the long work
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = max(1, args.workers or cores)
+    # the node's cores shared by its torchrun processes
+    workers = max(1, args.workers or cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     t0 = time.perf_counter()
     counts = cache_queries(
         manifest.entries, args.out, params, workers=workers, shard_size=args.shard_size,

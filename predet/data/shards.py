@@ -33,7 +33,7 @@ from predet.data.queries import QueryCache
 from predet.data.vocab import build_vocab, load_synonyms
 from predet.distributed import env_rank
 from predet.errors import UserError
-from predet.utils import atomic_write_text, write_json
+from predet.utils import atomic_write_text, folder_lock, write_json
 
 __all__ = ["encode_sample", "write_shards", "run"]
 
@@ -124,9 +124,10 @@ def write_shards(
         os.replace(tmp, path)
         counts["shards_written"] += 1
         counts["failed"] += len(failed)
-    if rank == 0:
-        counts["shards_removed"] = _remove_trailing(out, n_shards=-(-len(entries) // shard_size))
-    _merge_failed(out)
+    with folder_lock(out, ".merge.lock"):  # ranks take turns: the last to finish reads every shard
+        if rank == 0:
+            counts["shards_removed"] = _remove_trailing(out, n_shards=-(-len(entries) // shard_size))
+        _merge_failed(out)
     return counts
 
 

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import io
 import logging
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
@@ -355,8 +356,15 @@ def subset_images(gt: dict, count: Optional[int], *, seed: int = 0) -> dict:
 
 
 def _device_of(cfg: FinetuneConfig) -> torch.device:
-    use_cuda = torch.cuda.is_available() if cfg.train.device == "auto" else cfg.train.device.startswith("cuda")
-    return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    """The config's device: under torchrun (or after :func:`predet.distributed.init`) the current
+    GPU, in a single process the index ``train.device`` names (``cuda:1``)."""
+    name = cfg.train.device
+    use_cuda = torch.cuda.is_available() if name == "auto" else name.startswith("cuda")
+    if not use_cuda:
+        return torch.device("cpu")
+    if name.startswith("cuda") and torch.device(name).index is not None and "LOCAL_RANK" not in os.environ:
+        return torch.device(name)
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def format_results(results: dict) -> str:

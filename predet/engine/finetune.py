@@ -263,6 +263,13 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
         changed = config_changes(_saved_config(out), to_dict(cfg), ["model"])
         check_state_fits(model, state["model"], last,
                          hint=f"changed since: {', '.join(changed)}" if changed else "")  # fmt: skip
+        rngs = state.get("rng")
+        saved_world = int(state.get("world_size") or (len(rngs) if isinstance(rngs, list) else world))
+        if saved_world != world:  # its steps and data positions count global batches of that many
+            raise UserError(
+                f"--resume: {last} was written by {saved_world} process(es), this launch has {world}; "
+                f"fine-tuning resumes on the same number (its schedule and data order are per global batch)"
+            )
     prepare_run_dir_all_ranks(out, resume=resume, overwrite=overwrite)
     if main:
         save_config(cfg, out / "config.yaml")
@@ -301,7 +308,7 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
     checkpointer = Checkpointer(
         out, model=model, optimizer=opt, scheduler=sched, scaler=torch.amp.GradScaler("cpu", enabled=False),
         every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last, last_good=last if resume else None,
-        extra_state=functools.partial(dict, classes=classes, init=report.name),
+        extra_state=functools.partial(dict, classes=classes, init=report.name, world_size=world),
     )  # fmt: skip
     use_amp = cfg.train.amp and device.type == "cuda"
     train(

@@ -30,6 +30,7 @@ from predet import distributed as dist_utils
 from predet.engine.common import (
     MetricLogger,
     NonFiniteLossError,
+    checkpoint_path,
     get_rng_state,
     save_training_checkpoint,
     set_rng_state,
@@ -84,10 +85,9 @@ class Checkpointer:
             **self.extra_state(),
         }
         if dist_utils.is_main():
-            self.last_good = save_training_checkpoint(
-                state, self.run_dir, periodic=step % self.every == 0, keep_last=self.keep_last
-            )
+            save_training_checkpoint(state, self.run_dir, periodic=step % self.every == 0, keep_last=self.keep_last)
         dist_utils.barrier()
+        self.last_good = checkpoint_path(self.run_dir)  # on every rank: each names it in its errors
 
 
 def restore_log_window(windows: Any) -> Optional[dict[str, Any]]:

@@ -92,6 +92,7 @@ def pretrain(
             check_state_fits(model, ckpt["model"], checkpoint_path(out),
                              hint=f"changed since: {', '.join(changed)}" if changed else "")  # fmt: skip
         cfg.train.lr = _lr(cfg)  # config.yaml records the lr the run trains at
+        _check_fits_launch(cfg, data, model, device)
         prepare_run_dir_all_ranks(out, resume=resume, overwrite=overwrite)
         if dist_utils.is_main():
             save_config(cfg, out / "config.yaml")
@@ -134,13 +135,29 @@ def _load_resume_checkpoint(out: Path, classes: list[str]) -> dict:
     return ckpt
 
 
+def _check_fits_launch(cfg: Any, data: PretrainData, model: torch.nn.Module, device: torch.device) -> None:
+    """What the launch itself rules out, checked before the run folder is touched (``--overwrite``
+    would already have emptied it): SyncBN off CUDA under torchrun, and a data set smaller than
+    one global batch."""
+    world = dist_utils.world_size()
+    if dist_utils.is_initialized() and device.type != "cuda":
+        if any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
+            raise UserError("model.norm=syncbn needs CUDA under torchrun; use model.norm=bn on CPU")
+    dataset = data.dataset
+    if not isinstance(dataset, torch.utils.data.IterableDataset) and hasattr(dataset, "__len__"):
+        n, batch = len(dataset), cfg.train.batch_size
+        if (n // world) // batch == 0:
+            raise UserError(
+                f"the dataset has {n} images, fewer than train.batch_size ({batch}) x world size "
+                f"({world}); lower train.batch_size"
+            )
+
+
 def _wrap_model(model: torch.nn.Module, cfg: Any, device: torch.device) -> torch.nn.Module:
-    """DDP under torchrun (``model.norm=syncbn`` already gave the model SyncBatchNorm layers)."""
+    """DDP under torchrun (``model.norm=syncbn`` already gave the model SyncBatchNorm layers,
+    checked to be on CUDA by :func:`_check_fits_launch`)."""
     if not dist_utils.is_initialized():
         return model
-    has_syncbn = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
-    if device.type != "cuda" and has_syncbn:
-        raise UserError("model.norm=syncbn needs CUDA under torchrun; use model.norm=bn on CPU")
     find_unused = cfg.train.find_unused_parameters
     if find_unused is None:  # a switched-off loss leaves its part without gradients for good
         find_unused = not all(getattr(cfg.loss, s) for s in LOSS_SWITCHES)

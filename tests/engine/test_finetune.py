@@ -364,6 +364,13 @@ def test_resume_is_exact(tiny_world: Path, tmp_path: Path) -> None:
     diff = max((a["model"][k].double() - b["model"][k].double()).abs().max().item() for k in a["model"])
     assert diff <= 1e-6
     assert not (tmp_path / "a" / "results.json").exists()  # no val split: no evaluation
+    assert a["world_size"] == 1
+    # a checkpoint of a 2-process run resumed by one: refused (it re-read or skipped images)
+    from predet.utils import save_checkpoint
+
+    save_checkpoint({**b, "world_size": 2, "rng": b["rng"] * 2}, resumed / "checkpoints" / "last.pt")
+    with pytest.raises(UserError, match=r"written by 2 process\(es\), this launch has 1; fine-tuning resumes"):
+        finetune(tiny_cfg(*base, "train.steps=6"), "scratch", resumed, resume=True, progress=False)
 
 
 def test_cli_user_errors(tiny_world: Path, tmp_path: Path, capsys) -> None:

@@ -85,6 +85,14 @@ def test_bad_numbers_exit_2(toy_engine, tmp_path, capsys):
     assert _pretrain(tmp_path / "b", *TOY, "train.batch_size=40") == 2  # 24 toy images
     assert "fewer than train.batch_size (40)" in _one_line(capsys)
     assert not (tmp_path / "a").exists()
+    # --overwrite of a finished run with a batch the data cannot fill: the run is kept (it was
+    # emptied before the data stream found out)
+    assert _pretrain(tmp_path / "c", *TOY) == 0
+    capsys.readouterr()
+    before = _snapshot(tmp_path / "c")
+    assert _pretrain(tmp_path / "c", "--overwrite", *TOY, "train.batch_size=40") == 2
+    assert "fewer than train.batch_size (40)" in _one_line(capsys)
+    assert _snapshot(tmp_path / "c") == before
 
 
 def test_every_loss_off_exits_2_before_the_run_folder(tmp_path, capsys):
@@ -111,6 +119,16 @@ def test_find_unused_parameters_only_when_a_loss_is_off(monkeypatch):
             cfg = load_config(PretrainConfig, None, over)
             ddp = _wrap_model(torch.nn.Linear(2, 2), cfg, torch.device("cpu"))
             got[tuple(over)] = ddp.find_unused_parameters
+        # under torchrun, SyncBN off CUDA is refused by the launch check (before any folder)
+        from predet.data.datasets import PretrainData
+        from predet.engine.pretrain import _check_fits_launch
+        from predet.errors import UserError
+
+        data = PretrainData(dataset=list(range(8)), classes=["a"], collate_fn=None, counts={})
+        sync = torch.nn.Sequential(torch.nn.SyncBatchNorm(2))
+        with pytest.raises(UserError, match="model.norm=syncbn needs CUDA under torchrun"):
+            _check_fits_launch(cfg, data, sync, torch.device("cpu"))
+        _check_fits_launch(cfg, data, torch.nn.BatchNorm2d(2), torch.device("cpu"))
     finally:
         torch.distributed.destroy_process_group()
     assert got == {(): False, ("loss.info=false",): True, ("train.find_unused_parameters=true",): True}

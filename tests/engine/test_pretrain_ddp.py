@@ -128,6 +128,8 @@ def test_ddp_a_nan_on_one_rank_stops_every_rank_before_the_update(toy_data, toy_
     for rank in range(2):
         text = (out / f"rank{rank}.txt").read_text()
         assert text.startswith("True non-finite loss at step 4: loss_info=nan"), text
+        # every rank names the checkpoint of step 3 (rank 1 said "no checkpoint written yet")
+        assert text.endswith(f"(last good checkpoint: {out / 'checkpoints' / 'last.pt'})"), text
 
 
 class _QueryParity(torch.utils.data.Dataset):
