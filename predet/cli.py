@@ -210,20 +210,34 @@ def build_parser() -> argparse.ArgumentParser:
             p = top.add_parser(path[0], help=help_, description=help_)
         else:
             if path[0] not in groups:
-                g = top.add_parser(path[0], help=f"{path[0]} commands")
+                g = top.add_parser(path[0], help=f"{path[0]} commands", description=f"predet {path[0]} commands")
+                g.set_defaults(_group=g)  # `predet data` alone prints this parser's help
                 groups[path[0]] = g.add_subparsers(dest="subverb", metavar="<command>")
             p = groups[path[0]].add_parser(path[1], help=help_, description=help_)
         add_args(p)
-        p.set_defaults(_module=module, _verb=" ".join(path))
+        p.set_defaults(_module=module, _verb=" ".join(path), _parser=p)
     return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """``parse_args``, except that ``key=value`` overrides may also follow a flag
+    (``--config c a=1 --overwrite b=2``): argparse fills a ``nargs="*"`` positional once."""
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        sub = getattr(args, "_parser", parser)
+        extra = [r for r in rest if not r.startswith("-") and "=" in r]
+        if len(extra) < len(rest) or not hasattr(args, "overrides"):
+            sub.error(f"unrecognized arguments: {' '.join(r for r in rest if r not in extra or not hasattr(args, 'overrides'))}")
+        args.overrides = [*args.overrides, *extra]
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     module = getattr(args, "_module", None)
     if module is None:
-        parser.print_help(sys.stderr)
+        getattr(args, "_group", parser).print_help(sys.stderr)
         return 2
     try:
         return _import(module, args._verb).run(args) or 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -303,11 +304,16 @@ def _valid_keys(schema: Any, prefix: str = "") -> list[str]:
 
 def _closest(key: str, valid: Sequence[str]) -> str:
     leaf = key.rsplit(".", 1)[-1]
-    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    if not match:  # try the leaf name against every leaf (`lr` under the wrong section)
-        leaves = {k.rsplit(".", 1)[-1]: k for k in valid}
+    leaves = {k.rsplit(".", 1)[-1]: k for k in valid if "." in k}
+
+    def by_leaf() -> list[str]:  # the leaf name against every nested leaf (`lr` in the wrong section)
         m = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
-        match = [leaves[m[0]]] if m else []
+        return [leaves[m[0]]] if m else []
+
+    # a key without a section (`tau=0.1`) is a leaf name: matched against the top-level names it
+    # looks like 'data'; the leaves first
+    match = by_leaf() if "." not in key else []
+    match = match or difflib.get_close_matches(key, valid, n=1, cutoff=0.5) or by_leaf()
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
@@ -398,6 +404,9 @@ def _parse_override(item: str, schema: Any = None) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
+        if raw.lstrip().startswith(("[", "{")):  # `k=[1, 2]` unquoted: the shell split it
+            raise UserError(f"override '{item}': not valid YAML; quote the whole override, e.g. "
+                            f"'{key}=[1, 2]'") from None  # fmt: skip
         value = raw
     return key, value
 
@@ -439,6 +448,12 @@ def load_config(
     for item in overrides:
         key, value = _parse_override(item, schema)
         cfg = _merge_one(cfg, _nest(key, value), f"override '{item}'", valid)
+    try:  # a ${...} in a value is an OmegaConf reference: resolved now, not when first read
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise UserError(f"config key '{key}': {str(e).splitlines()[0]} (a literal '${{' needs an escape: '\\${{')") from None
+    _check_finite(cfg)
     _check_seeds(cfg, valid)
     for check in _CHECKS.get(schema, ()):
         check(cfg)
@@ -450,6 +465,14 @@ def load_config(
 # anything. (Checks that need the data, e.g. model.num_classes against its vocabulary, or files
 # on disk, run where the data is read, still before a run folder is created.)
 # --------------------------------------------------------------------------------------------
+def _check_finite(cfg: DictConfig) -> None:
+    """No config number is NaN or infinite (every range check below is passed by a NaN)."""
+    for key, value in _flatten(OmegaConf.to_container(cfg)).items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise UserError(f"{key}: must be a finite number, got {value}")
+
+
 def _positive(section: str, obj: Any, keys: Sequence[str]) -> None:
     for key in keys:
         value = getattr(obj, key)

@@ -129,3 +129,9 @@ def test_e2e_script_compares_the_run_with_its_bench_step(tmp_path):
     assert bench == pytest.approx(2 * 1000 / predet_ms, abs=0.06)
     assert fraction == pytest.approx(e2e / bench, rel=0.02)
     assert list((tmp_path / "tmp").iterdir()) == []  # the run folder is removed
+
+
+def test_bench_data_too_small_a_view_is_an_error_before_any_work(capsys):
+    assert main(["bench", "data", "--size", "4"]) == 2  # was a ValueError after the query benchmark
+    err = capsys.readouterr()
+    assert err.err.strip() == "predet: error: --size 4: views must be >= 8 px" and err.out == ""

@@ -71,3 +71,16 @@ def test_user_error_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "nope.yaml" in r.stderr
+
+
+def test_overrides_may_follow_flags_and_a_group_prints_its_own_help(capsys, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("predet.engine.pretrain.run", lambda args: seen.update(vars(args)) or 0)
+    assert cli.main(["pretrain", "--config", "c.yaml", "train.steps=1", "--overwrite", "train.lr=2"]) == 0
+    assert seen["overrides"] == ["train.steps=1", "train.lr=2"] and seen["overwrite"] is True
+    with pytest.raises(SystemExit) as e:  # what is neither a flag nor key=value is still refused
+        cli.main(["pretrain", "--config", "c.yaml", "train.steps=1", "--overwrite", "stray"])
+    assert e.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err
+    assert cli.main(["data"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: predet data") and "synth" in err and "queries" in err

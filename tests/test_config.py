@@ -255,3 +255,21 @@ def test_pretraining_sgd_values_are_checked_as_fine_tuning_ones(override, needle
     with pytest.raises(UserError) as e:
         load_config(PretrainConfig, None, [override])
     assert needle in str(e.value)
+
+
+def test_interpolation_nan_and_shell_split_lists_are_one_line_errors():
+    """${...} is an OmegaConf reference: an unknown one was a traceback when the key was first read;
+    a NaN passed every range check; an unquoted list split by the shell gave an OmegaConf message."""
+    with pytest.raises(UserError, match=r"config key 'data.manifest': Interpolation key 'USER' not found"):
+        load_config(PretrainConfig, None, ["data.manifest=/data/${USER}/m.jsonl"])
+    cfg = load_config(FinetuneConfig, None, ["name=run-${seed}", "seed=7"])
+    assert cfg.name == "run-7"  # a reference that exists resolves
+    for override in ("train.lr=.nan", "loss.cls_weight=nan", "model.croi.tau=.inf", "train.clip_grad=-.inf"):
+        key = override.split("=")[0]
+        with pytest.raises(UserError, match=rf"^{key}: must be a finite number"):
+            load_config(PretrainConfig, None, [override])
+    with pytest.raises(UserError, match=r"not valid YAML; quote the whole override, e.g. 'train.lr_steps=\[1, 2\]'"):
+        load_config(PretrainConfig, None, ["train.lr_steps=[100,", "200]"])
+    # a key without its section is matched by its leaf name (it suggested 'data')
+    with pytest.raises(UserError, match=r"did you mean 'model.croi.tau'"):
+        load_config(PretrainConfig, None, ["tau=0.1"])

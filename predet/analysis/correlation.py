@@ -647,6 +647,12 @@ def run(args: argparse.Namespace) -> int:
         inits[name] = init
     if args.size is not None and args.size < 1:
         raise UserError(f"--size {args.size}: must be positive")
+    from predet.engine.common import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except UserError as e:  # its message names train.device
+        raise UserError(str(e).replace("train.device", "--device")) from None
     results = correlation(
         inits,
         args.data,
@@ -658,7 +664,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         backbone=args.backbone,
         fpn_channels=args.fpn_channels,
-        device=args.device,
+        device=device,
         threads=args.threads,
         pool=args.pool,
     )

@@ -69,7 +69,9 @@ def plot_curves(
             pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
             if pts:
                 steps, vals = zip(*pts)
-                ax.plot(steps, smooth(list(vals), window), label=name)
+                # a series of one point (a key logged once, e.g. a final cls_map) gets a marker:
+                # a line of one point draws nothing
+                ax.plot(steps, smooth(list(vals), window), label=name, marker="o" if len(pts) == 1 else None)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -207,6 +207,10 @@ def _valid_fraction(paths: list[Path], boxes: list[np.ndarray], t: TwoViewTransf
 def run(args: argparse.Namespace) -> int:
     if args.images < 1 or args.repeats < 1:
         raise UserError(f"--images and --repeats must be >= 1, got {args.images} and {args.repeats}")
+    from predet.config import MIN_INPUT_SIZE
+
+    if args.size < MIN_INPUT_SIZE:  # before the query benchmark, not after it
+        raise UserError(f"--size {args.size}: views must be >= {MIN_INPUT_SIZE} px")
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as tmp:

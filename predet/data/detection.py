@@ -77,7 +77,7 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"annotation file not found: {path}")
     try:
-        gt = json.loads(path.read_text())
+        gt = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is allowed
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON: {e}") from None
     for key in ("images", "annotations", "categories"):

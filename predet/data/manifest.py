@@ -104,7 +104,7 @@ def _parse_entry(obj: dict, root: Path, where: str, line: int) -> ManifestEntry:
 def _looks_like_coco(path: Path) -> bool:
     """A ``.json`` file holding one object with ``images`` (else it is read as JSON Lines)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
     return isinstance(data, dict) and "images" in data
@@ -134,6 +134,8 @@ def read_manifest(path: str | os.PathLike, images_root: Optional[str | os.PathLi
                     f"{where}: not UTF-8 text (byte {data[e.start]:#04x} at column {e.start + 1}); "
                     "save the manifest as UTF-8"
                 ) from None
+            if lineno == 1:
+                raw = raw.removeprefix("\ufeff")  # a UTF-8 BOM (Windows editors write one)
             if not raw.strip():
                 continue
             try:
@@ -161,7 +163,7 @@ def read_coco_as_manifest(path: str | os.PathLike, images_root: Optional[str | o
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(data, dict) or "images" not in data or "categories" not in data:

@@ -43,7 +43,7 @@ def load_synonyms(path: str | os.PathLike) -> dict[str, list[str]]:
     if not path.is_file():
         raise UserError(f"synonyms file not found: {path}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is allowed
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(data, dict) or not data:
@@ -125,10 +125,11 @@ def build_vocab(
     if min_images < 1:
         raise UserError(f"--min-images / data.min_images must be >= 1, got {min_images}")
     raw, unknown = resolve_labels(entries, synonyms)
-    counts: dict[str, int] = {}
-    for classes in raw:
-        for c in classes:  # `classes` is unique per image: counts are unique images
-            counts[c] = counts.get(c, 0) + 1
+    images: dict[str, set[str]] = {}  # class -> its distinct image files (a repeated line counts once)
+    for e, classes in zip(entries, raw):
+        for c in classes:
+            images.setdefault(c, set()).add(str(e.path))
+    counts = {c: len(files) for c, files in images.items()}
     kept = sorted(c for c, n in counts.items() if n >= min_images)
     dropped = {c: n for c, n in sorted(counts.items()) if n < min_images}
     keep = set(kept)
@@ -177,6 +178,8 @@ def check_outputs(
     """UserError, before any work, when an output file in ``out`` is one of the ``inputs`` (the
     input would be lost: always refused) or already exists (refused unless ``overwrite``)."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
     for name in OUTPUTS:
         target = out / name
         for src in map(Path, inputs):
@@ -200,12 +203,18 @@ def run(args: argparse.Namespace) -> int:
             f"{len(vocab.dropped)} classes were seen"
         )
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # check_outputs: not an existing file
     write_json(out / "vocab.json", vocab.to_json())
     kept = write_labelled_manifest(manifest.entries, vocab, out)
     n = len(manifest.entries)
     top = ", ".join(f"{t} ({c})" for t, c in list(vocab.unknown_tags.items())[:8])
     print(f"images: {n} read, {kept} kept, {vocab.num_no_class} with no class left")
+    seen: dict[str, int] = {}
+    repeats = [(e.line, seen[str(e.path)]) for e in manifest.entries if seen.setdefault(str(e.path), e.line) != e.line]
+    if repeats:  # counted once per class; kept in the manifest as given (trained on as often)
+        line, first = repeats[0]
+        print(f"repeated images: {len(repeats)} lines name an image of an earlier line (first: line {line} "
+              f"repeats line {first}); each counts once towards --min-images")  # fmt: skip
     print(f"classes: {len(vocab.classes)} kept, {len(vocab.dropped)} dropped (< {args.min_images} images)")
     print(f"tags never seen in the synonyms: {len(vocab.unknown_tags)} distinct" + (f": {top}" if top else ""))
     print(f"wrote {out / 'vocab.json'} and {out / 'manifest.jsonl'}")

@@ -385,3 +385,13 @@ def test_images_of_other_sizes_give_the_same_numbers_whatever_the_batch_size(ini
         for k in ("pearson", "spearman"):
             x, y = one["file"][b][k], eight["file"][b][k]
             assert (x is None and y is None) or abs(x - y) < 1e-5, (b, k, x, y)
+
+
+def test_bad_device_is_one_line(tmp_path, capsys):
+    from predet.cli import main
+
+    args = ["analyze", "correlation", "--init", "scratch", "--data", str(tmp_path / "a.json"),
+            "--images", str(tmp_path), "--out", str(tmp_path / "o")]  # fmt: skip
+    assert main([*args, "--device", "gpu"]) == 2  # was torch's traceback
+    assert capsys.readouterr().err.strip() == "predet: error: --device='gpu': expected auto, cpu or cuda"
+    assert not (tmp_path / "o").exists()

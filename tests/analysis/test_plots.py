@@ -41,3 +41,22 @@ def test_bad_metrics_line_names_the_line(tmp_path):
         read_metrics(tmp_path)
     with pytest.raises(UserError, match="no metrics"):
         read_metrics(tmp_path / "missing")
+
+
+def test_a_series_of_one_point_is_drawn(tmp_path, monkeypatch):
+    """A key logged once (a final cls_map, a one-row run) drew nothing: a line needs two points."""
+    import matplotlib.axes
+
+    drawn = []
+    original = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        lines = original(self, *args, **kwargs)
+        drawn.extend((len(line.get_xdata()), line.get_marker()) for line in lines)
+        return lines
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "cls_map": 0.3}]))
+    plot_curves({"a": tmp_path}, ["loss", "cls_map"], tmp_path / "c.png")
+    assert drawn == [(2, "None"), (1, "o")]

@@ -172,3 +172,36 @@ def test_coco_as_weak_labels(tiny_world: Path) -> None:
 def test_json_suffix_jsonl_is_read_as_lines(tmp_path: Path) -> None:
     m = _write(tmp_path / "m.json", [{"image": "a.jpg", "tags": ["#x"]}, {"image": "b.jpg"}])
     assert [e.image for e in read_manifest(m).entries] == ["a.jpg", "b.jpg"]
+
+
+def test_repeated_images_count_once_and_are_named(tmp_path: Path, capsys) -> None:
+    lines = [{"image": "a.jpg", "tags": ["#dog"]}, {"image": "b.jpg", "tags": ["#cat"]},
+             {"image": "a.jpg", "tags": ["#dog"]}]  # fmt: skip
+    man = read_manifest(_write(tmp_path / "m.jsonl", lines))
+    assert build_vocab(man.entries, {"dog": ["#dog"], "cat": ["#cat"]}).counts == {"cat": 1, "dog": 1}
+    (tmp_path / "s.json").write_text(json.dumps({"dog": ["#dog"], "cat": ["#cat"]}))
+    args = ["data", "vocab", "--manifest", str(tmp_path / "m.jsonl"), "--synonyms", str(tmp_path / "s.json")]
+    assert main([*args, "--min-images", "2", "--out", str(tmp_path / "o")]) == 2  # dog has 1 image, not 2
+    assert "no class has >= 2 images" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "o")]) == 0
+    assert "repeated images: 1 lines name an image of an earlier line (first: line 3 repeats line 1)" in capsys.readouterr().out
+    (tmp_path / "afile").write_text("x")  # --out naming a file: one line (was FileExistsError)
+    assert main([*args, "--out", str(tmp_path / "afile")]) == 2
+    assert "--out" in capsys.readouterr().err and (tmp_path / "afile").read_text() == "x"
+
+
+def test_utf8_bom_is_accepted_in_manifest_synonyms_and_coco(tmp_path: Path, capsys) -> None:
+    """Windows editors start UTF-8 files with a BOM: the first line was 'not valid JSON'."""
+    bom = "\ufeff"
+    (tmp_path / "m.jsonl").write_text(bom + json.dumps({"image": "a.jpg", "tags": ["#dog"]}) + "\n", encoding="utf-8")
+    (tmp_path / "s.json").write_text(bom + json.dumps({"dog": ["#dog"]}), encoding="utf-8")
+    assert [e.tags for e in read_manifest(tmp_path / "m.jsonl").entries] == [["#dog"]]
+    assert main(["data", "vocab", "--manifest", str(tmp_path / "m.jsonl"), "--synonyms", str(tmp_path / "s.json"),
+                 "--out", str(tmp_path / "o")]) == 0  # fmt: skip
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}], "annotations": [],
+            "categories": [{"id": 1, "name": "dog"}]}  # fmt: skip
+    (tmp_path / "c.json").write_text(bom + json.dumps(coco), encoding="utf-8")
+    from predet.data.detection import load_coco_json
+
+    assert load_coco_json(tmp_path / "c.json")["categories"] == [{"id": 1, "name": "dog"}]
+    assert [e.image for e in read_manifest(tmp_path / "c.json").entries] == ["a.jpg"]
