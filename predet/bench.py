@@ -189,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
     if args.iters < 1:
         raise UserError(f"--iters: must be >= 1, got {args.iters}")
     device = torch.device(resolve_device(cfg.train.device))  # as pretrain reads it
+    if device.type == "cuda":  # synchronize, events and the peak memory act on the current GPU
+        torch.cuda.set_device(device.index or 0)
     torch.manual_seed(cfg.seed)
     num_classes = cfg.model.num_classes or DEFAULT_NUM_CLASSES
     predet = build_predet(cfg, num_classes)

@@ -303,18 +303,20 @@ def _valid_keys(schema: Any, prefix: str = "") -> list[str]:
 
 
 def _closest(key: str, valid: Sequence[str]) -> str:
+    """The valid key most like ``key``: the better of the whole key against every key and its leaf
+    name against every nested leaf (`lr` under the wrong section; `tau` with no section at all)."""
     leaf = key.rsplit(".", 1)[-1]
     leaves = {k.rsplit(".", 1)[-1]: k for k in valid if "." in k}
-
-    def by_leaf() -> list[str]:  # the leaf name against every nested leaf (`lr` in the wrong section)
-        m = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
-        return [leaves[m[0]]] if m else []
-
-    # a key without a section (`tau=0.1`) is a leaf name: matched against the top-level names it
-    # looks like 'data'; the leaves first
-    match = by_leaf() if "." not in key else []
-    match = match or difflib.get_close_matches(key, valid, n=1, cutoff=0.5) or by_leaf()
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    candidates = []  # (similarity, suggestion); on a tie the whole-key match
+    m = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    if m:
+        candidates.append((difflib.SequenceMatcher(None, key, m[0]).ratio(), m[0]))
+    m = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+    if m:
+        candidates.append((difflib.SequenceMatcher(None, leaf, m[0]).ratio(), leaves[m[0]]))
+    if not candidates:
+        return ""
+    return f" (did you mean '{max(candidates, key=lambda c: c[0])[1]}'?)"
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

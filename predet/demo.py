@@ -314,7 +314,7 @@ def demo(
     from predet.engine.finetune import finetune
     from predet.engine.pretrain import pretrain
     from predet.export import export_backbone
-    from predet.utils import atomic_write_text, prepare_run_dir
+    from predet.utils import atomic_write_text, prepare_run_dir, write_json
 
     if preset not in PLANS:
         raise UserError(f"demo preset '{preset}' unknown (choose from {', '.join(PLANS)})")
@@ -328,8 +328,9 @@ def demo(
         raise UserError(f"--world {world}: folder not found")
     if world is not None:  # OUT is made (with --overwrite: emptied) before the world is read
         w_abs, out_abs = Path(world).resolve(), Path(out).resolve()
-        if w_abs == out_abs or out_abs in w_abs.parents or w_abs in out_abs.parents:
-            raise UserError(f"--out {out} and --world {world}: one holds the other; give the demo a folder of its own")
+        parts = [w_abs / sub for sub in ("pretrain", "det", "queries")]  # what the demo reads of W
+        if out_abs == w_abs or out_abs in w_abs.parents or any(out_abs == p or p in out_abs.parents for p in parts):
+            raise UserError(f"--out {out} would hold or replace the world {world}; give the demo a folder of its own")
     # a typo in an override is an error now, not after the world and a pre-training
     for switches in ([], CLS_ONLY):
         load_config(PretrainConfig, cfgs / plan.pretrain_config,
@@ -444,7 +445,7 @@ def demo(
         # on large photos
         size=ft_cfg.model.test_size, max_size=ft_cfg.model.max_size,
     )  # fmt: skip
-    atomic_write_text(out / "correlation.json", json.dumps(corr, indent=2) + "\n")
+    write_json(out / "correlation.json", corr)
     plot_correlation(corr, out / "correlation.png")
     lines += ["\nIoU vs cosine similarity of backbone + FPN features, RoIAlign 7x7 averaged per box "
               "(Pearson / Spearman):\n\n",
@@ -470,7 +471,7 @@ def demo(
         "minutes": (time.time() - t_start) / 60, "stage_seconds": clock.seconds,
         "stats": stats, "verdict": verdict, "cls_map": cls_map, "correlation": corr, "results": results,
     }  # fmt: skip
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     times = ", ".join(f"{k} {v:.0f}s" for k, v in clock.seconds.items())
     print(f"\npredet demo: finished in {summary['minutes']:.1f} min ({times}); table in {out / 'compare.md'}",
           flush=True)  # fmt: skip

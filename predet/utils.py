@@ -35,8 +35,11 @@ def folder_lock(folder: str | Path, name: str = ".lock") -> Iterator[None]:
     """An exclusive ``flock`` on ``folder/name`` for the ``with`` block: processes that each
     rewrite a summary of the folder (ranks merging their shards' records) take turns, so the one
     that finishes last reads every other's finished work."""
-    import fcntl
-
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks (Windows): one process at a time is the caller's affair
+        yield
+        return
     with open(Path(folder) / name, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
         yield

@@ -318,14 +318,15 @@ def test_every_plan_reads_a_builtin_world_preset(tmp_path, monkeypatch):
     assert asked == ["small", "tiny"]
 
 
-@pytest.mark.parametrize("inside", ["world_in_out", "out_in_world", "same"])
-def test_out_and_world_must_not_hold_each_other(tmp_path, tiny_world, inside):
-    """--overwrite empties OUT before the world is read: a world inside it was deleted."""
+@pytest.mark.parametrize("inside", ["world_in_out", "out_is_det", "same"])
+def test_out_must_not_hold_or_replace_the_world(tmp_path, tiny_world, inside):
+    """--overwrite empties OUT before the world is read: a world inside it was deleted (OUT in a
+    folder of its own inside W, e.g. W/demo, is fine)."""
     out = tmp_path / "d"
-    world = {"world_in_out": out / "w", "out_in_world": tmp_path / "w", "same": out}[inside]
+    world = {"world_in_out": out / "w", "out_is_det": tmp_path / "w", "same": out}[inside]
     shutil.copytree(tiny_world, world)
-    target = {"world_in_out": out, "out_in_world": world / "demo", "same": world}[inside]
+    target = {"world_in_out": out, "out_is_det": world / "det" / "run", "same": world}[inside]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    with pytest.raises(UserError, match="one holds the other; give the demo a folder of its own"):
+    with pytest.raises(UserError, match="would hold or replace the world .*; give the demo a folder of its own"):
         demo(target, world=world, overwrite=True)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -156,3 +156,29 @@ def test_folder_lock_makes_processes_take_turns(tmp_path):
     for t in threads:
         t.join(10)
     assert order == ["a in", "a out", "b in"]
+
+
+def test_device_names_are_checked_against_this_machine(monkeypatch):
+    from predet.engine.common import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    for bad in ("gpu", "cudax", "cuda:x"):
+        with pytest.raises(UserError, match=rf"--device={bad!r}: expected auto, cpu or cuda"):
+            resolve_device(bad, what="--device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == "cuda:0" and resolve_device("cuda") == "cuda"
+    with pytest.raises(UserError, match=r"train.device='cuda:5' but this machine has 1 GPU"):
+        resolve_device("cuda:5")  # was a RuntimeError from set_device
+
+
+def test_folder_lock_without_fcntl_still_runs_the_block(tmp_path, monkeypatch):
+    import sys
+
+    from predet.utils import folder_lock
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # as on Windows
+    ran = []
+    with folder_lock(tmp_path):
+        ran.append(1)
+    assert ran == [1]

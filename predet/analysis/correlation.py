@@ -649,10 +649,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--size {args.size}: must be positive")
     from predet.engine.common import resolve_device
 
-    try:
-        device = resolve_device(args.device)
-    except UserError as e:  # its message names train.device
-        raise UserError(str(e).replace("train.device", "--device")) from None
+    device = resolve_device(args.device, what="--device")
     results = correlation(
         inits,
         args.data,

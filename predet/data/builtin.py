@@ -12,7 +12,6 @@ older ``predet`` is regenerated rather than silently reused.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from predet.errors import UserError
+from predet.utils import folder_lock
 
 __all__ = ["BuiltinWorld", "cache_root", "parse_builtin", "ensure_world", "resolve_builtin"]
 
@@ -110,8 +110,7 @@ def ensure_world(
     except OSError as e:
         msg = f"cannot create the world cache {root}: {e.strerror} (set PREDET_CACHE)"
         raise UserError(msg) from None
-    with open(root / f".{world.root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with folder_lock(root, f".{world.root.name}.lock"):  # one process generates, the others wait
         if not _is_complete(world, fingerprint):  # another process may have finished meanwhile
             if world.root.exists():  # left by an interrupted generation or older code
                 shutil.rmtree(world.root)

@@ -114,9 +114,9 @@ def _check_annotations(gt: dict, path: Path) -> None:
         for key in ("image_id", "category_id", "bbox"):
             if key not in a:
                 raise UserError(f"{where} has no '{key}'")
-        for key in ("image_id", "category_id"):
-            if not isinstance(a[key], (int, str)) or isinstance(a[key], bool):
-                raise UserError(f"{where}: '{key}' must be an integer, got {json.dumps(a[key])[:60]}")
+        for key in ("image_id", "category_id"):  # ids are matched: numbers or strings, as COCO tools take
+            if not isinstance(a[key], (int, float, str)) or isinstance(a[key], bool):
+                raise UserError(f"{where}: '{key}' must be a number or a string, got {json.dumps(a[key])[:60]}")
         box = a["bbox"]
         if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
             raise UserError(f"{where}: 'bbox' must be [x, y, width, height], got {json.dumps(box)[:60]}")
@@ -130,7 +130,12 @@ def _check_references(gt: dict, path: Path) -> None:
     for img in gt["images"]:
         if not isinstance(img, dict) or "id" not in img:
             raise UserError(f"{path}: image {json.dumps(img)[:60]} has no 'id'")
+        if not isinstance(img["id"], (int, float, str)) or isinstance(img["id"], bool):
+            raise UserError(f"{path}: image id {json.dumps(img['id'])[:60]} must be a number or a string")
         image_ids.add(img["id"])
+    for c in gt["categories"]:
+        if not isinstance(c["id"], (int, float, str)) or isinstance(c["id"], bool):
+            raise UserError(f"{path}: category id {json.dumps(c['id'])[:60]} must be a number or a string")
     cat_ids = {c["id"] for c in gt["categories"]}
     for a in gt["annotations"]:
         where = f"{path}: annotation {a.get('id')} (image {a['image_id']})"

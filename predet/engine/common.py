@@ -351,15 +351,23 @@ def check_finite(
             raise NonFiniteLossError(f"non-finite loss at step {step}: {name}={value}{hint}")
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` if available else ``cpu``; anything else must be cpu/cuda[:i]."""
+def resolve_device(name: str, what: str = "train.device") -> str:
+    """``auto`` -> ``cuda`` if available else ``cpu``; anything else must be cpu or cuda[:i] with
+    a GPU of that index here (``what``: the key or flag named in the error)."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu" or name.startswith("cuda"):
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"train.device={name!r} but CUDA is not available here")
-        return name
-    raise UserError(f"train.device={name!r}: expected auto, cpu or cuda")
+    try:
+        device = torch.device(name) if name == "cpu" or name.startswith("cuda") else None
+    except RuntimeError:
+        device = None
+    if device is None:
+        raise UserError(f"{what}={name!r}: expected auto, cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{what}={name!r} but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"{what}={name!r} but this machine has {torch.cuda.device_count()} GPU(s)")
+    return name
 
 
 def to_device(

@@ -362,8 +362,10 @@ def _device_of(cfg: FinetuneConfig) -> torch.device:
     use_cuda = torch.cuda.is_available() if name == "auto" else name.startswith("cuda")
     if not use_cuda:
         return torch.device("cpu")
-    if name.startswith("cuda") and torch.device(name).index is not None and "LOCAL_RANK" not in os.environ:
-        return torch.device(name)
+    index = torch.device(name).index if name.startswith("cuda") else None
+    # a run trained on cuda:1 is evaluated on a one-GPU machine on its GPU
+    if index is not None and "LOCAL_RANK" not in os.environ and index < torch.cuda.device_count():
+        return torch.device("cuda", index)
     return torch.device("cuda", torch.cuda.current_device())
 
 

@@ -51,6 +51,7 @@ from predet.engine.common import (
     config_changes,
     load_training_checkpoint,
     prepare_run_dir_all_ranks,
+    resolve_device,
     restore_scheduler,
     scaled_lr,
 )
@@ -224,7 +225,7 @@ def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False,
     check_init_sidecar(init, cfg.model)  # the init's F.json vs model.backbone/fpn_channels/norm, before any file
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
-    device = distributed.init(cfg.train.device)
+    device = distributed.init(resolve_device(cfg.train.device))  # a GPU index this machine has
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
     cfg = resolve_init_widths(cfg, init)

@@ -169,13 +169,12 @@ def train(
         scaler.scale(loss).backward()
         checked: dict[str, torch.Tensor] = {**outputs, "loss": loss}
         extra: dict[str, torch.Tensor] = {}
-        if clip_grad or not scaler.is_enabled():
-            scaler.unscale_(optimizer)
-            # logged: how much clipping scales the step down (the norm before clipping); without
-            # clipping, the norm alone (max_norm inf scales by 1)
-            norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or math.inf)
-            # a float16 scaler's skipped steps have an inf norm: logged, not checked
-            (extra if scaler.is_enabled() else checked)["grad_norm"] = norm
+        scaler.unscale_(optimizer)
+        # logged in every run: how much clipping scales the step down (the norm before clipping);
+        # without clipping, the norm alone (max_norm inf scales by 1)
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or math.inf)
+        # a float16 scaler's skipped steps have an inf norm: logged, not checked
+        (extra if scaler.is_enabled() else checked)["grad_norm"] = norm
         # the step's one device -> host read (DDP's flag included), after the backward and before
         # the update: the backward is queued without waiting for the forward (issue 11), and a
         # non-finite loss or gradient still stops the run before it reaches the weights. (A float16

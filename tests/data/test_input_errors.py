@@ -97,7 +97,8 @@ COCO_CAT = {"id": 1, "name": "a"}
         ([COCO_IMAGE], [{"id": 3, "image_id": 8, "category_id": 1, "bbox": [1, 2, 3, 4]}], [COCO_CAT],
          "annotation 3 (image 8) refers to an image_id that is not in 'images'"),
         ([COCO_IMAGE], [{"id": 3, "image_id": [7], "category_id": 1, "bbox": [1, 2, 3, 4]}], [COCO_CAT],
-         "annotation 3 (image [7]): 'image_id' must be an integer, got [7]"),
+         "annotation 3 (image [7]): 'image_id' must be a number or a string, got [7]"),
+        ([{**COCO_IMAGE, "id": [7]}], [], [COCO_CAT], "image id [7] must be a number or a string"),
         ([COCO_IMAGE], [], [{"id": 4}], "category 4 has no 'name' string"),
         ([{"id": 9, "width": 80, "height": 64}], [], [COCO_CAT], "image 9 has no 'file_name'"),
     ],
@@ -108,6 +109,14 @@ def test_malformed_coco_fields_are_one_line_errors(tmp_path: Path, images, anns,
     with pytest.raises(UserError, match=re.escape(f"bad.json: {fragment}")) as e:
         load_coco_json(path)
     assert "\n" not in str(e.value)
+
+
+def test_whole_float_and_string_ids_still_match(tmp_path: Path) -> None:
+    """COCO tools match ids by value: 7.0 and "7a" are ids like 7."""
+    path = tmp_path / "ok.json"
+    anns = [{"id": 1, "image_id": 7.0, "category_id": "c1", "bbox": [1, 2, 3, 4]}]
+    path.write_text(json.dumps({"images": [COCO_IMAGE], "annotations": anns, "categories": [{"id": "c1", "name": "a"}]}))
+    assert load_coco_json(path)["annotations"][0]["area"] == 12.0
 
 
 def test_lvis_image_without_file_name_or_coco_url(tmp_path: Path) -> None:
