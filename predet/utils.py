@@ -30,6 +30,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def remove_numbered(folder: str | Path, prefix: str, *, keep: int, what: str) -> int:
+    """Delete every file ``folder/<prefix><k>.*`` numbered ``k >= keep`` (all files of a shard:
+    ``shard-000003.tar`` with its ``.entries.json`` and ``.failed.jsonl``), left by an earlier run
+    over a longer manifest or with a smaller ``--shard-size``: the readers read every shard of the
+    folder. Returns how many shard numbers were removed (said on stdout, naming ``what``)."""
+    folder, removed = Path(folder), set()
+    for path in sorted(folder.glob(f"{prefix}*")):
+        number = path.name[len(prefix) :].split(".", 1)[0]
+        if number.isdigit() and int(number) >= keep:
+            path.unlink()
+            removed.add(number)
+    if removed:
+        print(f"{folder}: removed {len(removed)} {what} numbered beyond the manifest's {keep} (an earlier run "
+              "over a longer manifest or with a smaller --shard-size)", flush=True)  # fmt: skip
+    return len(removed)
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | Path, name: str = ".lock") -> Iterator[None]:
     """An exclusive ``flock`` on ``folder/name`` for the ``with`` block: processes that each
@@ -48,7 +65,11 @@ def folder_lock(folder: str | Path, name: str = ".lock") -> Iterator[None]:
 def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
     """``obj`` as strict JSON (a NaN or infinite float is written as ``null``: Python's ``NaN`` is
     not JSON, and other readers reject the whole file), atomically."""
-    atomic_write_text(path, json.dumps(_finite_or_none(obj), indent=indent, allow_nan=False) + "\n")
+    try:  # the common case without a copy (predictions.json can hold millions of objects)
+        text = json.dumps(obj, indent=indent, allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite_or_none(obj), indent=indent, allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
 def _finite_or_none(obj: Any) -> Any:

@@ -44,7 +44,7 @@ from predet.data.images import BadImage, load_image
 from predet.data.manifest import ManifestEntry, read_manifest
 from predet.distributed import env_rank
 from predet.errors import UserError
-from predet.utils import atomic_write_text, folder_lock
+from predet.utils import atomic_write_text, folder_lock, remove_numbered
 
 __all__ = [
     "QueryParams",
@@ -405,7 +405,8 @@ def cache_queries(
     progress: bool = True,
 ) -> dict[str, int]:
     """Compute and write this rank's missing or stale shards (:func:`shard_covers`). Returns
-    counts (images done, failed, boxes, shards skipped and recomputed)."""
+    counts (images done, failed, boxes, shards skipped and recomputed, and on rank 0 shards
+    removed beyond the manifest's last)."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -454,24 +455,10 @@ def cache_queries(
             pool.join()
     with folder_lock(out, ".merge.lock"):  # ranks take turns: the last to finish reads every shard
         if rank == 0:
-            counts["shards_removed"] = _remove_trailing(out, n_shards=-(-len(entries) // shard_size))
+            n_shards = -(-len(entries) // shard_size)
+            counts["shards_removed"] = remove_numbered(out, "queries-", keep=n_shards, what="query shards")
         _merge_failed(out)
     return counts
-
-
-def _remove_trailing(out: Path, *, n_shards: int) -> int:
-    """Delete the shards numbered ``n_shards`` and above (an earlier run over a longer manifest or
-    with a smaller ``--shard-size``): :class:`QueryCache` reads every ``queries-*.npz``, and their
-    boxes and failure records would override the fresh ones. Returns how many were removed."""
-    removed = 0
-    for path in sorted(out.glob("queries-*.npz")):
-        stem = path.stem.removeprefix("queries-")
-        if stem.isdigit() and int(stem) >= n_shards:
-            path.unlink()
-            removed += 1
-    if removed:
-        print(f"{out}: removed {removed} query shards beyond the manifest's {n_shards} (left by an earlier run)", flush=True)
-    return removed
 
 
 def read_truth_boxes(truth: str | os.PathLike) -> list[tuple[str, np.ndarray]]:

@@ -33,7 +33,7 @@ from predet.data.queries import QueryCache
 from predet.data.vocab import build_vocab, load_synonyms
 from predet.distributed import env_rank
 from predet.errors import UserError
-from predet.utils import atomic_write_text, folder_lock, write_json
+from predet.utils import atomic_write_text, folder_lock, remove_numbered, write_json
 
 __all__ = ["encode_sample", "write_shards", "run"]
 
@@ -126,27 +126,10 @@ def write_shards(
         counts["failed"] += len(failed)
     with folder_lock(out, ".merge.lock"):  # ranks take turns: the last to finish reads every shard
         if rank == 0:
-            counts["shards_removed"] = _remove_trailing(out, n_shards=-(-len(entries) // shard_size))
+            n_shards = -(-len(entries) // shard_size)
+            counts["shards_removed"] = remove_numbered(out, "shard-", keep=n_shards, what="shards")
         _merge_failed(out)
     return counts
-
-
-def _remove_trailing(out: Path, *, n_shards: int) -> int:
-    """Delete the shards numbered ``n_shards`` and above, left by an earlier run over a longer
-    manifest or a smaller ``--shard-size``: the reader streams every ``*.tar`` of the folder, so
-    they would bring back images the manifest no longer holds. Returns how many were removed."""
-    removed = 0
-    for path in sorted(out.glob("shard-*.tar")):
-        stem = path.name[len("shard-") : -len(".tar")]
-        if not stem.isdigit() or int(stem) < n_shards:
-            continue
-        for extra in (out / f"shard-{stem}.entries.json", out / f"shard-{stem}.failed.jsonl"):
-            extra.unlink(missing_ok=True)
-        path.unlink()
-        removed += 1
-    if removed:
-        print(f"{out}: removed {removed} shards beyond the manifest's {n_shards} (left by an earlier, longer run)", flush=True)
-    return removed
 
 
 def _read_record(path: Path) -> Optional[dict]:

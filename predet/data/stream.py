@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from predet.errors import UserError
 
-__all__ = ["StreamPosition", "EpochIndexedDataset", "EpochBatchSampler", "BatchStream"]
+__all__ = ["StreamPosition", "EpochIndexedDataset", "EpochBatchSampler", "BatchStream", "check_batch_fits"]
 
 
 @dataclass
@@ -39,6 +39,15 @@ class StreamPosition:
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batch": self.batch}
+
+
+def check_batch_fits(num_items: int, batch_size: int, world_size: int) -> None:
+    """UserError when the data cannot fill one step of every rank (``batch_size`` images each)."""
+    if (num_items // world_size) // batch_size == 0:
+        raise UserError(
+            f"the dataset has {num_items} images, fewer than train.batch_size ({batch_size}) "
+            f"x world size ({world_size}); lower train.batch_size"
+        )
 
 
 def epoch_permutation(num_items: int, *, seed: int, epoch: int) -> torch.Tensor:
@@ -92,12 +101,8 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         self.rank = rank
         self.world_size = world_size
         self.start = start
+        check_batch_fits(num_items, batch_size, world_size)
         self.steps_per_epoch = (num_items // world_size) // batch_size
-        if self.steps_per_epoch == 0:
-            raise UserError(
-                f"the dataset has {num_items} images, fewer than train.batch_size ({batch_size}) "
-                f"x world size ({world_size}); lower train.batch_size"
-            )
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, first = self.start.epoch, self.start.batch

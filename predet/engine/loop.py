@@ -218,7 +218,8 @@ def _check_finite(
     """This step's values as floats, read from the device at once with ``extra`` (logged, not
     checked: e.g. a float16 run's ``grad_norm`` is inf on the steps its scaler skips); a
     :class:`NonFiniteLossError` on every rank when any rank has a non-finite value in
-    ``outputs``, naming the step and the first such term (``loss_*``, metrics, ``loss``)."""
+    ``outputs``, naming the step and the first such term (``loss_*``, metrics, ``loss``, then
+    ``grad_norm``: a loss before the gradient it makes non-finite, on any rank)."""
     names = sorted(outputs, key=lambda k: (not k.startswith("loss_"), k in ("loss", "grad_norm"), k == "grad_norm"))
     tensors = {**{k: outputs[k] for k in names}, **(extra or {})}
     stacked = torch.stack([v.detach().float().reshape(()) for v in tensors.values()])

@@ -45,7 +45,7 @@ from predet.engine.common import (
     to_device,
     uniform_milestones,
 )
-from predet.data.stream import BatchStream, StreamPosition
+from predet.data.stream import BatchStream, StreamPosition, check_batch_fits
 from predet.engine.loop import Checkpointer, restore_log_window, restore_rng, train
 from predet.errors import UserError
 from predet.modeling.predet import build_predet, check_num_classes
@@ -145,12 +145,7 @@ def _check_fits_launch(cfg: Any, data: PretrainData, model: torch.nn.Module, dev
             raise UserError("model.norm=syncbn needs CUDA under torchrun; use model.norm=bn on CPU")
     dataset = data.dataset
     if not isinstance(dataset, torch.utils.data.IterableDataset) and hasattr(dataset, "__len__"):
-        n, batch = len(dataset), cfg.train.batch_size
-        if (n // world) // batch == 0:
-            raise UserError(
-                f"the dataset has {n} images, fewer than train.batch_size ({batch}) x world size "
-                f"({world}); lower train.batch_size"
-            )
+        check_batch_fits(len(dataset), cfg.train.batch_size, world)
 
 
 def _wrap_model(model: torch.nn.Module, cfg: Any, device: torch.device) -> torch.nn.Module:

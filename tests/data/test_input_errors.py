@@ -323,7 +323,7 @@ def test_data_shards_are_rewritten_when_their_entries_changed(tmp_path: Path, ca
     capsys.readouterr()
     c = write_shards(entries[:3], labels[:3], out, shard_size=2)
     assert (c["shards_skipped"], c["shards_rewritten"], c["shards_removed"]) == (1, 1, 1)
-    assert "removed 1 shards beyond the manifest's 2" in capsys.readouterr().out
+    assert "removed 1 shards numbered beyond the manifest's 2" in capsys.readouterr().out
     assert sorted(p.name for p in out.glob("shard-*")) == [
         f"shard-{k:06d}.{x}" for k in range(2) for x in ("entries.json", "failed.jsonl", "tar")
     ]  # fmt: skip
