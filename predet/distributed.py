@@ -18,16 +18,20 @@ def env_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def local_gpu(device: str) -> int:
+    """The GPU index this process takes: its ``LOCAL_RANK`` under torchrun (an index in ``device``
+    is not used there), else the index ``device`` names (``cuda:1``), else 0."""
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    return (torch.device(device).index or 0) if device.startswith("cuda") else 0
+
+
 def init(device: str = "auto") -> torch.device:
     """Initialise distributed mode if launched by torchrun; return this process's device.
 
-    Under torchrun each process takes the GPU of its ``LOCAL_RANK`` (an index in ``device`` is
-    not used there); a single process takes the index of ``device`` (``cuda:1``), else GPU 0."""
+    Its GPU is :func:`local_gpu`'s."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if "LOCAL_RANK" in os.environ:
-        local_rank = int(os.environ["LOCAL_RANK"])
-    else:
-        local_rank = (torch.device(device).index or 0) if device.startswith("cuda") else 0
+    local_rank = local_gpu(device)
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)

@@ -115,11 +115,16 @@ def _check_annotations(gt: dict, path: Path) -> None:
             if key not in a:
                 raise UserError(f"{where} has no '{key}'")
         for key in ("image_id", "category_id"):  # ids are matched: numbers or strings, as COCO tools take
-            if not isinstance(a[key], (int, float, str)) or isinstance(a[key], bool):
+            if not _is_id(a[key]):
                 raise UserError(f"{where}: '{key}' must be a number or a string, got {json.dumps(a[key])[:60]}")
         box = a["bbox"]
         if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
             raise UserError(f"{where}: 'bbox' must be [x, y, width, height], got {json.dumps(box)[:60]}")
+
+
+def _is_id(value: Any) -> bool:
+    """An id COCO tools match by value: a number or a string (not a bool, list or object)."""
+    return isinstance(value, (int, float, str)) and not isinstance(value, bool)
 
 
 def _check_references(gt: dict, path: Path) -> None:
@@ -130,11 +135,11 @@ def _check_references(gt: dict, path: Path) -> None:
     for img in gt["images"]:
         if not isinstance(img, dict) or "id" not in img:
             raise UserError(f"{path}: image {json.dumps(img)[:60]} has no 'id'")
-        if not isinstance(img["id"], (int, float, str)) or isinstance(img["id"], bool):
+        if not _is_id(img["id"]):
             raise UserError(f"{path}: image id {json.dumps(img['id'])[:60]} must be a number or a string")
         image_ids.add(img["id"])
     for c in gt["categories"]:
-        if not isinstance(c["id"], (int, float, str)) or isinstance(c["id"], bool):
+        if not _is_id(c["id"]):
             raise UserError(f"{path}: category id {json.dumps(c['id'])[:60]} must be a number or a string")
     cat_ids = {c["id"] for c in gt["categories"]}
     for a in gt["annotations"]:
@@ -146,9 +151,7 @@ def _check_references(gt: dict, path: Path) -> None:
 
 
 def _check_file_names(gt: dict, path: Path) -> None:
-    for img in gt["images"]:
-        if not isinstance(img, dict) or "id" not in img:
-            raise UserError(f"{path}: image {json.dumps(img)[:60]} has no 'id'")
+    for img in gt["images"]:  # every image has an id: _check_references ran first
         if not isinstance(img.get("file_name"), str) or not img["file_name"]:
             raise UserError(f"{path}: image {img['id']} has no 'file_name'")
 

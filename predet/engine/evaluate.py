@@ -23,7 +23,6 @@ import contextlib
 import copy
 import io
 import logging
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
@@ -356,17 +355,14 @@ def subset_images(gt: dict, count: Optional[int], *, seed: int = 0) -> dict:
 
 
 def _device_of(cfg: FinetuneConfig) -> torch.device:
-    """The config's device: under torchrun (or after :func:`predet.distributed.init`) the current
-    GPU, in a single process the index ``train.device`` names (``cuda:1``)."""
+    """The config's device, on the GPU :func:`predet.distributed.local_gpu` picks (a run trained
+    on cuda:1 is evaluated on a one-GPU machine on the current GPU)."""
     name = cfg.train.device
     use_cuda = torch.cuda.is_available() if name == "auto" else name.startswith("cuda")
     if not use_cuda:
         return torch.device("cpu")
-    index = torch.device(name).index if name.startswith("cuda") else None
-    # a run trained on cuda:1 is evaluated on a one-GPU machine on its GPU
-    if index is not None and "LOCAL_RANK" not in os.environ and index < torch.cuda.device_count():
-        return torch.device("cuda", index)
-    return torch.device("cuda", torch.cuda.current_device())
+    gpu = distributed.local_gpu(name)
+    return torch.device("cuda", gpu if gpu < torch.cuda.device_count() else torch.cuda.current_device())
 
 
 def format_results(results: dict) -> str:
