@@ -58,7 +58,7 @@ class AugConfig:
     grayscale_p: float = 0.2
     blur_p: float = 0.5
     blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])
-    min_visible: float = 0.5  # a query is valid if >= this fraction of its area is in both views
+    min_visible: float = 0.5  # a query is valid if >= this fraction of its area is in both views at once
 
 
 @dataclass

@@ -25,10 +25,10 @@ from PIL import Image
 
 from predet.data.color import _jitter_uint8, blur_radius
 from predet.data.datasets import draft_side
-from predet.data.images import BadImage, load_image
+from predet.data.images import BadImage, draft_scale, load_image
 from predet.data.manifest import read_manifest
 from predet.data.queries import QueryParams, _edge_boxes, compute_queries, gradient_edges
-from predet.data.transforms import TwoViewTransform, map_boxes, sample_seed, visible_fraction
+from predet.data.transforms import TwoViewTransform, common_part, map_boxes, sample_seed
 from predet.errors import UserError
 
 __all__ = ["run"]
@@ -131,10 +131,9 @@ def _bench_two_view(
             with timer("to tensor + normalise"):
                 t.normalize(t.to_chw(views))
             with timer("boxes"):
-                bt = torch.from_numpy(b)
+                part, _ = common_part(torch.from_numpy(b), [q.crop for q in params])
                 for q in params:
-                    map_boxes(bt, q.crop, t.size, q.flip)
-                    visible_fraction(bt, q.crop)
+                    map_boxes(part, q.crop, t.size, q.flip)
             n += 1
     timer.report(n, f"two-view stages (one worker, {t.size}x{t.size} views)")
     stages = {k: 1000 * v / n for k, v in timer.total.items()}
@@ -142,7 +141,7 @@ def _bench_two_view(
     for r in range(repeats):
         for i, (p, b) in enumerate(zip(paths, boxes)):
             img, full = load_image(p, draft_short_side=draft)
-            scale = np.array([img.width / full[0], img.height / full[1]] * 2, np.float32)
+            scale = np.float32(draft_scale(img.size, full))
             t(img, b * scale, generator=torch.Generator().manual_seed(sample_seed(0, r, i)))
     rate = n / (time.perf_counter() - t0)
     print(f"two-view loading end to end: {rate:.1f} samples/s per worker")
@@ -190,8 +189,8 @@ def _valid_fraction(paths: list[Path], boxes: list[np.ndarray], t: TwoViewTransf
             g = torch.Generator().manual_seed(sample_seed(1, r, i))
             params = [t.sample_params(img.width, img.height, g) for _ in range(2)]
             bt = torch.from_numpy(b)
-            vis = torch.stack([visible_fraction(bt, pp.crop) for pp in params])
-            ok = ((vis >= t.min_visible) & (vis > 0)).all(dim=0)
+            _, vis = common_part(bt, [pp.crop for pp in params])
+            ok = (vis >= t.min_visible) & (vis > 0)
             valid += int(ok.sum())
             total += len(b)
             enough += int(ok.sum() >= q)

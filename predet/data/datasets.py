@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from predet.data.heldout import HeldOutSet, build_heldout_set, heldout_indices
-from predet.data.images import BadImage, decode_image, load_image
+from predet.data.images import BadImage, decode_image, draft_scale, load_image
 from predet.data.manifest import ManifestEntry, read_manifest, sample_indices
 from predet.data.queries import QueryCache
 from predet.data.transforms import TwoViewTransform, sample_seed
@@ -177,7 +177,7 @@ class WeakLabelDataset(Dataset):
         img, full = load_image(self.paths[index], draft_short_side=self._draft)
         boxes = self.queries_of(index)
         if img.size != full:  # decoded at a libjpeg draft scale: boxes follow
-            boxes = boxes * np.array([img.width / full[0], img.height / full[1]] * 2, np.float32)
+            boxes = boxes * np.float32(draft_scale(img.size, full))
         return {"img": img, "boxes": boxes}
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -8,13 +8,14 @@ corrupt or too-small files, so callers count and name them.
 from __future__ import annotations
 
 import io
+import math
 import os
 from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-__all__ = ["BadImage", "decode_image", "load_image", "MIN_IMAGE_SIDE"]
+__all__ = ["BadImage", "decode_image", "draft_scale", "load_image", "MIN_IMAGE_SIDE"]
 
 MIN_IMAGE_SIDE = 32  # smaller images carry no usable query boxes at 480x480 views
 
@@ -69,7 +70,7 @@ def decode_image(
         min_side: smaller images raise :class:`BadImage`.
         draft_short_side: for JPEG, let libjpeg decode at 1/2, 1/4 or 1/8 scale as long as the
             short side stays >= this (much faster for large photos); boxes must then be scaled by
-            ``image.size / full_size``.
+            :func:`draft_scale`.
 
     Returns:
         ``(image, full_size)``: the RGB image and the ``(width, height)`` the file has at full
@@ -97,6 +98,17 @@ def decode_image(
     if min(full) < min_side:
         raise BadImage(name, f"too small ({full[0]}x{full[1]} < {min_side} px)")
     return img, full
+
+
+def draft_scale(size: tuple[int, int], full: tuple[int, int]) -> float:
+    """What a pixel length of the full image is in an image :func:`decode_image` returned at
+    ``size`` for a file of ``full`` pixels: 1, or libjpeg's draft scale 1/2, 1/4 or 1/8 exactly.
+
+    Not ``size / full``: a draft image is ``ceil(full / 2**k)`` pixels wide, a little more than
+    ``full / 2**k`` (at 1/4, a 1001-px side decodes to 251 px: x = 900 maps to 225, not 225.7)."""
+    if tuple(size) == tuple(full):
+        return 1.0
+    return 2.0 ** -round(math.log2(max(full) / max(size)))
 
 
 def load_image(

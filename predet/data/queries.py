@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou, nms
 
-from predet.data.images import BadImage, load_image
+from predet.data.images import BadImage, draft_scale, load_image
 from predet.data.manifest import ManifestEntry, read_manifest
 from predet.distributed import env_rank
 from predet.errors import UserError
@@ -363,7 +363,8 @@ def _process_one(job: tuple[str, str, QueryParams]) -> tuple[str, Optional[np.nd
         img, full = load_image(path, draft_short_side=params.max_side)
         boxes, scores = compute_queries(np.asarray(img), params)
         if img.size != full:  # back to the full-resolution pixel frame of the cache
-            boxes = boxes * np.array([full[0] / img.width, full[1] / img.height] * 2, np.float32)
+            # (a draft image's last pixel column / row may reach past the full image's edge)
+            boxes = np.minimum(boxes / np.float32(draft_scale(img.size, full)), np.array([*full, *full], np.float32))
         return image, boxes, scores, ""
     except BadImage as e:
         return image, None, None, e.reason

@@ -12,8 +12,9 @@ Pipeline of one view (MoCo-v2 order; flip first because the colour ops commute w
     normalise                              one in-place multiply-add on both views
 
 Boxes follow crop, flip and resize exactly (continuous pixel coordinates: the resize maps
-``x -> (x - x0) * S / w``); a box is *valid* when at least ``min_visible`` of its area lies inside
-the crop of both views.
+``x -> (x - x0) * S / w``). A query is its *common part*, the box clipped to both crops, so that the
+two views hold the same region of the image (its feature pooled in one view, its target in the
+other); it is *valid* when that part is at least ``min_visible`` of the box's area.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ __all__ = [
     "TwoViewTransform",
     "ViewParams",
     "sample_crop",
+    "common_part",
     "map_boxes",
-    "visible_fraction",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -87,15 +88,20 @@ def sample_crop(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def visible_fraction(boxes: torch.Tensor, crop: tuple[int, int, int, int]) -> torch.Tensor:
-    """Fraction of each box's area inside ``crop``; boxes ``(M, 4)`` XYXY -> ``(M,)`` in [0, 1]
-    (0 for empty boxes)."""
-    x0, y0, w, h = crop
-    lo = boxes.new_tensor([x0, y0])
-    hi = boxes.new_tensor([x0 + w, y0 + h])
-    inter = (torch.minimum(boxes[:, 2:], hi) - torch.maximum(boxes[:, :2], lo)).clamp(min=0).prod(dim=1)
+def common_part(boxes: torch.Tensor, crops: Sequence[tuple[int, int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes ``(M, 4)`` XYXY clipped to every crop ``(x0, y0, w, h)`` of ``crops``: the part of each
+    box that all the views show, ``(M, 4)`` (empty where there is none), and its fraction of the
+    box's area ``(M,)`` in [0, 1] (0 for empty boxes)."""
+    lo, hi = boxes[:, :2], boxes[:, 2:]
+    for x0, y0, w, h in crops:
+        lo = torch.maximum(lo, boxes.new_tensor([x0, y0]))
+        hi = torch.minimum(hi, boxes.new_tensor([x0 + w, y0 + h]))
+    hi = torch.maximum(hi, lo)  # no overlap: an empty box at lo
+    part = torch.cat([lo, hi], dim=1)
+    inter = (hi - lo).prod(dim=1)
     area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(dim=1)
-    return torch.where(area > 0, inter / area.clamp(min=1e-12), torch.zeros_like(area))
+    frac = torch.where(area > 0, inter / area.clamp(min=1e-12), torch.zeros_like(area))
+    return part, frac
 
 
 def map_boxes(boxes: torch.Tensor, crop: tuple[int, int, int, int], size: int, flip: bool) -> torch.Tensor:
@@ -140,8 +146,9 @@ class TwoViewTransform:
     """Two MoCo-v2 views of a PIL image with its query boxes mapped into each view.
 
     ``t(img, boxes, generator)`` -> dict with ``view1``, ``view2`` (``Tensor[3, S, S]``, normalised),
-    ``boxes1``, ``boxes2`` (``Tensor[M, 4]`` XYXY in each view's pixels, clipped to the view) and
-    ``valid`` (``BoolTensor[M]``: >= ``min_visible`` of the box's area visible in both views).
+    ``boxes1``, ``boxes2`` (``Tensor[M, 4]`` XYXY in each view's pixels: the part of each box both
+    crops hold, the same region of the image in both views) and ``valid`` (``BoolTensor[M]``: that
+    part is >= ``min_visible`` of the box's area, and not empty).
     Every augmentation can be switched off (``crop=False`` resizes the whole image to SxS;
     probabilities 0 disable flip/jitter/grey/blur).
     """
@@ -266,11 +273,13 @@ class TwoViewTransform:
         params = [self.sample_params(width, height, generator) for _ in range(2)]
         # uint8 SIMD kernels per view, then one normalise for both
         views = self.normalize(self.to_chw([color_augment_uint8(self.render(arr, p), **p.color_kwargs()) for p in params]))
-        vis = torch.stack([visible_fraction(boxes, p.crop) for p in params])  # (2, M)
+        # the part of each box both crops hold: a query is one region of the image in both views
+        # (a box clipped to each view on its own could leave two different halves of it)
+        part, vis = common_part(boxes, [p.crop for p in params])  # (M, 4), (M,)
         return {
             "view1": views[0],
             "view2": views[1],
-            "boxes1": map_boxes(boxes, params[0].crop, self.size, params[0].flip),
-            "boxes2": map_boxes(boxes, params[1].crop, self.size, params[1].flip),
-            "valid": (vis >= self.min_visible).all(dim=0) & (vis > 0).all(dim=0),
+            "boxes1": map_boxes(part, params[0].crop, self.size, params[0].flip),
+            "boxes2": map_boxes(part, params[1].crop, self.size, params[1].flip),
+            "valid": (vis >= self.min_visible) & (vis > 0),
         }

@@ -180,14 +180,19 @@ class ContrastiveRPN(nn.Module):
     def anchors(self, features: list[Tensor], size: tuple[int, int]) -> tuple[Tensor, list[int]]:
         """Anchors of one view, float32 whatever the autocast dtype: ``[T, 4]`` and T per level.
 
+        Level l (P2, P3, ...) has its cells every ``4 * 2**l`` pixels, the FPN's strides: torchvision's
+        ``AnchorGenerator`` infers ``size // grid``, which for P6 (P5 subsampled by 2: 8 cells
+        over a 480-px view) gives 60 instead of 64, and for a view side that is not a multiple of
+        32, wrong strides on P3-P5 too — anchors tens of pixels from the cells that score them.
         Cached per (level shapes, image size, device): every view of a batch has the same."""
         shapes = tuple(tuple(x.shape[-2:]) for x in features)
         device = features[0].device
         key = (shapes, size, device)
         if key not in self._anchor_cache:
-            image = ImageList(torch.empty((1, 0, *size), device=device), [size])
-            maps = [torch.empty((1, 0, *s), device=device) for s in shapes]  # only shapes are read
-            anchors = self.anchor_generator(image, maps)[0]
+            gen = self.anchor_generator
+            gen.set_cell_anchors(torch.float32, device)
+            strides = [[torch.tensor(4 * 2**lvl, device=device)] * 2 for lvl in range(len(shapes))]
+            anchors = torch.cat(gen.grid_anchors([list(s) for s in shapes], strides))
             A = self.head.num_anchors
             self._anchor_cache[key] = (anchors, [h * w * A for h, w in shapes])
         return self._anchor_cache[key]

@@ -205,3 +205,21 @@ def test_utf8_bom_is_accepted_in_manifest_synonyms_and_coco(tmp_path: Path, caps
 
     assert load_coco_json(tmp_path / "c.json")["categories"] == [{"id": 1, "name": "dog"}]
     assert [e.image for e in read_manifest(tmp_path / "c.json").entries] == ["a.jpg"]
+
+
+@pytest.mark.parametrize("full,short,want", [((1001, 603), 150, 0.25), ((1024, 768), 200, 0.5), ((640, 480), 480, 1.0)])
+def test_draft_scale_is_libjpegs_power_of_two(tmp_path: Path, full: tuple, short: int, want: float) -> None:
+    """A painted column at x = 900 of a 1001-px JPEG decoded at 1/4 (251 px wide) is at 225 =
+    900 / 4, where draft_scale puts it (size / full would say 225.7)."""
+    from predet.data.images import draft_scale
+
+    arr = np.zeros((full[1], full[0], 3), np.uint8)
+    x = int(full[0] * 0.9) // 8 * 8  # an 8-aligned column: one DCT block edge
+    arr[:, x : x + 8] = 255
+    Image.fromarray(arr).save(tmp_path / "p.jpg", quality=95)
+    img, got_full = load_image(tmp_path / "p.jpg", draft_short_side=short)
+    s = draft_scale(img.size, got_full)
+    assert got_full == full and s == want
+    col = np.asarray(img)[:, :, 0].mean(axis=0)
+    left = int(np.argmax(col > 128))  # first bright column in the decoded image
+    assert abs(left - x * s) <= 0.5, (left, x * s, x * img.width / full[0])

@@ -275,3 +275,26 @@ def test_jitter_proposals_has_the_crpn_interface():
     assert props.shape == (B, Q * 5, 4) and losses == {} and metrics == {}
     assert torch.equal(props, ref) and torch.equal(valid, ref_valid)
     assert int(valid.sum()) == 10 and not valid[1].any()
+
+
+@pytest.mark.parametrize("side", [96, 100, 128])
+def test_anchor_cells_sit_at_the_fpn_strides(side):
+    """Level l's anchors are centred every 4 * 2**l pixels, where its feature cells are (P6 is P5
+    subsampled by 2: at 96 px its 2 cells are at 0 and 64, not torchvision's inferred 96 // 2 = 48);
+    where the side is a multiple of 64 they equal torchvision's AnchorGenerator."""
+    c = CRPNConfig(anchor_sizes=[8, 16, 32, 64, 128], aspect_ratios=[0.5, 1.0, 2.0], dim=D, conv_dim=6)
+    rpn = ContrastiveRPN(in_channels=C, query_dim=E, cfg=c)
+    shapes = [-(-side // 4)]  # P2; P3..P5 by ResNet's stride-2 convs, P6 = max_pool(k=1, s=2) of P5
+    for _ in range(4):
+        shapes.append(-(-shapes[-1] // 2))
+    feats = [torch.zeros(1, 1, s, s) for s in shapes]
+    anchors, per_level = rpn.anchors(feats, (side, side))
+    for lvl, chunk in enumerate(anchors.split(per_level)):
+        centres = ((chunk[:, 0] + chunk[:, 2]) / 2).unique()
+        stride = 4 * 2**lvl
+        assert centres.tolist() == pytest.approx([stride * i for i in range(shapes[lvl])]), (lvl, centres)
+    if side % 64 == 0:
+        from torchvision.models.detection.image_list import ImageList
+
+        image = ImageList(torch.zeros(1, 3, side, side), [(side, side)])
+        torch.testing.assert_close(anchors, rpn.anchor_generator(image, feats)[0])
