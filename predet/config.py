@@ -58,7 +58,10 @@ class AugConfig:
     grayscale_p: float = 0.2
     blur_p: float = 0.5
     blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])
-    min_visible: float = 0.5  # a query is valid if >= this fraction of its area is in both views at once
+    min_visible: float = 0.5  # a query is valid if >= this fraction of its area is in both views
+    # each: each view clips a query box to its own crop (DESIGN, the paper's "q in view-1's
+    # coordinate system"; the views may hold different parts of it); common: the part both hold
+    query_region: str = "each"
 
 
 @dataclass
@@ -622,6 +625,8 @@ def _check_pretrain_rest(cfg: Any) -> None:
         raise UserError(f"train.eval_every: must be >= 1 (or null for ckpt.every), got {t.eval_every}")
 
 
+# how a query box is clipped to the two views (data.aug.query_region, TwoViewTransform)
+QUERY_REGIONS = ("each", "common")
 # predet.data.transforms.TwoViewTransform's smallest view side
 MIN_INPUT_SIZE = 8
 
@@ -634,6 +639,8 @@ def _check_pretrain_aug(cfg: Any) -> None:
     _range("data.aug.crop_ratio", a.crop_ratio, positive=True)  # aspect ratios (log-uniform)
     _range("data.aug.blur_sigma", a.blur_sigma, positive=True)  # 0 would mean "no blur"
     _probability("data.aug", a, ("flip_p", "jitter_p", "grayscale_p", "blur_p", "min_visible"))
+    if a.query_region not in QUERY_REGIONS:
+        raise UserError(f"data.aug.query_region: must be one of {', '.join(QUERY_REGIONS)}, got '{a.query_region}'")
     for key in ("brightness", "contrast", "saturation"):
         if getattr(a, key) < 0:
             raise UserError(f"data.aug.{key}: must be >= 0, got {getattr(a, key)}")

@@ -122,6 +122,7 @@ def test_saved_config_round_trips(tmp_path):
         ("data.aug.blur_sigma=[1]", "data.aug.blur_sigma=[1.0]: expected [lo, hi] with 0 < lo <= hi"),
         ("data.aug.blur_sigma=[0,2]", "data.aug.blur_sigma=[0.0, 2.0]: expected [lo, hi]"),
         ("data.aug.min_visible=5", "data.aug.min_visible: must be in [0, 1], got 5.0"),
+        ("data.aug.query_region=both", "data.aug.query_region: must be one of each, common, got 'both'"),
         ("data.aug.flip_p=-0.1", "data.aug.flip_p: must be in [0, 1], got -0.1"),
         ("data.aug.jitter_p=2", "data.aug.jitter_p: must be in [0, 1], got 2.0"),
         ("data.aug.grayscale_p=1.5", "data.aug.grayscale_p: must be in [0, 1], got 1.5"),

@@ -28,7 +28,7 @@ from predet.data.datasets import draft_side
 from predet.data.images import BadImage, draft_scale, load_image
 from predet.data.manifest import read_manifest
 from predet.data.queries import QueryParams, _edge_boxes, compute_queries, gradient_edges
-from predet.data.transforms import TwoViewTransform, common_part, map_boxes, sample_seed
+from predet.data.transforms import TwoViewTransform, sample_seed
 from predet.errors import UserError
 
 __all__ = ["run"]
@@ -131,9 +131,7 @@ def _bench_two_view(
             with timer("to tensor + normalise"):
                 t.normalize(t.to_chw(views))
             with timer("boxes"):
-                part, _ = common_part(torch.from_numpy(b), [q.crop for q in params])
-                for q in params:
-                    map_boxes(part, q.crop, t.size, q.flip)
+                t.map_queries(torch.from_numpy(b), params)
             n += 1
     timer.report(n, f"two-view stages (one worker, {t.size}x{t.size} views)")
     stages = {k: 1000 * v / n for k, v in timer.total.items()}
@@ -188,9 +186,7 @@ def _valid_fraction(paths: list[Path], boxes: list[np.ndarray], t: TwoViewTransf
             img, _ = load_image(p)
             g = torch.Generator().manual_seed(sample_seed(1, r, i))
             params = [t.sample_params(img.width, img.height, g) for _ in range(2)]
-            bt = torch.from_numpy(b)
-            _, vis = common_part(bt, [pp.crop for pp in params])
-            ok = (vis >= t.min_visible) & (vis > 0)
+            ok = t.map_queries(torch.from_numpy(b), params)["valid"]
             valid += int(ok.sum())
             total += len(b)
             enough += int(ok.sum() >= q)

@@ -12,9 +12,11 @@ Pipeline of one view (MoCo-v2 order; flip first because the colour ops commute w
     normalise                              one in-place multiply-add on both views
 
 Boxes follow crop, flip and resize exactly (continuous pixel coordinates: the resize maps
-``x -> (x - x0) * S / w``). A query is its *common part*, the box clipped to both crops, so that the
-two views hold the same region of the image (its feature pooled in one view, its target in the
-other); it is *valid* when that part is at least ``min_visible`` of the box's area.
+``x -> (x - x0) * S / w``). With ``query_region="each"`` (the default: DESIGN §2, the paper's "q in
+view-1's coordinate system") each view clips a box to its own crop, and the box is *valid* when at
+least ``min_visible`` of its area lies inside the crop of both views; the two views may then hold
+different parts of it. With ``"common"`` a query is the part of the box both crops hold (the same
+region of the image in both views), valid when that part is at least ``min_visible`` of the box.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from predet.config import QUERY_REGIONS
 from predet.data.color import color_augment_uint8
 
 __all__ = [
@@ -146,9 +149,9 @@ class TwoViewTransform:
     """Two MoCo-v2 views of a PIL image with its query boxes mapped into each view.
 
     ``t(img, boxes, generator)`` -> dict with ``view1``, ``view2`` (``Tensor[3, S, S]``, normalised),
-    ``boxes1``, ``boxes2`` (``Tensor[M, 4]`` XYXY in each view's pixels: the part of each box both
-    crops hold, the same region of the image in both views) and ``valid`` (``BoolTensor[M]``: that
-    part is >= ``min_visible`` of the box's area, and not empty).
+    ``boxes1``, ``boxes2`` (``Tensor[M, 4]`` XYXY in each view's pixels, clipped to the view; with
+    ``query_region="common"`` the part of each box both crops hold) and ``valid`` (``BoolTensor[M]``:
+    >= ``min_visible`` of the box's area visible in both views; with ``"common"``, in both at once).
     Every augmentation can be switched off (``crop=False`` resizes the whole image to SxS;
     probabilities 0 disable flip/jitter/grey/blur).
     """
@@ -171,6 +174,7 @@ class TwoViewTransform:
         blur_p: float = 0.5,
         blur_sigma: Sequence[float] = (0.1, 2.0),
         min_visible: float = 0.5,
+        query_region: str = "each",
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
@@ -191,7 +195,10 @@ class TwoViewTransform:
         self.grayscale_p = grayscale_p
         self.blur_p = blur_p
         self.blur_sigma = tuple(float(v) for v in blur_sigma)
+        if query_region not in QUERY_REGIONS:
+            raise ValueError(f"query_region must be one of {QUERY_REGIONS}, got {query_region!r}")
         self.min_visible = min_visible
+        self.query_region = query_region
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
@@ -213,6 +220,7 @@ class TwoViewTransform:
             grayscale_p=aug.grayscale_p,
             blur_p=aug.blur_p,
             blur_sigma=list(aug.blur_sigma),
+            query_region=aug.query_region,
             min_visible=aug.min_visible,
         )
 
@@ -273,13 +281,17 @@ class TwoViewTransform:
         params = [self.sample_params(width, height, generator) for _ in range(2)]
         # uint8 SIMD kernels per view, then one normalise for both
         views = self.normalize(self.to_chw([color_augment_uint8(self.render(arr, p), **p.color_kwargs()) for p in params]))
-        # the part of each box both crops hold: a query is one region of the image in both views
-        # (a box clipped to each view on its own could leave two different halves of it)
-        part, vis = common_part(boxes, [p.crop for p in params])  # (M, 4), (M,)
+        return {"view1": views[0], "view2": views[1], **self.map_queries(boxes, params)}
+
+    def map_queries(self, boxes: torch.Tensor, params: Sequence["ViewParams"]) -> dict[str, torch.Tensor]:
+        """Image-pixel boxes ``(M, 4)`` -> ``boxes1``, ``boxes2`` in the two views of ``params`` and
+        ``valid`` ``(M,)``, by ``query_region`` (see the class)."""
+        if self.query_region == "common":  # one region of the image in both views
+            boxes, vis = common_part(boxes, [p.crop for p in params])  # (M, 4), (M,)
+        else:  # each view clips the box to its own crop: valid if enough is in each
+            vis = torch.stack([common_part(boxes, [p.crop])[1] for p in params]).amin(dim=0)  # (M,)
         return {
-            "view1": views[0],
-            "view2": views[1],
-            "boxes1": map_boxes(part, params[0].crop, self.size, params[0].flip),
-            "boxes2": map_boxes(part, params[1].crop, self.size, params[1].flip),
+            "boxes1": map_boxes(boxes, params[0].crop, self.size, params[0].flip),
+            "boxes2": map_boxes(boxes, params[1].crop, self.size, params[1].flip),
             "valid": (vis >= self.min_visible) & (vis > 0),
         }

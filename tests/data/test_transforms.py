@@ -43,11 +43,12 @@ def _coverage(view: np.ndarray, box: torch.Tensor) -> tuple[float, float]:
     return float(paint[inside].mean()), float(paint[inside].sum() / max(paint.sum(), 1))
 
 
-def test_painted_box_covers_its_mapped_box_in_both_views() -> None:
+@pytest.mark.parametrize("region", ["each", "common"])
+def test_painted_box_covers_its_mapped_box_in_both_views(region: str) -> None:
     """On random seeds, a box painted white covers >= 95% of its mapped box in both views whenever
-    the box is valid, and, when both crops hold all of it, >= 95% of the paint lies inside the
-    mapped box (otherwise a view may show paint the other does not: outside the query)."""
-    t = TwoViewTransform(128, **NO_COLOUR)
+    the box is valid, and >= 95% of the paint lies inside the mapped box — for "common", when both
+    crops hold all of it (otherwise a view shows paint the other does not: outside the query)."""
+    t = TwoViewTransform(128, **NO_COLOUR, query_region=region)
     recalls, precisions = [], []
     for seed in range(16):
         img, box = _painted(seed)
@@ -61,26 +62,28 @@ def test_painted_box_covers_its_mapped_box_in_both_views() -> None:
             for view, b in ((out["view1"], out["boxes1"][0]), (out["view2"], out["boxes2"][0])):
                 recall, precision = _coverage(_denorm(view), b)
                 recalls.append(recall)
-                if bool(whole[0]):
+                if region == "each" or bool(whole[0]):
                     precisions.append(precision)
     assert len(recalls) >= 40 and len(precisions) >= 10  # enough (image, draw) pairs of each kind
     assert min(recalls) >= 0.95 and min(precisions) >= 0.95, (min(recalls), min(precisions))
 
 
 def _reference_valid(t: TwoViewTransform, w: int, h: int, boxes: np.ndarray, seed: int) -> tuple[np.ndarray, list]:
-    """Per-box python loop: the part of the box inside both views' crops, valid when it is >= 0.5
-    of the box's area."""
+    """Per-box python loop: query_region "each": the visible area fraction in each view's crop,
+    then the AND of >= 0.5; "common": the part of the box inside both crops is >= 0.5 of it."""
     g = torch.Generator().manual_seed(seed)
     params = [t.sample_params(w, h, g) for _ in range(2)]
     valid = []
     for box in boxes.tolist():
-        (x1, y1, x2, y2), area = _common(box, params), max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
-        valid.append(area > 0 and (x2 - x1) * (y2 - y1) / area >= 0.5)
+        area = max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+        parts = [_clipped(box, [p]) for p in params] if t.query_region == "each" else [_clipped(box, params)]
+        valid.append(area > 0 and all((x2 - x1) * (y2 - y1) / area >= 0.5 for x1, y1, x2, y2 in parts))
     return np.array(valid), params
 
 
-def _common(box: list, params: list) -> list:
-    """The box clipped to every view's crop (an empty box at its low corner when they miss)."""
+def _clipped(box: list, params: list) -> list:
+    """The box clipped to every view's crop of ``params`` (an empty box at its low corner when
+    they miss)."""
     x1, y1, x2, y2 = box
     for p in params:
         cx, cy, cw, ch = p.crop
@@ -88,11 +91,12 @@ def _common(box: list, params: list) -> list:
     return [x1, y1, max(x2, x1), max(y2, y1)]
 
 
-def test_valid_and_boxes_match_reference() -> None:
+@pytest.mark.parametrize("region", ["each", "common"])
+def test_valid_and_boxes_match_reference(region: str) -> None:
     rng = np.random.default_rng(0)
     w, h, S = 200, 150, 64
     img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-    t = TwoViewTransform(S, **NO_COLOUR)
+    t = TwoViewTransform(S, **NO_COLOUR, query_region=region)
     agree = total = nvalid = 0
     for seed in range(25):
         xy = rng.uniform(-20, 190, (40, 2))
@@ -103,11 +107,11 @@ def test_valid_and_boxes_match_reference() -> None:
         agree += int((out["valid"].numpy() == ref).sum())
         total += len(ref)
         nvalid += int(ref.sum())
-        # boxes: python reference of common part -> crop -> scale -> clip -> flip
+        # boxes: python reference of (common part ->) crop -> scale -> clip -> flip
         for b_out, p in ((out["boxes1"], params[0]), (out["boxes2"], params[1])):
             cx, cy, cw, ch = p.crop
             for box, got in zip(boxes.tolist(), b_out.tolist()):
-                x1, y1, x2, y2 = _common(box, params)
+                x1, y1, x2, y2 = box if region == "each" else _clipped(box, params)
                 m = [min(max((x1 - cx) * S / cw, 0), S), min(max((y1 - cy) * S / ch, 0), S),
                      min(max((x2 - cx) * S / cw, 0), S), min(max((y2 - cy) * S / ch, 0), S)]
                 if p.flip:
@@ -268,9 +272,11 @@ def test_from_config_switches() -> None:
     from predet.config import PretrainConfig, load_config
 
     cfg = load_config(PretrainConfig, None, ["data.aug.crop=false", "data.aug.flip_p=0", "data.aug.color_jitter=false",
-                                             "data.aug.grayscale_p=0", "data.aug.blur_p=0", "data.aug.min_visible=0.9"])
+                                             "data.aug.grayscale_p=0", "data.aug.blur_p=0", "data.aug.min_visible=0.9",
+                                             "data.aug.query_region=common"])
     t = TwoViewTransform.from_config(cfg.data.aug, 32)
-    assert t.min_visible == 0.9 and not t.crop and t.jitter_p == 0.0
+    assert t.min_visible == 0.9 and not t.crop and t.jitter_p == 0.0 and t.query_region == "common"
+    assert TwoViewTransform.from_config(PretrainConfig().data.aug, 32).query_region == "each"
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     out = t(img, torch.tensor([[0.0, 0.0, 32.0, 32.0]]))
     plain = torch.from_numpy(np.asarray(img.resize((32, 32), Image.BOX), np.float32) / 255).permute(2, 0, 1)
