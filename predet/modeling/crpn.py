@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou, clip_boxes_to_image
 
 from predet.config import CRPNConfig
