@@ -11,6 +11,8 @@
 # left out of the mean: the loader's warm-up and cuDNN's autotuning.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+py=${PYTHON:-$(command -v python3 || command -v python)}
+command -v predet > /dev/null || predet() { "$py" -m predet "$@"; }  # the GPU image: not installed
 cfg=${CFG:-configs/pretrain/r50_fpn_480.yaml}
 data=${DATA:-builtin:small}
 batch=${BATCH:-64}
@@ -26,7 +28,7 @@ echo "$bench"
 predet pretrain --config "$cfg" --out "$out/run" "${common[@]}" data.manifest="$data" \
   train.steps="$steps" train.warmup_steps=0 train.log_every="$every" ckpt.every=1000000 train.eval_every=null \
   > "$out/pretrain.log" 2>&1 || { tail -20 "$out/pretrain.log"; exit 1; }
-python - "$bench" "$out/run/metrics.jsonl" "$batch" "$skip" <<'PY'
+"$py" - "$bench" "$out/run/metrics.jsonl" "$batch" "$skip" <<'PY'
 import json, re, sys
 bench, metrics, batch, skip = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 m = re.search(r"predet_step_ms=([0-9.]+)", bench)

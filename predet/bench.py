@@ -11,6 +11,14 @@ NMS, K_nms per view; or, with the CRPN off, the jittered boxes) is timed inside 
 CUDA events around it on CUDA (no extra sync in the step), the wall clock on CPU; its median per
 step is printed as ``predet_proposal_ms=<float> share=<float>`` (share: of the PreDet step).
 
+With ``--profile N``, N more PreDet steps run under ``torch.profiler`` after the timing, each
+part of the model inside a labelled range (``P::backbone``, ``P::cls_head``, ``P::box_features``
+and its ``P::roi_pool`` / ``P::box_head``, ``P::crpn`` and its ``P::crpn.head`` /
+``P::crpn.losses`` / ``P::crpn.select_proposals`` (or ``P::jitter``), ``P::croi_head``, then
+``P::backward`` and ``P::optimizer``): their time per step (device time on CUDA, CPU time on
+CPU; a part includes the parts inside it, forward only unless named) and the costliest
+operators are printed before the timing lines; ``--trace FILE`` also writes a Chrome trace.
+
 The last line is ``predet_step_ms=<float> cls_step_ms=<float> ratio=<float>``.
 """
 
@@ -22,17 +30,18 @@ import os
 import resource
 import statistics
 import time
-from contextlib import nullcontext
-from typing import Any, Callable
+from contextlib import ExitStack, contextmanager, nullcontext
+from typing import Any, Callable, Iterator
 
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from predet.config import PretrainConfig, load_config
 from predet.engine.common import resolve_device
 from predet.errors import UserError
 from predet.modeling.predet import PreDet, build_predet
 
-__all__ = ["random_batch", "time_steps", "SectionTimer", "run"]
+__all__ = ["random_batch", "time_steps", "profile_steps", "labelled_parts", "SectionTimer", "run"]
 
 DEFAULT_NUM_CLASSES = 20
 
@@ -116,6 +125,106 @@ def proposal_timer(model: PreDet, cuda: bool) -> SectionTimer | None:
     return None
 
 
+# (label, module path in PreDet, method): the labelled ranges of a profiled step, outer first
+PARTS = (
+    ("backbone", "backbone", "forward"),
+    ("cls_head", "cls_head", "forward"),
+    ("box_features", "", "_box_features"),
+    ("roi_pool", "roi_pool", "forward"),
+    ("box_head", "box_head", "forward"),
+    ("crpn", "crpn", "forward"),
+    ("crpn.head", "crpn.head", "forward"),
+    ("crpn.losses", "crpn", "losses"),
+    ("crpn.select_proposals", "crpn", "select_proposals"),
+    ("jitter", "jitter", "forward"),
+    ("croi_head", "croi_head", "forward"),
+)
+
+
+@contextmanager
+def labelled_parts(model: PreDet) -> Iterator[list[str]]:
+    """Run each part of ``model`` (``PARTS``, those it has) inside ``record_function("P::<label>")``;
+    yields the labels. The model's own methods are back on exit."""
+    wrapped: list[tuple[Any, str]] = []
+    labels: list[str] = []
+    try:
+        for label, path, method in PARTS:
+            owner: Any = model
+            for name in filter(None, path.split(".")):
+                owner = getattr(owner, name, None)
+            if owner is None:
+                continue
+            inner = getattr(owner, method)
+
+            def ranged(*args: Any, _inner: Callable[..., Any] = inner, _name: str = "P::" + label,
+                       **kwargs: Any) -> Any:  # fmt: skip
+                with record_function(_name):
+                    return _inner(*args, **kwargs)
+
+            setattr(owner, method, ranged)  # an instance attribute: shadows the class's method
+            wrapped.append((owner, method))
+            labels.append("P::" + label)
+        yield labels + ["P::backward", "P::optimizer"]
+    finally:
+        for owner, method in wrapped:
+            delattr(owner, method)
+
+
+def _device_total(evt: Any) -> float:
+    """An averaged profiler event's device time in us (``device_time_total`` from torch 2.4's
+    rename on, ``cuda_time_total`` before)."""
+    return float(getattr(evt, "device_time_total", getattr(evt, "cuda_time_total", 0.0)))
+
+
+def profile_steps(
+    model: PreDet,
+    batch: dict[str, torch.Tensor],
+    *,
+    steps: int,
+    amp: bool,
+    rows: int = 25,
+    trace: str | None = None,
+) -> tuple[dict[str, float], str]:
+    """``steps`` PreDet training steps under ``torch.profiler``, each part labelled.
+
+    Returns the ms per step of each labelled part (device time on CUDA, CPU time on CPU; a part
+    includes the parts called inside it) and the operator table (top ``rows`` by self time).
+    """
+    cuda = batch["view1"].device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and amp) else nullcontext()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with ExitStack() as stack:
+        labels = stack.enter_context(labelled_parts(model))
+        prof = stack.enter_context(profile(activities=activities))
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                out = model(batch)
+            loss = sum(v for k, v in out.items() if k.startswith("loss_"))
+            with record_function("P::backward"):
+                loss.backward()
+            with record_function("P::optimizer"):
+                opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
+    events = prof.key_averages()
+    per_step: dict[str, float] = {}
+    for evt in events:
+        if evt.key in labels:  # on CUDA a range is listed twice: its CPU side and its GPU side
+            t = _device_total(evt) if cuda else float(evt.cpu_time_total)
+            per_step[evt.key] = max(per_step.get(evt.key, 0.0), t / steps / 1e3)
+    ordered = {k: per_step[k] for k in labels if k in per_step}
+    if cuda:
+        sort_by = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    else:
+        sort_by = "self_cpu_time_total"
+    table = events.table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
+    return ordered, table
+
+
 def time_steps(
     models: dict[str, PreDet],
     batch: dict[str, torch.Tensor],
@@ -188,6 +297,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     if args.iters < 1:
         raise UserError(f"--iters: must be >= 1, got {args.iters}")
+    if args.profile < 0:
+        raise UserError(f"--profile: must be >= 0 steps, got {args.profile}")
+    if args.trace and not args.profile:
+        raise UserError("--trace: needs --profile N (the profiled steps are what it records)")
     device = torch.device(resolve_device(cfg.train.device))  # as pretrain reads it
     if device.type == "cuda":  # synchronize, events and the peak memory act on the current GPU
         torch.cuda.set_device(device.index or 0)
@@ -236,6 +349,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"peak_rss={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         print(f"load_avg_1min={load:.2f} cpus={os.cpu_count()}")
+    if args.profile:
+        parts, table = profile_steps(
+            predet, batch, steps=args.profile, amp=cfg.train.amp, rows=args.profile_rows,
+            trace=args.trace,
+        )  # fmt: skip
+        print(table)
+        kind = "device" if device.type == "cuda" else "CPU"
+        print(f"profile: {args.profile} PreDet steps, {kind} ms per step by part "
+              f"(each includes the parts called inside it)")  # fmt: skip
+        for label, ms in parts.items():
+            print(f"  {label:<28s} {ms:9.2f}")
+        if args.trace:
+            print(f"trace: {args.trace}")
     p, c = res["predet"]["ms"], res["cls"]["ms"]
     prop = res["predet"]["proposal_ms"]
     print(f"predet_proposal_ms={prop:.2f} share={prop / p:.3f}")

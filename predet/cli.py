@@ -152,6 +152,10 @@ def _bench_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="pre-training config (default: the shipped configs/pretrain/tiny_cpu.yaml)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="then profile N more PreDet steps: time per model part, top operators")
+    p.add_argument("--profile-rows", type=int, default=25, metavar="R", help="operators listed (default 25)")
+    p.add_argument("--trace", default=None, metavar="FILE", help="with --profile: write a Chrome trace")
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from predet.bench import SectionTimer, proposal_timer, random_batch
+from predet.bench import SectionTimer, labelled_parts, profile_steps, proposal_timer, random_batch
 from predet.cli import main
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs/pretrain/tiny_cpu.yaml")
@@ -23,7 +23,8 @@ def test_bench_step_prints_the_timing_line(capsys, tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rc = main(["bench", "step", "--iters", "2", "--warmup", "1", "train.batch_size=1", "model.input_size=64"])
+        rc = main(["bench", "step", "--iters", "2", "--warmup", "1", "--profile", "1",
+                   "train.batch_size=1", "model.input_size=64"])  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out.strip().splitlines()
@@ -40,6 +41,9 @@ def test_bench_step_prints_the_timing_line(capsys, tmp_path, monkeypatch):
     assert abs(share - proposal_ms / predet_ms) < 2e-3 * share + 1e-3
     assert out[0].startswith("device=cpu") and "images=1" in out[0] and "size=64" in out[0]
     assert any(line.startswith("peak_rss=") for line in out)
+    head = out.index("profile: 1 PreDet steps, CPU ms per step by part (each includes the parts called inside it)")
+    part = re.match(r"^  P::backbone +(\d+\.\d+)$", out[head + 1])
+    assert part and float(part.group(1)) > 0
 
 
 def test_bench_step_bad_iters_is_a_user_error(capsys):
@@ -103,6 +107,38 @@ def test_proposal_timer_picks_the_proposal_step(tiny_cfg_bench):
     )
     assert proposal_timer(cls_only, cuda=False) is None
 
+
+def test_profile_labels_every_part_and_nests_them(tiny_cfg_bench):
+    """--profile: each part of the PreDet step in its own range, parts inside their callers."""
+    from predet.modeling.predet import build_predet
+
+    torch.manual_seed(0)
+    model = build_predet(tiny_cfg_bench("train.batch_size=2"), 5)
+    batch = random_batch(2, 4, 64, 5, seed=0)
+    parts, table = profile_steps(model, batch, steps=2, amp=False, rows=5)
+    expected = ["P::backbone", "P::cls_head", "P::box_features", "P::roi_pool", "P::box_head",
+                "P::crpn", "P::crpn.head", "P::crpn.losses", "P::crpn.select_proposals",
+                "P::croi_head", "P::backward", "P::optimizer"]  # fmt: skip
+    assert list(parts) == expected  # the order of PARTS, outer first; no jitter with the CRPN on
+    assert all(ms > 0 for ms in parts.values())
+    # an outer range includes what runs inside it (CPU time, measured in the same step)
+    assert parts["P::box_features"] >= parts["P::roi_pool"] + parts["P::box_head"]
+    crpn_inner = parts["P::crpn.head"] + parts["P::crpn.losses"] + parts["P::crpn.select_proposals"]
+    assert parts["P::crpn"] >= crpn_inner
+    assert "Self CPU" in table and len(table.splitlines()) <= 5 + 8  # 5 operators + frame
+    for owner in (model, model.backbone, model.crpn, model.crpn.head, model.croi_head):
+        assert not [k for k in vars(owner) if k in ("forward", "losses", "select_proposals", "_box_features")]
+
+    jitter = build_predet(tiny_cfg_bench("loss.crpn=false"), 5)
+    with labelled_parts(jitter) as labels:
+        assert "P::jitter" in labels and "P::crpn" not in labels
+        assert "forward" in vars(jitter.jitter)
+    assert "forward" not in vars(jitter.jitter)
+
+
+def test_bench_step_trace_needs_profile(capsys):
+    assert main(["bench", "step", "--config", CONFIG, "--trace", "t.json"]) == 2
+    assert "--trace" in capsys.readouterr().err
 
 
 @pytest.mark.slow
