@@ -420,6 +420,11 @@ def build_pretrain_data(cfg: Any) -> PretrainData:
     """The pre-training data of a :class:`predet.config.PretrainConfig` (``data.format``:
     ``manifest`` | ``shards`` | ``coco``)."""
     fmt = cfg.data.format
+    if fmt == "manifest" and cfg.data.shards and cfg.data.manifest:  # which one? never guess
+        raise UserError(
+            f"data.shards={cfg.data.shards!r} and data.manifest={cfg.data.manifest!r} are both set: "
+            "add data.format=shards to stream the shards, or data.shards=null to read the manifest"
+        )
     if fmt == "shards" or (fmt == "manifest" and cfg.data.shards and not cfg.data.manifest):
         if not cfg.data.shards:
             raise UserError("data.format=shards needs data.shards (a folder or shard pattern)")

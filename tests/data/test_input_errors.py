@@ -365,6 +365,17 @@ def test_shards_reject_manifest_only_keys(tmp_path: Path) -> None:
             build_pretrain_data(_cfg("data.format=shards", "data.shards=x", heldout))
 
 
+def test_shards_and_a_manifest_together_are_an_error_not_a_guess() -> None:
+    """A config that names a manifest (e.g. tiny_cpu.yaml's builtin:tiny) plus data.shards=...
+    trained on the manifest and ignored the shards; now the user says which."""
+    with pytest.raises(UserError, match=r"^data.shards='s/x.tar' and data.manifest='builtin:tiny' are both set: "
+                                        r"add data.format=shards .* or data.shards=null"):  # fmt: skip
+        build_pretrain_data(_cfg("data.manifest=builtin:tiny", "data.shards=s/x.tar"))
+    # with data.format=shards the shards are read (and checked) whatever the manifest says
+    with pytest.raises(UserError, match="data.shards: no shard files at 's/x.tar'"):
+        build_pretrain_data(_cfg("data.manifest=builtin:tiny", "data.shards=s/x.tar", "data.format=shards"))
+
+
 # ---------------------------------------------------------------------------------------------
 # predet bench data and predet data queries
 # ---------------------------------------------------------------------------------------------
