@@ -11,7 +11,7 @@ import random
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -165,6 +165,14 @@ def prepare_run_dir(out: str | Path, resume: bool = False, overwrite: bool = Fal
         raise UserError(f"--resume given but run folder {out} does not exist")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def absolute_path(path: Optional[str]) -> Optional[str]:
+    """A data path as ``config.yaml`` records it: absolute, so that the run folder works from any
+    directory. ``None``, ``""``, ``builtin:...`` specs and URLs (``scheme://``, ``pipe:``) are kept."""
+    if not path or path.startswith(("builtin:", "pipe:")) or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def seed_everything(seed: int) -> None:

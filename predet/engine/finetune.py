@@ -61,7 +61,7 @@ from predet.engine.loop import Checkpointer, restore_log_window, restore_rng, tr
 from predet.errors import UserError
 from predet.export import check_init_sidecar
 from predet.modeling.detectors import build_detector, init_widths, load_init
-from predet.utils import seed_everything, write_json
+from predet.utils import absolute_path, seed_everything, write_json
 
 __all__ = ["finetune", "resolve_init_widths", "resolve_lr", "schedule", "StepBatchSampler",
            "build_optimizer", "run"]  # fmt: skip
@@ -206,7 +206,7 @@ def resolve_init_widths(cfg: FinetuneConfig, init: str) -> FinetuneConfig:
     cfg = copy.deepcopy(cfg)
     for split in ("train", "val"):  # builtin:<preset> -> the world's files (resolved in config.yaml)
         sc = cfg.data[split]
-        sc.ann, sc.images = resolve_split(sc.ann, sc.images, split)
+        sc.ann, sc.images = map(absolute_path, resolve_split(sc.ann, sc.images, split))
     widths = init_widths(init)
     if cfg.model.fpn_channels is None:
         cfg.model.fpn_channels = widths.get("fpn_channels", 256)

@@ -49,7 +49,7 @@ from predet.data.stream import BatchStream, StreamPosition, check_batch_fits
 from predet.engine.loop import Checkpointer, restore_log_window, restore_rng, train
 from predet.errors import UserError
 from predet.modeling.predet import build_predet, check_num_classes
-from predet.utils import seed_everything, write_json
+from predet.utils import absolute_path, seed_everything, write_json
 
 __all__ = ["run", "pretrain"]
 
@@ -104,7 +104,8 @@ def pretrain(
 
 def _resolve(cfg: Any) -> Any:
     """A copy of ``cfg`` with ``data.manifest: builtin:<preset>[:seed]`` replaced by the cached
-    world's manifest and query cache (generated on first use)."""
+    world's manifest and query cache (generated on first use), and every data path absolute (as
+    ``config.yaml`` records it)."""
     cfg = copy.deepcopy(cfg)
     if str(cfg.data.manifest).startswith("builtin:"):
         from predet.data.builtin import resolve_builtin
@@ -113,6 +114,8 @@ def _resolve(cfg: Any) -> Any:
         cfg.data.manifest = str(world.manifest)
         if cfg.data.queries is None:
             cfg.data.queries = str(world.queries)
+    for key in ("manifest", "queries", "synonyms", "images", "shards"):
+        setattr(cfg.data, key, absolute_path(getattr(cfg.data, key)))
     return cfg
 
 

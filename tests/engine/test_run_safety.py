@@ -76,3 +76,27 @@ def test_an_init_without_backbone_tensors_is_an_error(tiny_world, tmp_path):
     model = build_detector(_cfg(tiny_world / "det"), ["a", "b"])
     with pytest.raises(UserError, match=r"x_box_head\.pth: none of its 2 tensors is a backbone or FPN tensor"):
         load_init(model, str(head))
+
+
+def test_config_yaml_records_absolute_data_paths(tmp_path, monkeypatch):
+    """A run folder works from any directory: its data paths are made absolute before
+    config.yaml is written (`cd / && predet evaluate --run RUN` read det/val.json relative to /)."""
+    from predet.config import PretrainConfig
+    from predet.engine.finetune import resolve_init_widths
+    from predet.engine.pretrain import _resolve
+    from predet.utils import absolute_path
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(PretrainConfig, None, ["data.manifest=own/m.jsonl", "data.queries=q", "data.synonyms=~/s.json",
+                                             "data.images=../pics", "data.shards=sh/x-{0..1}.tar"])  # fmt: skip
+    d = _resolve(cfg).data
+    assert (d.manifest, d.queries, d.images) == (str(tmp_path / "own/m.jsonl"), str(tmp_path / "q"), str(tmp_path.parent / "pics"))
+    assert d.synonyms == str(Path.home() / "s.json") and d.shards == str(tmp_path / "sh/x-{0..1}.tar")
+    assert cfg.data.manifest == "own/m.jsonl"  # a copy: the caller's config is unchanged
+    tiny = str(Path(__file__).resolve().parents[2] / TINY)
+    ft = resolve_init_widths(load_config(FinetuneConfig, tiny, ["data.train.ann=det/t.json", "data.train.images=det/im",
+                                                                "data.val.ann=", "data.val.images="]), "scratch")  # fmt: skip
+    assert (ft.data.train.ann, ft.data.train.images) == (str(tmp_path / "det/t.json"), str(tmp_path / "det/im"))
+    assert (ft.data.val.ann, ft.data.val.images) == ("", "")  # unset stays unset
+    for kept in ("builtin:tiny", "pipe:curl -s http://x/a.tar", "s3://bucket/x-{0..9}.tar", "/abs/m.jsonl", None):
+        assert absolute_path(kept) == kept
