@@ -287,12 +287,16 @@ def load_voc(ann: str | Path, classes: Optional[Sequence[str]] = None) -> dict:
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
+def _is_voc_layout(ann: str | Path) -> bool:
+    """A folder (of VOC XML files) or a ``.txt`` image-set list."""
+    return Path(ann).is_dir() or Path(ann).suffix == ".txt"
+
+
 def infer_format(ann: str | Path) -> str:
     """``voc`` for a folder or ``.txt`` list, ``lvis`` for a JSON with LVIS's fields, else ``coco``."""
-    ann = Path(ann)
-    if ann.is_dir() or ann.suffix == ".txt":
+    if _is_voc_layout(ann):
         return "voc"
-    return "lvis" if is_lvis(_read_json(ann)) else "coco"
+    return "lvis" if is_lvis(_read_json(Path(ann))) else "coco"
 
 
 def resolve_split(ann: str, images: str, split: str) -> tuple[str, str]:
@@ -312,6 +316,9 @@ def load_gt(fmt: str, ann: str | Path, classes: Optional[Sequence[str]] = None) 
     """Annotations of any supported format (``coco`` | ``lvis`` | ``voc``) as a COCO-format dict."""
     if not ann:
         raise UserError(f"no annotation path given for data.format={fmt}")
+    if fmt in ("coco", "lvis") and _is_voc_layout(ann):
+        what = "a folder" if Path(ann).is_dir() else "an image-set list"
+        raise UserError(f"{ann}: {what}, not a {fmt.upper()} JSON: Pascal VOC data needs data.format=voc")
     if fmt == "coco":
         return load_coco_json(ann)
     if fmt == "lvis":

@@ -17,7 +17,7 @@ from predet.cli import main
 from predet.config import PretrainConfig, load_config
 from predet.data import vocab as vocab_cli
 from predet.data.datasets import build_pretrain_data
-from predet.data.detection import DetectionDataset, load_coco_json, load_lvis_json, load_voc
+from predet.data.detection import DetectionDataset, load_coco_json, load_gt, load_lvis_json, load_voc
 from predet.data.manifest import read_manifest
 from predet.data.queries import QueryCache, QueryParams, cache_queries, read_truth_boxes, write_query_file
 from predet.data.shards import write_shards
@@ -157,6 +157,13 @@ def test_malformed_voc_fields_are_one_line_errors(tmp_path: Path, monkeypatch) -
     (split.parent / "empty.txt").write_text("\n")
     with pytest.raises(UserError, match="empty.txt: VOC image list holds no image ids"):
         load_voc("empty.txt")
+    # VOC data under the fine-tuning's default data.format=coco: named, with the key to set
+    # (was "annotation file not found: .../Annotations" for a folder that exists)
+    with pytest.raises(UserError, match=r"^.*Annotations: a folder, not a COCO JSON: Pascal VOC data needs data.format=voc$"):
+        load_gt("coco", ann)
+    with pytest.raises(UserError, match=r"^train.txt: an image-set list, not a LVIS JSON: .*data.format=voc$"):
+        load_gt("lvis", "train.txt")
+    assert load_gt("voc", "train.txt")["images"][0]["file_name"] == "0.jpg"
 
 
 # ---------------------------------------------------------------------------------------------
