@@ -65,9 +65,15 @@ def _shards_args(p: argparse.ArgumentParser) -> None:
 def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--out", default=None, help="run folder (default: runs/pretrain-<config>)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    _run_folder_args(p)
     p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def _run_folder_args(p: argparse.ArgumentParser) -> None:
+    """--resume or --overwrite of an existing run folder: one of them, never both."""
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.pt")
+    how.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
@@ -86,8 +92,7 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--init", required=True, help="torchvision-format backbone file, or 'scratch'")
     p.add_argument("--out", default=None)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
+    _run_folder_args(p)
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
 

@@ -84,3 +84,16 @@ def test_overrides_may_follow_flags_and_a_group_prints_its_own_help(capsys, monk
     assert cli.main(["data"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: predet data") and "synth" in err and "queries" in err
+
+
+@pytest.mark.parametrize("verb", [["pretrain"], ["finetune", "--init", "scratch"]])
+def test_resume_and_overwrite_together_is_a_usage_error(verb, tmp_path, capsys):
+    """--resume continues a run, --overwrite deletes it: both at once resumed and dropped --overwrite."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        cli.main([*verb, "--config", "c.yaml", "--out", str(run), "--resume", "--overwrite"])
+    assert e.value.code == 2
+    assert "argument --overwrite: not allowed with argument --resume" in capsys.readouterr().err
+    assert (run / "keep.txt").read_text() == "x"
