@@ -359,7 +359,7 @@ def _from_entries(
         if e.queries is not None:
             q = e.queries
         else:
-            if cache is not None and cache.is_failed(e.image):
+            if cache is not None and cache.is_failed(e.image, e.path):
                 counts["excluded_unreadable"] += 1
                 continue
             hit = cache.get(e.image, e.path) if cache is not None else None

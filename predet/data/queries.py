@@ -3,7 +3,7 @@
 Cache layout (``predet data queries --out DIR``): ``DIR/queries-<shard>.npz`` with ``images`` (the
 manifest's ``image`` strings), ``paths`` (resolved files), ``offsets`` (int64, ``len(images)+1``),
 ``boxes`` (float32 ``[total, 4]`` XYXY in original-image pixels, i.e. after EXIF rotation),
-``scores`` (float32 ``[total]``), ``failed_images``/``failed_reasons``, ``entries`` (the ``image``
+``scores`` (float32 ``[total]``), ``failed_images``/``failed_reasons``/``failed_paths``, ``entries`` (the ``image``
 strings of every entry the shard was computed for, in order), ``params`` (the
 :class:`QueryParams` as JSON); plus ``DIR/failed.jsonl``.
 Shard ``k`` holds manifest entries ``[k * shard_size, (k + 1) * shard_size)``; rank ``r`` of a
@@ -255,12 +255,15 @@ def write_query_file(
     boxes: Sequence[np.ndarray],
     scores: Sequence[np.ndarray],
     failed: Sequence[tuple[str, str]] = (),
+    failed_paths: Optional[Sequence[str]] = None,
     entries: Optional[Sequence[str]] = None,
     params: Optional[QueryParams] = None,
 ) -> None:
-    """Write one cache shard atomically (temp file + rename). ``entries``: the manifest strings the
-    shard was computed for, in order (default: ``images`` then the failed ones); ``params``: how
-    its boxes were computed (recorded, when given, for :func:`shard_covers`)."""
+    """Write one cache shard atomically (temp file + rename). ``failed``: ``(image, reason)`` of
+    the unreadable ones, ``failed_paths`` their resolved paths (so that a manifest naming the same
+    files by other strings finds them, as ``paths`` does for the boxes); ``entries``: the manifest
+    strings the shard was computed for, in order (default: ``images`` then the failed ones);
+    ``params``: how its boxes were computed (recorded, when given, for :func:`shard_covers`)."""
     path = Path(path)
     if entries is None:
         entries = [*images, *(f[0] for f in failed)]
@@ -276,6 +279,7 @@ def write_query_file(
         scores=_concat(scores, None),
         failed_images=np.array([f[0] for f in failed], dtype=np.str_),
         failed_reasons=np.array([f[1] for f in failed], dtype=np.str_),
+        failed_paths=np.array(list(failed_paths or []), dtype=np.str_),
         entries=np.array(list(entries), dtype=np.str_),
         **({} if params is None else {"params": np.array(params_record(params), dtype=np.str_)}),
     )
@@ -333,6 +337,10 @@ class QueryCache:
                         self._index[im] = self._index[p] = (k, int(off[i]), int(off[i + 1]))
                     for im, reason in zip(z["failed_images"].tolist(), z["failed_reasons"].tolist()):
                         self.failed[im] = reason
+                    # by resolved path too (shards written before failed_paths existed have none)
+                    failed_paths = z["failed_paths"].tolist() if "failed_paths" in z.files else []
+                    for p, reason in zip(failed_paths, z["failed_reasons"].tolist()):
+                        self.failed[p] = reason
             except (OSError, KeyError, ValueError) as e:
                 raise UserError(f"{f}: not a query cache file ({type(e).__name__}: {e})") from None
 
@@ -348,8 +356,16 @@ class QueryCache:
         k, a, b = hit
         return self._boxes[k][a:b], self._scores[k][a:b]
 
-    def is_failed(self, image: str) -> bool:
-        return image in self.failed
+    def failed_reason(self, image: str, path: Optional[str | os.PathLike] = None) -> Optional[str]:
+        """Why ``image`` (a manifest string; or the file at ``path``) could not be read when the
+        cache was computed; None when it was not among the unreadable ones."""
+        reason = self.failed.get(image)
+        if reason is None and path is not None:
+            reason = self.failed.get(str(Path(path).resolve()))
+        return reason
+
+    def is_failed(self, image: str, path: Optional[str | os.PathLike] = None) -> bool:
+        return self.failed_reason(image, path) is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,18 +450,20 @@ def cache_queries(
         for k, es in todo:
             jobs = [(e.image, str(e.path), params) for e in es]
             results: Iterable = pool.imap(_process_one, jobs, chunksize=4) if pool else map(_process_one, jobs)
-            images, paths, boxes, scores, failed = [], [], [], [], []
+            images, paths, boxes, scores, failed, failed_paths = [], [], [], [], [], []
             for e, (image, b, s, reason) in zip(es, results):
                 bar.update(1)
                 if b is None:
                     failed.append((image, reason))
+                    failed_paths.append(str(e.path.resolve()))
                     continue
                 images.append(image)
                 paths.append(str(e.path.resolve()))
                 boxes.append(b)
                 scores.append(s)
             write_query_file(out / f"queries-{k:06d}.npz", images=images, paths=paths, boxes=boxes, scores=scores,
-                             failed=failed, entries=[e.image for e in es], params=params)  # fmt: skip
+                             failed=failed, failed_paths=failed_paths, entries=[e.image for e in es],
+                             params=params)  # fmt: skip
             counts["images"] += len(images)
             counts["failed"] += len(failed)
             counts["boxes"] += sum(len(b) for b in boxes)

@@ -107,8 +107,8 @@ def write_shards(
                     continue
                 if e.queries is not None:
                     queries = (e.queries, np.ones(len(e.queries), np.float32))
-                elif cache is not None and cache.is_failed(e.image):
-                    failed.append({"image": e.image, "reason": cache.failed[e.image]})
+                elif cache is not None and cache.is_failed(e.image, e.path):
+                    failed.append({"image": e.image, "reason": cache.failed_reason(e.image, e.path)})
                     continue
                 else:
                     queries = cache.get(e.image, e.path) if cache is not None else None

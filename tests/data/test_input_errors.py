@@ -295,6 +295,28 @@ def test_query_cache_without_entries_record_is_judged_by_its_contents(tmp_path: 
     assert cache.get("im/9.png") is None and len(cache.get("im/2.png")[0]) >= 1
 
 
+def test_unreadable_images_are_found_by_path_like_the_boxes(tmp_path: Path) -> None:
+    """A manifest naming the cached files by other strings (another folder, a vocab's rewritten
+    manifest) found their boxes by resolved path, but not their failure: an unreadable image was
+    counted as 'without queries' and only skipped in the middle of training."""
+    first = _scene_manifest(tmp_path, 2)
+    (tmp_path / "im" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with open(first, "a") as f:
+        f.write(json.dumps({"image": "im/bad.png", "labels": ["a"]}) + "\n")
+    out = tmp_path / "q"
+    counts = cache_queries(read_manifest(first).entries, out, QueryParams(max_boxes=5), progress=False)
+    assert (counts["images"], counts["failed"]) == (2, 1)
+    (tmp_path / "sub").mkdir()
+    other = _lines(tmp_path / "sub" / "m.jsonl", [{"image": f"../im/{n}.png", "labels": ["a", "b"]} for n in (0, 1, "bad")])
+    cache = QueryCache(out)
+    entries = read_manifest(other).entries
+    assert [cache.is_failed(e.image, e.path) for e in entries] == [False, False, True]
+    assert cache.failed_reason(entries[2].image) is None  # the string alone is not the cached one
+    assert cache.failed_reason(entries[2].image, entries[2].path) == cache.failed["im/bad.png"]
+    data = build_pretrain_data(_cfg(f"data.manifest={other}", f"data.queries={out}", "data.heldout=0"))
+    assert (data.counts["excluded_unreadable"], data.counts["without_queries"], data.counts["used"]) == (1, 0, 2)
+
+
 def _tar_images(path: Path) -> list[str]:
     with tarfile.open(path) as tar:
         return [json.loads(tar.extractfile(m).read())["image"] for m in tar.getmembers() if m.name.endswith(".json")]
