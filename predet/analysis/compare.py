@@ -5,7 +5,9 @@ or the init file's stem), with box AP, AP50, AP75 and, when any run has masks, m
 AP75 from ``RUN/results.json``. Runs of the same init (fine-tuning seeds) make one row: each
 number is ``mean ± std`` (sample standard deviation) over them, and a column ``n`` counts them.
 With a ``scratch`` row, a last column gives each row's mean box AP gain over it. Numbers are
-printed as measured (one decimal; ``-`` if undefined).
+printed as measured (one decimal; ``-`` if undefined). Runs are pooled into a row only when they
+fine-tuned the same detector and were scored on the same set (``RUN/scored.json``, written with
+``results.json``, else the run's ``config.yaml``): anything else is an error naming the two runs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Optional, Sequence
+
+import yaml
 
 from predet.errors import UserError
 from predet.utils import atomic_write_text
@@ -29,6 +33,24 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"{path} not found (run `predet evaluate --run {path.parent}` first)") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON: {e}") from None
+
+
+def _setup(run: Path) -> tuple[Optional[str], Optional[str]]:
+    """(detector, scored annotation file) of a run: ``scored.json`` (written by ``predet
+    evaluate`` beside ``results.json``), else what the run's ``config.yaml`` says (older runs)."""
+    try:
+        data = json.loads((run / "scored.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        data = {}
+    arch, ann = data.get("arch"), data.get("ann")
+    if arch is None or ann is None:
+        try:
+            cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            cfg = {}
+        arch = arch or (cfg.get("model") or {}).get("arch")
+        ann = ann or ((cfg.get("data") or {}).get("val") or {}).get("ann")
+    return arch, ann
 
 
 def _load_run(run: str | Path) -> tuple[str, Optional[str], dict]:
@@ -73,8 +95,17 @@ def group_results(runs: Sequence[str | Path]) -> dict[str, list[dict]]:
     if not runs:
         raise UserError("predet compare needs at least one run folder")
     keyed: dict[tuple[str, Optional[str]], list[dict]] = {}
+    first: dict[tuple[str, Optional[str]], tuple[Path, tuple]] = {}  # each row's first run and setup
     for r in runs:
         name, path, res = _load_run(r)
+        setup = _setup(Path(r))
+        run0, setup0 = first.setdefault((name, path), (Path(r), setup))
+        if setup != setup0:  # seeds of one init are pooled; other detectors or sets are not seeds
+            (a0, d0), (a1, d1) = setup0, setup
+            raise UserError(
+                f"{run0} and {r} share the init '{name}' but were not fine-tuned and scored alike "
+                f"({a0} on {d0} vs {a1} on {d1}): compare runs of one detector and one val set"
+            )
         keyed.setdefault((name, path), []).append(res)
     shared = {n for n, _ in keyed if sum(1 for m, _ in keyed if m == n) > 1}
     return {(f"{n} ({p})" if n in shared and p else n): res for (n, p), res in keyed.items()}

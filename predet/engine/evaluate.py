@@ -6,6 +6,9 @@ Writes ``RUN/predictions.json`` (COCO results format: ``image_id``, ``category_i
     {"bbox": {"AP": .., "AP50": .., "AP75": .., "APs": .., "APm": .., "APl": ..}, "segm": {...}}
 
 AP in 0-100, ``null`` where COCO's AP is undefined (-1, e.g. no small objects in the set).
+Beside them ``RUN/scored.json`` says what was scored (``{"ann", "format", "images", "arch"}``: the
+annotation file, absolute, its format, the number of images scored and the detector), so that
+``predet compare`` never averages scores of different sets.
 
 Metrics are pycocotools' ``COCOeval`` (bbox; segm with a Mask R-CNN). A segm evaluation drops the
 detections' ``bbox`` so that their area comes from the mask (as detectron2 does). LVIS-style JSON is
@@ -48,7 +51,7 @@ from predet.data.detection import (
 from predet.engine.common import check_state_fits
 from predet.errors import UserError
 from predet.modeling.detectors import build_detector
-from predet.utils import load_checkpoint, write_json
+from predet.utils import absolute_path, load_checkpoint, write_json
 
 __all__ = [
     "LVISStyleEval",
@@ -323,7 +326,9 @@ def evaluate_run(
         print(f"evaluate: {missing} annotations of {ann} have no segmentation: box AP only", flush=True)
         iou_types = ("bbox",)
     results = evaluate_predictions(gt, preds, iou_types)
+    scored = {"ann": absolute_path(str(ann)), "format": fmt, "images": len(gt["images"]), "arch": cfg.model.arch}
     write_json(run / "predictions.json", preds, indent=None)
+    write_json(run / "scored.json", scored)  # before results.json: a results.json is never beside an older record
     write_json(run / "results.json", results)
     return results
 

@@ -106,3 +106,29 @@ def test_demo_verdict_needs_the_noise_of_every_row() -> None:
     assert _verdict(stats([3.0, 3.2], [2.0, 2.2], [1.0, 1.4])) == (
         "PreDet box AP 3.1 ± 0.1: +1.0 over the better of cls-only/scratch, largest std 0.3 -> beyond noise")
     assert _verdict(stats([3.0, 3.2], [2.0, 3.0], [1.0, 1.4])).endswith("largest std 0.7 -> NOT beyond noise")
+
+
+def test_runs_of_other_detectors_or_val_sets_are_not_pooled(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Two runs of one init fine-tuned differently (Faster R-CNN on VOC, Mask R-CNN on COCO) were
+    averaged into one row as if they were seeds."""
+    def with_setup(run: Path, arch: str, ann: str, via: str) -> Path:
+        if via == "results":  # written by predet evaluate beside results.json
+            (run / "scored.json").write_text(json.dumps({"ann": ann, "format": "coco", "images": 3, "arch": arch}))
+        else:  # an older run: its config.yaml
+            (run / "config.yaml").write_text(f"model:\n  arch: {arch}\ndata:\n  val:\n    ann: {ann}\n")
+        return run
+
+    a = with_setup(make_run(tmp_path, "a", "pt1", ap(1.0, 2.0, 3.0)), "mask_rcnn", "/d/val.json", "results")
+    b = with_setup(make_run(tmp_path, "b", "pt1", ap(3.0, 4.0, 5.0)), "mask_rcnn", "/d/val.json", "config")
+    assert compare([a, b]).splitlines()[2] == "| pt1 | 2 | 2.0 ± 1.4 | 3.0 ± 1.4 | 4.0 ± 1.4 |"  # seeds: pooled
+    c = with_setup(make_run(tmp_path, "c", "pt1", ap(9.0, 9.0, 9.0)), "faster_rcnn", "/voc/val", "results")
+    assert main(["compare", str(a), str(c)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"predet: error: {a} and {c} share the init 'pt1' but were not fine-tuned and scored alike "
+                   "(mask_rcnn on /d/val.json vs faster_rcnn on /voc/val): compare runs of one detector and one val set")
+    d = with_setup(make_run(tmp_path, "d", "pt1", ap(9.0, 9.0, 9.0)), "mask_rcnn", "/d/train.json", "results")
+    with pytest.raises(Exception, match="mask_rcnn on /d/val.json vs mask_rcnn on /d/train.json"):
+        compare([a, d])
+    # other inits on other sets are other rows (not pooled, not refused)
+    e = with_setup(make_run(tmp_path, "e", "scratch", ap(0.5, 1.0, 0.0)), "faster_rcnn", "/voc/val", "results")
+    assert len(compare([a, e]).splitlines()) == 4

@@ -331,8 +331,16 @@ def test_faster_rcnn_on_voc_xml(tiny_world: Path, tmp_path: Path) -> None:
     results = json.loads((run / "results.json").read_text())
     assert set(results) == {"bbox"}
     assert_matches_reference(results, load_voc(val), run)
+    n_val = len(load_voc(val)["images"])
+    scored = {"ann": str(val), "format": "voc", "images": n_val, "arch": "faster_rcnn"}
+    assert json.loads((run / "scored.json").read_text()) == scored  # what predet compare pools by
     assert main(["evaluate", "--run", str(run), "--data", str(val), "--images", str(det / "images")]) == 0
     assert json.loads((run / "results.json").read_text()) == results
+    # scored on another set: the record says so (compare will not pool it with val scores)
+    assert main(["evaluate", "--run", str(run), "--data", str(det / "train.json"), "--images", str(det / "images")]) == 0
+    again = json.loads((run / "scored.json").read_text())
+    assert again == {**scored, "ann": str(det / "train.json"), "format": "coco", "images": again["images"]}
+    assert again["images"] == len(load_coco_json(det / "train.json")["images"])
 
 
 @pytest.mark.slow
