@@ -365,6 +365,23 @@ def _check_keys(given: dict[str, Any], valid: Sequence[str], source: str) -> Non
             )
 
 
+def _check_kind(schema: type, given: dict[str, Any], valid: Sequence[str], path: Path) -> None:
+    """A fine-tuning config given where a pre-training one is expected (or the reverse) is named
+    as such, rather than as its first key that the other kind lacks ("did you mean ...")."""
+    kinds = {PretrainConfig: ("pre-training", "pretrain"), FinetuneConfig: ("fine-tuning", "finetune")}
+    if schema not in kinds:
+        return
+    unknown = [k for k in given if k not in set(valid) and k not in RENAMED]
+    (other,) = [k for k in kinds if k is not schema]
+    other_valid = set(_valid_keys(other))
+    if unknown and all(k in other_valid for k in given):
+        (this_name, this_dir), (other_name, _) = kinds[schema], kinds[other]
+        raise UserError(
+            f"{path}: a {other_name} config (its key '{unknown[0]}'), where a {this_name} one is "
+            f"expected (configs/{this_dir}/*.yaml, or a {this_name} run's config.yaml)"
+        )
+
+
 def _merge_one(base: DictConfig, update: dict, source: str, valid: Sequence[str]) -> DictConfig:
     _check_keys(_flatten(update), valid, source)
     try:
@@ -449,6 +466,7 @@ def load_config(
             raise UserError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise UserError(f"{p}: expected a mapping of config keys at the top level")
+        _check_kind(schema, _flatten(data), valid, p)
         cfg = _merge_one(cfg, data, str(p), valid)
     for item in overrides:
         key, value = _parse_override(item, schema)

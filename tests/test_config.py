@@ -274,3 +274,26 @@ def test_interpolation_nan_and_shell_split_lists_are_one_line_errors():
             load_config(PretrainConfig, None, [override])
     with pytest.raises(UserError, match=r"not valid YAML; quote the whole override, e.g. 'train.lr_steps=\[1, 2\]'"):
         load_config(PretrainConfig, None, ["train.lr_steps=[100,", "200]"])
+
+
+@pytest.mark.parametrize("schema, given, other, key", [
+    (FinetuneConfig, "configs/pretrain/tiny_cpu.yaml", "pre-training", "model.input_size"),
+    (PretrainConfig, "configs/finetune/mask_rcnn_tiny_cpu.yaml", "fine-tuning", "data.train.ann"),
+])  # fmt: skip
+def test_a_config_of_the_other_kind_is_named_as_such(schema, given, other, key):
+    """`predet finetune --config <a pre-training config>` said "unknown config key ... (did you mean
+    'model.train_sizes'?)"; `predet evaluate --run <a pre-training run>` likewise."""
+    path = Path(__file__).resolve().parents[1] / given
+    this = "fine-tuning" if other == "pre-training" else "pre-training"
+    with pytest.raises(UserError, match=rf"tiny_cpu.yaml: a {other} config \(its key '{key}'\), where a {this} one is expected"):
+        load_config(schema, path)
+
+
+def test_a_mistyped_key_of_the_right_kind_still_names_the_closest(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  stpes: 3\n")  # not a key of the other kind either
+    with pytest.raises(UserError, match=r"unknown config key 'train.stpes' \(did you mean 'train.steps'\?\)"):
+        load_config(PretrainConfig, f)
+    f.write_text("data:\n  manifest: m.jsonl\n  train:\n    ann: a.json\n")  # keys of both kinds mixed
+    with pytest.raises(UserError, match=r"unknown config key 'data.train.ann'"):
+        load_config(PretrainConfig, f)
