@@ -86,7 +86,7 @@ def pretrain(
         check_num_classes(cfg.model, len(classes))
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = model if model is not None else build_predet(cfg, num_classes=len(classes))
-        ckpt = _load_resume_checkpoint(out, classes) if resume else None
+        ckpt = _load_resume_checkpoint(out, classes, cfg) if resume else None
         if ckpt is not None:  # a model the checkpoint does not fit: an error before config.yaml is touched
             changed = config_changes(ckpt.get("config", {}), to_dict(cfg), ["model", "loss"])
             check_state_fits(model, ckpt["model"], checkpoint_path(out),
@@ -126,15 +126,21 @@ def _lr(cfg: Any) -> float:
     return t.lr if t.lr is not None else scaled_lr(t.base_lr, t.base_batch, global_batch)
 
 
-def _load_resume_checkpoint(out: Path, classes: list[str]) -> dict:
+def _load_resume_checkpoint(out: Path, classes: list[str], cfg: Any) -> dict:
     path = checkpoint_path(out)
     if not out.is_dir():
         raise UserError(f"--resume given but run folder {out} does not exist")
     if not path.is_file():
         raise UserError(f"--resume given but {path} does not exist; use --overwrite to start over")
     ckpt = load_training_checkpoint(path)
-    if list(ckpt.get("classes", classes)) != list(classes):
-        raise UserError(f"{path}: its classes differ from the data's; the data changed since")
+    saved = list(ckpt.get("classes", classes))
+    if saved != list(classes):  # name what changed: e.g. the data overrides left out of the command
+        changed = config_changes(ckpt.get("config", {}), to_dict(cfg), ["data"])
+        raise UserError(
+            f"{path}: its {len(saved)} classes ({', '.join(saved[:3])}...) are not the data's {len(classes)} "
+            f"({', '.join(classes[:3])}...); "
+            + (f"changed since: {', '.join(changed[:3])}" if changed else "the data changed since")
+        )
     return ckpt
 
 

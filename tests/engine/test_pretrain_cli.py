@@ -73,6 +73,32 @@ def test_truncated_checkpoint_exits_2_and_keeps_it(toy_engine, tmp_path, capsys)
     assert _snapshot(out) == before
 
 
+def test_resume_on_other_data_names_the_data_keys_that_changed(toy_engine, tmp_path, capsys, monkeypatch):
+    """A --resume that left out the run's data overrides said only "the data changed since"."""
+    import os
+
+    from predet.engine import pretrain as pretrain_mod
+
+    out = tmp_path / "run"
+    assert _pretrain(out, *TOY, "train.stop_at=2") == 0
+    capsys.readouterr()
+    before = _snapshot(out)
+    toy = pretrain_mod.build_pretrain_data  # toy_engine's stand-in (classes a, b, c)
+
+    def other_data(cfg):
+        data = toy(cfg)
+        data.classes = ["a", "b", "d"]
+        return data
+
+    monkeypatch.setattr(pretrain_mod, "build_pretrain_data", other_data)
+    assert _pretrain(out, "--resume", *TOY[:-1], "data.manifest=other") == 2
+    line = _one_line(capsys)
+    cwd = os.getcwd()  # config.yaml records the manifest's absolute path
+    assert line.endswith("last.pt: its 3 classes (a, b, c...) are not the data's 3 (a, b, d...); "
+                         f"changed since: data.manifest: '{cwd}/toy' -> '{cwd}/other'"), line
+    assert _snapshot(out) == before
+
+
 def test_resume_without_a_run_exits_2(toy_engine, tmp_path, capsys):
     assert _pretrain(tmp_path / "nope", "--resume", *TOY) == 2
     assert "does not exist" in _one_line(capsys)
