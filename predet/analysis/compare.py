@@ -154,9 +154,22 @@ def compare(runs: Sequence[str | Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check_replaceable(out: Path) -> None:
+    """``--out`` may replace a table an earlier ``predet compare`` wrote, nothing else (e.g. an
+    export's ``F.json`` given by mistake)."""
+    if out.is_dir():
+        raise UserError(f"--out {out}: a folder; give a file name (e.g. {out / 'compare.md'})")
+    if out.exists():
+        with open(out, "rb") as f:
+            head = f.read(8)
+        if head != b"| init |":
+            raise UserError(f"--out {out}: exists and is not a table predet compare wrote; choose another file")
+
+
 def run(args) -> int:
     table = compare(args.runs)
     out = Path(args.out or "compare.md")
+    _check_replaceable(out)
     atomic_write_text(out, table)
     print(table, end="")
     print(f"wrote {out}")

@@ -216,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"repeated images: {len(repeats)} lines name an image of an earlier line (first: line {line} "
               f"repeats line {first}); each counts once towards --min-images")  # fmt: skip
     print(f"classes: {len(vocab.classes)} kept, {len(vocab.dropped)} dropped (< {args.min_images} images)")
-    print(f"tags never seen in the synonyms: {len(vocab.unknown_tags)} distinct" + (f": {top}" if top else ""))
+    shown = "" if len(vocab.unknown_tags) <= 8 else " (the 8 most frequent)"
+    print(f"tags never seen in the synonyms: {len(vocab.unknown_tags)} distinct" + (f"{shown}: {top}" if top else ""))
     print(f"wrote {out / 'vocab.json'} and {out / 'manifest.jsonl'}")
     return 0

@@ -367,6 +367,10 @@ def _default_out(config: str, init: str) -> Path:
 
 def run(args) -> int:
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    if args.init != "scratch" and Path(args.init).is_dir():
+        hint = (f": export it first, e.g. `predet export --run {args.init} --format torchvision --out "
+                f"{Path(args.init) / 'backbone.pth'}`") if (Path(args.init) / "checkpoints").is_dir() else ""
+        raise UserError(f"--init: {args.init} is a folder, not a backbone file{hint}")
     if args.init != "scratch" and not Path(args.init).is_file():
         raise UserError(f"--init: file not found: {args.init} (or pass 'scratch')")
     out = Path(args.out) if args.out else _default_out(args.config, args.init)

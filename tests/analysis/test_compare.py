@@ -56,6 +56,13 @@ def test_cli_prints_and_writes(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     (tmp_path / "empty").mkdir()
     assert main(["compare", str(tmp_path / "empty")]) == 2
     assert "results.json not found" in capsys.readouterr().err
+    # --out replaces an earlier table, never another file (an export's sidecar given by mistake)
+    assert main(["compare", str(run), "--out", str(out)]) == 0
+    sidecar = tmp_path / "backbone.json"
+    sidecar.write_text('{"architecture": "resnet18"}')
+    assert main(["compare", str(run), "--out", str(sidecar)]) == 2
+    assert f"--out {sidecar}: exists and is not a table predet compare wrote" in capsys.readouterr().err
+    assert sidecar.read_text() == '{"architecture": "resnet18"}'
 
 
 def test_seeds_of_one_init_make_one_mean_std_row(tmp_path: Path) -> None:

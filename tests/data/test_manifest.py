@@ -105,7 +105,19 @@ def test_vocab_cli_writes_vocab_and_labelled_manifest(odd_images: Path, tmp_path
     # relative image paths are rewritten to stay valid from the new folder
     assert (out / lines[0]["image"]).resolve() == (odd_images / "images/rgb.jpg").resolve()
     text = capsys.readouterr().out
-    assert "6 kept, 5 with no class left" in text and "unknowntag (5)" in text
+    assert "6 kept, 5 with no class left" in text and "tags never seen in the synonyms: 1 distinct: unknowntag (5)" in text
+
+
+def test_vocab_cli_says_when_it_lists_only_the_most_frequent_unknown_tags(tmp_path: Path, capsys) -> None:
+    lines = [{"image": f"{k}.jpg", "tags": ["#dog", *[f"#t{j}" for j in range(k + 1)]]} for k in range(10)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "s.json").write_text(json.dumps({"dog": ["#dog"]}))
+    assert main(["data", "vocab", "--manifest", str(tmp_path / "m.jsonl"), "--synonyms", str(tmp_path / "s.json"),
+                 "--out", str(tmp_path / "v")]) == 0  # fmt: skip
+    said = [x for x in capsys.readouterr().out.splitlines() if x.startswith("tags never seen")]
+    # t0 in 10 images, t1 in 9, ...: 10 distinct, the 8 most frequent listed (was "10 distinct:" then 8)
+    assert said == ["tags never seen in the synonyms: 10 distinct (the 8 most frequent): "
+                    + ", ".join(f"t{j} ({10 - j})" for j in range(8))]
 
 
 def test_vocab_cli_bad_synonyms_is_one_line_error(tmp_path: Path, capsys) -> None:

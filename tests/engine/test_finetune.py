@@ -387,6 +387,14 @@ def test_cli_user_errors(tiny_world: Path, tmp_path: Path, capsys) -> None:
     data = split_overrides(det / "train.json", det / "val.json", det / "images")
     assert main([*args, "--init", str(tmp_path / "nope.pth"), *data]) == 2
     assert "nope.pth" in capsys.readouterr().err
+    # a pre-training run folder (was "file not found" for a folder that exists): the export to run
+    pt = tmp_path / "pt"
+    (pt / "checkpoints").mkdir(parents=True)
+    assert main([*args, "--init", str(pt), *data]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"predet: error: --init: {pt} is a folder, not a backbone file: export it first, e.g. "
+        f"`predet export --run {pt} --format torchvision --out {pt / 'backbone.pth'}`")
+    assert not (tmp_path / "run").exists()
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("x")
     assert main([*args, "--init", "scratch", *data]) == 2
