@@ -153,6 +153,19 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
+def _lookup_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="pre-training run folder (its config.yaml, data and checkpoint)")
+    p.add_argument("--ckpt", default=None, help="checkpoint to use (default: RUN/checkpoints/last.pt)")
+    p.add_argument("--out", required=True, help="folder for lookup.json and lookup_NNN.png")
+    p.add_argument("--images", type=int, default=32, help="images of the run's data, a seeded draw (default 32)")
+    p.add_argument("--pictures", type=int, default=8, help="of which drawn (default 8)")
+    p.add_argument("--queries", type=int, default=3, help="queries drawn per picture (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="which images")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
 def _bench_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="pre-training config (default: the shipped configs/pretrain/tiny_cpu.yaml)")
     p.add_argument("--iters", type=int, default=10)
@@ -182,6 +195,7 @@ VERBS: list[_Verb] = [
     (("finetune",), "predet.engine.finetune", "fine-tune a detector", _finetune_args),
     (("evaluate",), "predet.engine.evaluate", "COCO-style AP of a run", _evaluate_args),
     (("analyze", "correlation"), "predet.analysis.correlation", "IoU vs similarity", _correlation_args),
+    (("analyze", "lookup"), "predet.analysis.lookup", "query-box lookup: accuracy and pictures", _lookup_args),
     (("compare",), "predet.analysis.compare", "markdown table of results", _compare_args),
     (("demo",), "predet.demo", "the PreDet vs cls-only vs scratch comparison, built-in world or --world", _demo_args),
     (("bench", "step"), "predet.bench", "PreDet step vs cls-only step", _bench_step_args),

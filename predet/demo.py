@@ -6,7 +6,8 @@ torchvision format -> fine-tune Mask R-CNN from PreDet, cls-only and scratch on 
 ``seeds`` times each (same weights, same low-shot subset; the seed draws the order, augmentation
 and head init)
 -> ``compare.md`` (mean ± std per init), the IoU-similarity correlation of the three inits
-(paper Fig. 5b), curves, and ``summary.json`` with every stage's time.
+(paper Fig. 5b), PreDet's query-box lookup (``lookup/``: accuracy and pictures), curves, and
+``summary.json`` with every stage's time.
 
 ``--world W`` runs the same recipe on a user's world: ``W/pretrain/manifest.jsonl`` (tags and a
 ``synonyms.json`` beside it, or labels), ``W/det/train.json``, ``W/det/val.json`` and
@@ -309,6 +310,7 @@ def demo(
     """
     from predet.analysis.compare import compare, group_results, summarize
     from predet.analysis.correlation import correlation, format_table, plot_correlation
+    from predet.analysis.lookup import format_summary, lookup, write_lookup
     from predet.analysis.plots import plot_curves
     from predet.config import FinetuneConfig, PretrainConfig, load_config
     from predet.engine.finetune import finetune
@@ -437,7 +439,8 @@ def demo(
         lines.append(f"- {name}: " + (", ".join(f"{k} {v:.3f}" for k, v in vals.items()) or "no held-out slice") + "\n")
     done()
 
-    done = clock.stage("correlation", "5/6 IoU-similarity correlation of the three inits (paper Fig. 5b)")
+    done = clock.stage("correlation", "5/6 IoU-similarity correlation of the three inits (paper Fig. 5b), "
+                       "PreDet's query-box lookup")
     corr = correlation(
         {name: str(inits[name]) for name in INITS}, w.det_val, w.det_images,
         seed=seed, max_images=plan.correlation_images, threads=1,
@@ -450,6 +453,10 @@ def demo(
     lines += ["\nIoU vs cosine similarity of backbone + FPN features, RoIAlign 7x7 averaged per box "
               "(Pearson / Spearman):\n\n",
               format_table(corr)]  # fmt: skip
+    # the pretext task itself: PreDet's lookup on its own data (predet analyze lookup)
+    look, records, views = lookup(pre_runs["predet"], images=32, seed=seed)
+    write_lookup(out / "lookup", look, records, views, pictures=8)
+    lines.append(f"\nPreDet's query-box {format_summary(look)}; pictures in {out / 'lookup'}\n")
     atomic_write_text(out / "compare.md", "".join(lines))
     print("".join(lines), flush=True)
     done()
@@ -469,7 +476,8 @@ def demo(
         "preset": preset, "world": str(world) if world else None, "seed": seed, "seeds": n_seeds,
         "pretrain_seeds": pretrain_seeds,
         "minutes": (time.time() - t_start) / 60, "stage_seconds": clock.seconds,
-        "stats": stats, "verdict": verdict, "cls_map": cls_map, "correlation": corr, "results": results,
+        "stats": stats, "verdict": verdict, "cls_map": cls_map, "correlation": corr, "lookup": look,
+        "results": results,
     }  # fmt: skip
     write_json(out / "summary.json", summary)
     times = ", ".join(f"{k} {v:.0f}s" for k, v in clock.seconds.items())

@@ -70,8 +70,14 @@ def test_demo_on_a_world_end_to_end(tmp_path, tiny_world, capsys):
     assert set(corr) == {"predet", "cls-only", "scratch"} == set(r["correlation"])
     assert all(set(v) == {"small", "medium", "large"} for v in corr.values())
     assert sum(corr["scratch"][b]["pairs"] for b in corr["scratch"]) > 0
-    for png in ("pretrain_curves.png", "finetune_curves.png", "correlation.png"):
+    for png in ("pretrain_curves.png", "finetune_curves.png", "correlation.png", "lookup/lookup_000.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # PreDet's lookup on its own data: the file, the summary line of compare.md and summary.json agree
+    look = json.loads((out / "lookup" / "lookup.json").read_text())
+    assert look["run"] == str(out / "pretrain-predet") and look["queries"] == len(look["records"]) > 0
+    summary = json.loads((out / "summary.json").read_text())["lookup"]
+    assert summary == {k: v for k, v in look.items() if k != "records"}
+    assert f"lookup_top1 {look['lookup_top1']:.3f} (chance {look['chance_top1']:.3f})" in (out / "compare.md").read_text()
     # every backbone + FPN tensor of the PreDet export was loaded by each fine-tune
     init = json.loads((out / "finetune-predet-s1" / "init.json").read_text())
     assert init["init"] == "predet" and init["missing"] == [] and len(init["loaded"]) > 100

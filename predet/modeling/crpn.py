@@ -105,6 +105,21 @@ class ContrastiveRPN(nn.Module):
         recall = box_recall(proposals, valid, query_boxes, query_mask)
         return proposals, valid, losses, {"crpn_recall": recall}
 
+    @torch.no_grad()
+    def propose(
+        self,
+        features: list[Tensor],
+        query_features: Tensor,
+        query_mask: Tensor,
+        image_size: tuple[int, int],
+    ) -> tuple[Tensor, Tensor]:
+        """The proposals ``forward`` makes (``[B, P, 4]``, valid ``[B, P]``), without the matching,
+        sampling and losses that need the query boxes: for inference and analysis."""
+        scores, hidden = self.head(features, query_features)  # [B, Q, T], [B, G, H]
+        q_reg = self.head.query_regression(query_features)
+        anchors, per_level = self.anchors(features, image_size)
+        return self.select_proposals(scores, hidden, q_reg, query_mask, anchors, per_level, image_size)
+
     def losses(
         self,
         scores: Tensor,

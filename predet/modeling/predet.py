@@ -140,6 +140,33 @@ class PreDet(nn.Module):
         weighted = {k: loss_weight(self.loss_cfg, k) * v for k, v in losses.items()}
         return {**weighted, **{k: v.detach() for k, v in metrics.items()}}
 
+    @torch.no_grad()
+    def lookup(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The query-box lookup without the losses, for pictures and accuracy
+        (``predet analyze lookup``): in both directions, as ``forward`` runs it.
+
+        Returns ``boxes [B, Q, 4]`` (each view's own query boxes: the targets in the searched view
+        b of the queries pooled from view ``(b + N) % B``), ``mask [B, Q]``, the searched views'
+        ``proposals [B, P, 4]`` with ``valid [B, P]`` (the CRPN's, or with it off the jittered
+        boxes), and ``sim [B, Q, P]``, the CROI head's cosine similarity of each query to each
+        proposal (the appended query boxes are left out: what is found, not what is given).
+        """
+        if self.croi_head is None:
+            raise ValueError("lookup needs the CROI head (loss.info or loss.croi_reg on)")
+        N = batch["view1"].shape[0]
+        views = torch.cat([batch["view1"], batch["view2"]])
+        feats = self.backbone(views)
+        size = tuple(views.shape[-2:])
+        boxes = torch.cat([batch["boxes1"], batch["boxes2"]]).float()
+        mask = batch["query_mask"].repeat(2, 1)
+        b_q = self._box_features(feats, boxes, size).roll(N, dims=0)
+        if self.crpn is not None:
+            proposals, valid = self.crpn.propose(list(feats.values()), b_q, mask, size)
+        else:
+            proposals, valid, _, _ = self.jitter(list(feats.values()), b_q, boxes, mask, size)
+        sim = self.croi_head.similarity(b_q, self._box_features(feats, proposals, size))
+        return {"boxes": boxes, "mask": mask, "proposals": proposals, "valid": valid, "sim": sim}
+
     def _box_features(self, feats: "OrderedDict[str, Tensor]", boxes: Tensor, size) -> Tensor:
         """RoIAlign 7x7 at each box's FPN level, then fc6/fc7: ``[B, n, 4]`` -> ``[B, n, E]``."""
         B, n = boxes.shape[:2]

@@ -73,6 +73,57 @@ def test_tiny_run_exports(tiny_run, tmp_path):
     assert torch.equal(head["fc6.weight"], state["box_head.fc6.weight"])
 
 
+def test_lookup_numbers_and_pictures_of_the_tiny_run(tiny_run, tmp_path):
+    """predet analyze lookup: each summary number is the mean of its per-query records, each
+    record's IoU and hit follow from its boxes, both directions see the same queries, and a rerun
+    gives the same file and replaces the earlier pictures."""
+    from PIL import Image
+
+    run, _ = tiny_run
+    out = tmp_path / "look"
+    args = ["analyze", "lookup", "--run", str(run), "--out", str(out), "--images", "6", "--threads", "1"]
+    assert main([*args, "--pictures", "2"]) == 0
+    got = json.loads((out / "lookup.json").read_text())
+    recs = got.pop("records")
+    assert got["images"] == 6 and got["queries"] == len(recs) > 0
+    for key, field in (("lookup_top1", "hit"), ("chance_top1", "chance"), ("crpn_recall", "covered")):
+        assert got[key] == pytest.approx(sum(float(r[field]) for r in recs) / len(recs), abs=1e-9), key
+
+    def iou(a, b):
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+        return w * h / union
+
+    for r in recs:
+        assert 1 <= len(r["retrieved"]) <= 3 and r["sim"] == sorted(r["sim"], reverse=True)
+        assert [iou(r["target"], b) for b in r["retrieved"]] == pytest.approx(r["iou"], abs=1e-5)
+        assert r["hit"] == (r["iou"][0] > 0.5) and 0.0 <= r["chance"] <= float(r["covered"])
+        assert all(-1e-4 <= v <= 96 + 1e-4 for b in r["retrieved"] for v in b)  # inside the 96-px view
+    directions = [r["direction"] for r in recs]
+    assert directions.count("1->2") == directions.count("2->1")
+    for k in (0, 1):
+        with Image.open(out / f"lookup_{k:03d}.png") as im:
+            assert im.size[0] >= 200 and im.size[1] >= 200
+    assert main([*args, "--pictures", "1"]) == 0
+    again = json.loads((out / "lookup.json").read_text())
+    assert again == {**got, "records": recs}  # the same images, views and numbers
+    assert sorted(p.name for p in out.iterdir()) == ["lookup.json", "lookup_000.png"]
+
+
+def test_lookup_of_a_cls_only_run_is_one_line(tmp_path, capsys):
+    from predet.config import PretrainConfig, load_config, save_config
+
+    run = tmp_path / "cls"
+    run.mkdir()
+    save_config(load_config(PretrainConfig, TINY, ["loss.crpn=false", "loss.info=false", "loss.croi_reg=false"]),
+                run / "config.yaml")  # fmt: skip
+    assert main(["analyze", "lookup", "--run", str(run), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"predet: error: {run}: a run without the CROI head (loss.info and loss.croi_reg off): it has no lookup"
+    assert not (tmp_path / "o").exists()
+
+
 def test_resume_exact_with_real_model_and_workers(builtin_cache, tmp_path):
     a, b = tmp_path / "straight", tmp_path / "split"
     args = ["pretrain", "--config", TINY, *SHORT, "data.num_workers=1"]

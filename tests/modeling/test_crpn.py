@@ -248,6 +248,9 @@ def test_contrastive_rpn_forward(head_and_inputs):
     torch.testing.assert_close(again[0], props)
     assert torch.equal(again[1], valid)
     assert rpn.anchors(feats, (20, 16))[0] is anchors  # cached
+    # propose(): the same proposals without the query boxes (predet analyze lookup)
+    proposed = rpn.propose(feats, queries, mask, (20, 16))
+    assert torch.equal(proposed[0], props) and torch.equal(proposed[1], valid)
     # crpn_recall is the recall of those proposals: each valid query's best IoU > 0.5, by hand
     iou = box_iou(boxes[0][mask[0]], props[0][valid[0]])  # view 1 has no valid query
     want = (iou.max(dim=1).values > 0.5).float().mean()
