@@ -6,7 +6,8 @@
 #                       webdataset, braceexpand; its image has torch, torchvision, numpy, opencv...)
 #       .predet_cache/  the small built-in world with its query cache (the GPU image's OpenCV has
 #                       no EdgeBoxes, so the queries are computed here)
-#   then, with the device tool:  run(command="bash bench/gpu_session.sh",
+#   (again after any change to predet/data/{synth,synth_render,queries}.py: the world records the
+#   code that made it), then, with the device tool:  run(command="bash bench/gpu_session.sh",
 #                                    carry=[".whl", ".predet_cache"], timeout_s=590)
 #
 # On the GPU it runs, logging each part under $OUT (the device tool's folder; else ./gpu_session_out):
@@ -42,7 +43,17 @@ if ! command -v predet > /dev/null; then  # not installed there: the module is t
   export -f predet
 fi
 export PYTHON=$py PREDET_CACHE=${PREDET_CACHE:-$PWD/.predet_cache} PYTHONUNBUFFERED=1
-[ -d "$PREDET_CACHE/worlds" ] || echo "note: no $PREDET_CACHE/worlds: the world is generated here (EdgeBoxes needed)"
+# the carried world must match this code (its generator's fingerprint), else it would be generated
+# here, and this image's OpenCV has no EdgeBoxes: stop at once rather than spend device time on it
+"$py" - <<'PY' || exit 3
+import sys
+from predet.data.builtin import BuiltinWorld, _is_complete, cache_root, generator_fingerprint
+world = BuiltinWorld(cache_root() / "small-seed0", "small", 0)
+if not _is_complete(world, generator_fingerprint()):
+    sys.exit(f"{world.root}: missing or made by other code: run `bash bench/gpu_session.sh prepare` "
+             "on the CPU machine and carry .predet_cache")
+print(f"world: {world.root} (ready)")
+PY
 "$py" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
 VARIANTS=${VARIANTS:-0} PROFILE=${PROFILE:-3} bash bench/step_gpu.sh 2>&1 | tee "$out/step.log"
 bash bench/e2e_gpu.sh 2>&1 | tee "$out/e2e.log"
