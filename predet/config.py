@@ -371,7 +371,8 @@ def _check_kind(schema: type, given: dict[str, Any], valid: Sequence[str], path:
     kinds = {PretrainConfig: ("pre-training", "pretrain"), FinetuneConfig: ("fine-tuning", "finetune")}
     if schema not in kinds:
         return
-    unknown = [k for k in given if k not in set(valid) and k not in RENAMED]
+    valid_set = set(valid)
+    unknown = [k for k in given if k not in valid_set and k not in RENAMED]
     (other,) = [k for k in kinds if k is not schema]
     other_valid = set(_valid_keys(other))
     if unknown and all(k in other_valid for k in given):

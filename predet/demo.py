@@ -454,9 +454,14 @@ def demo(
               "(Pearson / Spearman):\n\n",
               format_table(corr)]  # fmt: skip
     # the pretext task itself: PreDet's lookup on its own data (predet analyze lookup)
-    look, records, views = lookup(pre_runs["predet"], images=32, seed=seed)
-    write_lookup(out / "lookup", look, records, views, pictures=8)
-    lines.append(f"\nPreDet's query-box {format_summary(look)}; pictures in {out / 'lookup'}\n")
+    look = None
+    pre_cfg = load_config(PretrainConfig, pre_runs["predet"] / "config.yaml")
+    if pre_cfg.loss.info or pre_cfg.loss.croi_reg:
+        look, records, views = lookup(pre_runs["predet"], images=32, seed=seed)
+        write_lookup(out / "lookup", look, records, views, pictures=8)
+        lines.append(f"\nPreDet's query-box {format_summary(look)}; pictures in {out / 'lookup'}\n")
+    else:  # --pretrain loss.info=false loss.croi_reg=false: no CROI head, nothing looks a box up
+        lines.append("\nPreDet's query-box lookup: none (its pre-training has no CROI head)\n")
     atomic_write_text(out / "compare.md", "".join(lines))
     print("".join(lines), flush=True)
     done()

@@ -138,9 +138,13 @@ def test_demo_on_a_box_only_photo_world(tmp_path, tiny_world, capsys):
     """A user's world as photos come: no masks -> Faster R-CNN and box AP; a truncated val image
     is named and left out of the AP; other sizes and EXIF orientation read as shown."""
     out = tmp_path / "demo"
+    # PreDet with the CRPN alone (no CROI head): nothing to look up, the demo still finishes
     r = demo(out, preset="tiny", world=_photo_world(tmp_path, tiny_world), seeds=1,
-             pretrain_overrides=["train.steps=2", "ckpt.every=2", "data.heldout=40"],
+             pretrain_overrides=["train.steps=2", "ckpt.every=2", "data.heldout=40", "loss.info=false",
+                                 "loss.croi_reg=false"],
              finetune_overrides=["train.steps=2", "train.warmup_steps=1"])  # fmt: skip
+    assert "PreDet's query-box lookup: none (its pre-training has no CROI head)" in (out / "compare.md").read_text()
+    assert not (out / "lookup").exists() and json.loads((out / "summary.json").read_text())["lookup"] is None
     text = capsys.readouterr()
     assert "box-only annotations (train.json: " in text.out and "fine-tune Faster R-CNN from predet" in text.out
     assert text.out.count("evaluate: 1 of ") == 3  # one truncated val image, in each fine-tune's AP

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import yaml
 
@@ -35,22 +35,31 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"{path}: not valid JSON: {e}") from None
 
 
-def _setup(run: Path) -> tuple[Optional[str], Optional[str]]:
-    """(detector, scored annotation file) of a run: ``scored.json`` (written by ``predet
-    evaluate`` beside ``results.json``), else what the run's ``config.yaml`` says (older runs)."""
+SETUP_KEYS = ("arch", "ann", "format", "images")
+
+
+def _setup(run: Path) -> dict[str, Any]:
+    """What a run fine-tuned and scored (``SETUP_KEYS``): ``scored.json``, written by ``predet
+    evaluate`` beside ``results.json``; for older runs the detector and val set of their
+    ``config.yaml`` (a relative val path, as runs recorded before their paths were made
+    absolute, says nothing about where it pointed: unknown). Unknown values are None."""
     try:
         data = json.loads((run / "scored.json").read_text())
     except (OSError, json.JSONDecodeError):
-        data = {}
-    arch, ann = data.get("arch"), data.get("ann")
-    if arch is None or ann is None:
+        data = None
+    if not isinstance(data, dict):
         try:
             cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
         except (OSError, yaml.YAMLError):
             cfg = {}
-        arch = arch or (cfg.get("model") or {}).get("arch")
-        ann = ann or ((cfg.get("data") or {}).get("val") or {}).get("ann")
-    return arch, ann
+        ann = ((cfg.get("data") or {}).get("val") or {}).get("ann")
+        data = {"arch": (cfg.get("model") or {}).get("arch"), "ann": ann if ann and Path(ann).is_absolute() else None}
+    return {k: data.get(k) for k in SETUP_KEYS}
+
+
+def _differ(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The setup keys both runs know and disagree on."""
+    return [k for k in SETUP_KEYS if a[k] is not None and b[k] is not None and a[k] != b[k]]
 
 
 def _load_run(run: str | Path) -> tuple[str, Optional[str], dict]:
@@ -95,16 +104,16 @@ def group_results(runs: Sequence[str | Path]) -> dict[str, list[dict]]:
     if not runs:
         raise UserError("predet compare needs at least one run folder")
     keyed: dict[tuple[str, Optional[str]], list[dict]] = {}
-    first: dict[tuple[str, Optional[str]], tuple[Path, tuple]] = {}  # each row's first run and setup
+    first: dict[tuple[str, Optional[str]], tuple[Path, dict]] = {}  # each row's first run and setup
     for r in runs:
         name, path, res = _load_run(r)
         setup = _setup(Path(r))
         run0, setup0 = first.setdefault((name, path), (Path(r), setup))
-        if setup != setup0:  # seeds of one init are pooled; other detectors or sets are not seeds
-            (a0, d0), (a1, d1) = setup0, setup
+        if differ := _differ(setup0, setup):  # seeds of one init are pooled; other setups are not seeds
+            what = ", ".join(f"{k} {setup0[k]} vs {setup[k]}" for k in differ)
             raise UserError(
                 f"{run0} and {r} share the init '{name}' but were not fine-tuned and scored alike "
-                f"({a0} on {d0} vs {a1} on {d1}): compare runs of one detector and one val set"
+                f"({what}): compare runs of one detector and one val set"
             )
         keyed.setdefault((name, path), []).append(res)
     shared = {n for n, _ in keyed if sum(1 for m, _ in keyed if m == n) > 1}

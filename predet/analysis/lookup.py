@@ -41,7 +41,7 @@ HIT_IOU = 0.5
 
 def _samples(dataset: Any, count: int, seed: int) -> tuple[list[dict], list[str]]:
     """``count`` two-view samples (a seeded draw of a map-style dataset, the first ones of a
-    stream) and their image names."""
+    stream) and the names of the images they were made from."""
     if isinstance(dataset, torch.utils.data.IterableDataset):
         out, names = [], []
         for k, s in enumerate(dataset):
@@ -52,11 +52,14 @@ def _samples(dataset: Any, count: int, seed: int) -> tuple[list[dict], list[str]
         return out, names
     n = len(dataset)
     idx = np.sort(np.random.default_rng(seed).choice(n, size=min(count, n), replace=False))
-    return [dataset[int(i)] for i in idx], [str(dataset.paths[int(i)]) for i in idx]
+    out = [dataset[int(i)] for i in idx]
+    # an unreadable image is replaced by the next readable one (``skipped`` places further on)
+    return out, [str(dataset.paths[(int(i) + int(s.get("skipped", 0))) % n]) for i, s in zip(idx, out)]
 
 
-def _records(out: dict[str, torch.Tensor], names: list[str], top: int) -> list[dict]:
-    """One record per valid (searched view, query) of one batch of ``PreDet.lookup``."""
+def _records(out: dict[str, torch.Tensor], names: list[str], first: int, top: int) -> list[dict]:
+    """One record per valid (searched view, query) of one batch of ``PreDet.lookup``; the batch's
+    images are samples ``first, first + 1, ...``."""
     B = out["boxes"].shape[0]
     N = B // 2
     recs = []
@@ -66,7 +69,7 @@ def _records(out: dict[str, torch.Tensor], names: list[str], top: int) -> list[d
         for q in torch.nonzero(out["mask"][b]).flatten().tolist():
             target = out["boxes"][b, q].float()
             rec = {
-                "image": names[n], "direction": f"{3 - searched}->{searched}", "query_index": q,
+                "sample": first + n, "image": names[n], "direction": f"{3 - searched}->{searched}", "query_index": q,
                 "query": out["boxes"][(b + N) % B, q].tolist(), "target": target.tolist(),
                 "proposals": int(props.shape[0]),
             }  # fmt: skip
@@ -117,8 +120,8 @@ def lookup(
     run = Path(run)
     if not (run / "config.yaml").is_file():
         raise UserError(f"--run {run}: no config.yaml (not a pre-training run folder)")
-    if images < 1:
-        raise UserError(f"--images {images}: must be >= 1")
+    if images < 1 or batch_size < 1:
+        raise UserError(f"--images {images} / --batch-size {batch_size}: must be >= 1")
     cfg = load_config(PretrainConfig, run / "config.yaml")
     if not (cfg.loss.info or cfg.loss.croi_reg):
         raise UserError(f"{run}: a run without the CROI head (loss.info and loss.croi_reg off): it has no lookup")
@@ -148,12 +151,12 @@ def lookup(
         batch = data.collate_fn(chunk)
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         out = model.lookup(batch)
-        records += _records({k: v.cpu() for k, v in out.items()}, names[start : start + len(chunk)], top)
+        records += _records({k: v.cpu() for k, v in out.items()}, names[start : start + len(chunk)], start, top)
         for key in ("view1", "view2"):
             batch[key] = (batch[key].cpu().float() * std + mean) * 255
             batch[key] = batch[key].clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        views += [{"image": names[start + n], "view1": batch["view1"][n], "view2": batch["view2"][n]}
-                  for n in range(len(chunk))]  # fmt: skip
+        views += [{"sample": start + n, "image": names[start + n], "view1": batch["view1"][n],
+                   "view2": batch["view2"][n]} for n in range(len(chunk))]  # fmt: skip
     summary = {"run": str(run), "checkpoint": str(path), "images": len(samples), **summarize(records)}
     return summary, records, views
 
@@ -167,7 +170,7 @@ def draw_lookup(view: dict, records: list[dict], path: str | Path, *, queries: i
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    rows = [r for r in records if r["image"] == view["image"] and r["direction"] == "1->2"][:queries]
+    rows = [r for r in records if r["sample"] == view["sample"] and r["direction"] == "1->2"][:queries]
     if not rows:
         return 0
     fig, axes = plt.subplots(len(rows), 2, figsize=(6, 3 * len(rows)), squeeze=False)
@@ -206,6 +209,8 @@ def write_lookup(
     pictures are removed first, not mixed in); returns the number of pictures."""
     from predet.utils import write_json
 
+    if pictures < 0 or queries < 1:
+        raise UserError(f"--pictures {pictures} / --queries {queries}: must be >= 0 / >= 1")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: a file, not a folder")
@@ -231,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
     from predet.engine.common import resolve_device
 
     t0 = time.time()
+    if args.pictures < 0 or args.queries < 1:  # before the work, as write_lookup would say after it
+        raise UserError(f"--pictures {args.pictures} / --queries {args.queries}: must be >= 0 / >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device, what="--device")

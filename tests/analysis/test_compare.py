@@ -116,11 +116,11 @@ def test_demo_verdict_needs_the_noise_of_every_row() -> None:
 
 
 def test_runs_of_other_detectors_or_val_sets_are_not_pooled(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """Two runs of one init fine-tuned differently (Faster R-CNN on VOC, Mask R-CNN on COCO) were
-    averaged into one row as if they were seeds."""
-    def with_setup(run: Path, arch: str, ann: str, via: str) -> Path:
+    """Two runs of one init fine-tuned differently (Faster R-CNN on VOC, Mask R-CNN on COCO) or
+    scored on other sets were averaged into one row as if they were seeds."""
+    def with_setup(run: Path, arch: str, ann: str, via: str, images: int = 3) -> Path:
         if via == "results":  # written by predet evaluate beside results.json
-            (run / "scored.json").write_text(json.dumps({"ann": ann, "format": "coco", "images": 3, "arch": arch}))
+            (run / "scored.json").write_text(json.dumps({"ann": ann, "format": "coco", "images": images, "arch": arch}))
         else:  # an older run: its config.yaml
             (run / "config.yaml").write_text(f"model:\n  arch: {arch}\ndata:\n  val:\n    ann: {ann}\n")
         return run
@@ -132,10 +132,18 @@ def test_runs_of_other_detectors_or_val_sets_are_not_pooled(tmp_path: Path, caps
     assert main(["compare", str(a), str(c)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"predet: error: {a} and {c} share the init 'pt1' but were not fine-tuned and scored alike "
-                   "(mask_rcnn on /d/val.json vs faster_rcnn on /voc/val): compare runs of one detector and one val set")
+                   "(arch mask_rcnn vs faster_rcnn, ann /d/val.json vs /voc/val): compare runs of one detector "
+                   "and one val set")  # fmt: skip
     d = with_setup(make_run(tmp_path, "d", "pt1", ap(9.0, 9.0, 9.0)), "mask_rcnn", "/d/train.json", "results")
-    with pytest.raises(Exception, match="mask_rcnn on /d/val.json vs mask_rcnn on /d/train.json"):
+    with pytest.raises(Exception, match=r"\(ann /d/val.json vs /d/train.json\)"):
         compare([a, d])
+    # the same file scored on another number of images (data.val_subset): not the same set
+    e = with_setup(make_run(tmp_path, "e", "pt1", ap(9.0, 9.0, 9.0)), "mask_rcnn", "/d/val.json", "results", images=50)
+    with pytest.raises(Exception, match=r"\(images 3 vs 50\)"):
+        compare([a, e])
+    # an older run's relative val path says nothing about where it pointed: not a mismatch
+    f = with_setup(make_run(tmp_path, "f", "pt1", ap(5.0, 6.0, 7.0)), "mask_rcnn", "det/val.json", "config")
+    assert compare([a, f]).splitlines()[2].startswith("| pt1 | 2 | 3.0 ± 2.8 |")
     # other inits on other sets are other rows (not pooled, not refused)
-    e = with_setup(make_run(tmp_path, "e", "scratch", ap(0.5, 1.0, 0.0)), "faster_rcnn", "/voc/val", "results")
-    assert len(compare([a, e]).splitlines()) == 4
+    g = with_setup(make_run(tmp_path, "g", "scratch", ap(0.5, 1.0, 0.0)), "faster_rcnn", "/voc/val", "results")
+    assert len(compare([a, g]).splitlines()) == 4
