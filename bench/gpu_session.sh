@@ -55,7 +55,9 @@ if not _is_complete(world, generator_fingerprint()):
 print(f"world: {world.root} (ready)")
 PY
 "$py" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
-VARIANTS=${VARIANTS:-0} PROFILE=${PROFILE:-3} bash bench/step_gpu.sh 2>&1 | tee "$out/step.log"
-bash bench/e2e_gpu.sh 2>&1 | tee "$out/e2e.log"
+rc=0  # both parts run whatever the first did; the first failure's status is the exit status
+VARIANTS=${VARIANTS:-0} PROFILE=${PROFILE:-3} bash bench/step_gpu.sh 2>&1 | tee "$out/step.log" || rc=$?
+bash bench/e2e_gpu.sh 2>&1 | tee "$out/e2e.log" || { s=$?; [ "$rc" -ne 0 ] || rc=$s; }
 echo "== summary"
-grep -h "^device=\|^predet_proposal_ms=\|^predet_step_ms=\|^e2e_images_s=" "$out/step.log" "$out/e2e.log"
+grep -h "^device=\|^FAILED\|^predet_proposal_ms=\|^predet_step_ms=\|^e2e_images_s=" "$out/step.log" "$out/e2e.log" || true
+exit "$rc"

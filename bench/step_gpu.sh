@@ -16,11 +16,16 @@ py=${PYTHON:-$(command -v python3 || command -v python)}
 command -v predet > /dev/null || predet() { "$py" -m predet "$@"; }
 cfg=configs/pretrain/r50_fpn_480.yaml
 common=(--config "$cfg" --iters "${ITERS:-20}" --warmup "${WARMUP:-5}" train.batch_size=64 train.device=cuda)
+# each part runs whatever the one before it did (one device session should bring back every
+# figure); the script exits with the first failure's status at the end
+rc=0
+part() { "$@" || { s=$?; echo "FAILED (exit $s): $*"; [ "$rc" -ne 0 ] || rc=$s; }; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-"$py" -m pytest -q tests/modeling/test_nms.py -k cuda
-"$py" bench/nms_vs_torchvision.py --device cuda --groups 640 --k 1000
-predet bench step "${common[@]}" --profile "${PROFILE:-3}" --profile-rows 30
+part "$py" -m pytest -q tests/modeling/test_nms.py -k cuda
+part "$py" bench/nms_vs_torchvision.py --device cuda --groups 640 --k 1000
+part predet bench step "${common[@]}" --profile "${PROFILE:-3}" --profile-rows 30
 if [ "${VARIANTS:-1}" = "1" ]; then
-  predet bench step "${common[@]}" model.crpn.conv_dim=64
-  predet bench step "${common[@]}" model.crpn.conv_dim=64 model.crpn.post_nms_top_n=128 model.crpn.pre_nms_top_n=300
+  part predet bench step "${common[@]}" model.crpn.conv_dim=64
+  part predet bench step "${common[@]}" model.crpn.conv_dim=64 model.crpn.post_nms_top_n=128 model.crpn.pre_nms_top_n=300
 fi
+exit "$rc"
