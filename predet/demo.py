@@ -311,6 +311,7 @@ def demo(
     from predet.analysis.compare import compare, group_results, summarize
     from predet.analysis.correlation import correlation, format_table, plot_correlation
     from predet.analysis.lookup import format_summary, lookup, write_lookup
+    from predet.modeling.predet import has_croi_head
     from predet.analysis.plots import plot_curves
     from predet.config import FinetuneConfig, PretrainConfig, load_config
     from predet.engine.finetune import finetune
@@ -456,7 +457,7 @@ def demo(
     # the pretext task itself: PreDet's lookup on its own data (predet analyze lookup)
     look = None
     pre_cfg = load_config(PretrainConfig, pre_runs["predet"] / "config.yaml")
-    if pre_cfg.loss.info or pre_cfg.loss.croi_reg:
+    if has_croi_head(pre_cfg.loss):
         look, records, views = lookup(pre_runs["predet"], images=32, seed=seed)
         write_lookup(out / "lookup", look, records, views, pictures=8)
         lines.append(f"\nPreDet's query-box {format_summary(look)}; pictures in {out / 'lookup'}\n")

@@ -115,7 +115,7 @@ def lookup(
     from predet.config import PretrainConfig, load_config
     from predet.data.datasets import build_pretrain_data
     from predet.engine.common import check_state_fits, checkpoint_path, load_training_checkpoint
-    from predet.modeling.predet import build_predet
+    from predet.modeling.predet import build_predet, has_croi_head
 
     run = Path(run)
     if not (run / "config.yaml").is_file():
@@ -123,7 +123,7 @@ def lookup(
     if images < 1 or batch_size < 1:
         raise UserError(f"--images {images} / --batch-size {batch_size}: must be >= 1")
     cfg = load_config(PretrainConfig, run / "config.yaml")
-    if not (cfg.loss.info or cfg.loss.croi_reg):
+    if not has_croi_head(cfg.loss):
         raise UserError(f"{run}: a run without the CROI head (loss.info and loss.croi_reg off): it has no lookup")
     path = Path(ckpt) if ckpt else checkpoint_path(run)
     if not path.is_file():

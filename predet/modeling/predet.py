@@ -35,7 +35,13 @@ from predet.modeling.croi_head import ContrastiveROIHead
 from predet.modeling.crpn import ContrastiveRPN, JitterProposals
 from predet.modeling.roi_align import MultiScaleRoIAlign
 
-__all__ = ["PreDet", "build_predet", "check_num_classes", "loss_weight"]
+__all__ = ["PreDet", "build_predet", "check_num_classes", "has_croi_head", "loss_weight"]
+
+
+def has_croi_head(loss: LossConfig) -> bool:
+    """Whether a model of these loss switches holds the CROI head (``loss.info`` or
+    ``loss.croi_reg`` on): the part that looks a query box up among the candidates."""
+    return bool(loss.info or loss.croi_reg)
 
 
 def loss_weight(loss: LossConfig, key: str) -> float:
@@ -70,7 +76,7 @@ class PreDet(nn.Module):
         # plain dataclasses: no OmegaConf look-ups in the hot path, picklable, copyable
         m: PretrainModelConfig = OmegaConf.to_object(OmegaConf.structured(model))
         self.loss_cfg: LossConfig = OmegaConf.to_object(OmegaConf.structured(loss))
-        use_croi = bool(self.loss_cfg.info or self.loss_cfg.croi_reg)
+        use_croi = has_croi_head(self.loss_cfg)
         C, E = backbone.out_channels, m.box_head_dim
         self.backbone = backbone
         self.cls_head = ClsHead(in_channels=C, num_classes=num_classes, loss=m.cls.loss)
