@@ -189,6 +189,12 @@ class PretrainTrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     stop_at: Optional[int] = None  # stop (with a checkpoint) after this step; schedule keeps `steps`
     find_unused_parameters: Optional[bool] = None  # DDP; None: True when a loss is switched off
+    # gradient accumulation: micro-batches of `batch_size` per optimizer step (the step's batch is
+    # batch_size * accum_steps images per process; lr scaling counts them all)
+    accum_steps: int = 1
+    # seconds a torch.distributed collective may wait for the other ranks before it fails
+    # (init_process_group's timeout): a rank that died or hangs ends the run instead of stalling it
+    dist_timeout_s: float = 600
 
 
 @dataclass
@@ -277,6 +283,12 @@ class FinetuneTrainConfig:
     channels_last: bool = False
     log_every: int = 20
     device: str = "auto"
+    # gradient accumulation: micro-batches of `batch_size` per optimizer step (the step's batch is
+    # batch_size * accum_steps images per process; lr scaling counts them all)
+    accum_steps: int = 1
+    # seconds a torch.distributed collective may wait for the other ranks before it fails
+    # (init_process_group's timeout): a rank that died or hangs ends the run instead of stalling it
+    dist_timeout_s: float = 600
 
 
 @dataclass
@@ -642,6 +654,7 @@ def _check_pretrain_rest(cfg: Any) -> None:
         raise UserError(f"data.max_images: must be >= 1 (or null for all), got {d.max_images}")
     if t.eval_every is not None and t.eval_every < 1:
         raise UserError(f"train.eval_every: must be >= 1 (or null for ckpt.every), got {t.eval_every}")
+    _check_distributed(t)
 
 
 # how a query box is clipped to the two views (data.aug.query_region, TwoViewTransform)
@@ -705,6 +718,7 @@ def _check_finetune(cfg: Any) -> None:
     _positive("ckpt", cfg.ckpt, ("every",))
     _check_keep_last(cfg.ckpt)
     _check_device("train.device", t.device)
+    _check_distributed(t)
 
 
 def _check_sgd(t: Any) -> None:
@@ -716,6 +730,13 @@ def _check_sgd(t: Any) -> None:
     if t.weight_decay < 0:
         raise UserError(f"train.weight_decay: must be >= 0, got {t.weight_decay}")
     _fraction("train", t, ("warmup_factor",))
+
+
+def _check_distributed(t: Any) -> None:
+    """``train.accum_steps`` >= 1 and ``train.dist_timeout_s`` > 0, shared by both configs."""
+    if t.accum_steps < 1:
+        raise UserError(f"train.accum_steps: must be >= 1, got {t.accum_steps}")
+    _positive("train", t, ("dist_timeout_s",))
 
 
 def _check_keep_last(ckpt: Any) -> None:

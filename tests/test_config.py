@@ -297,3 +297,32 @@ def test_a_mistyped_key_of_the_right_kind_still_names_the_closest(tmp_path):
     f.write_text("data:\n  manifest: m.jsonl\n  train:\n    ann: a.json\n")  # keys of both kinds mixed
     with pytest.raises(UserError, match=r"unknown config key 'data.train.ann'"):
         load_config(PretrainConfig, f)
+
+
+@pytest.mark.parametrize("schema", [PretrainConfig, FinetuneConfig])
+@pytest.mark.parametrize(
+    "override, message",
+    [("train.accum_steps=0", "train.accum_steps: must be >= 1, got 0"),
+     ("train.accum_steps=-2", "train.accum_steps: must be >= 1, got -2"),
+     ("train.accum_steps=1.5", "override 'train.accum_steps=1.5': bad value 1.5 for config key "
+                               "'train.accum_steps': Value '1.5' of type 'float' could not be converted to Integer"),
+     ("train.dist_timeout_s=0", "train.dist_timeout_s: must be positive, got 0.0"),
+     ("train.dist_timeout_s=-30", "train.dist_timeout_s: must be positive, got -30.0"),
+     ("train.dist_timeout_s=.inf", "train.dist_timeout_s: must be a finite number, got inf")],
+)  # fmt: skip
+def test_accumulation_and_collective_timeout_are_checked_in_both_configs(schema, override, message):
+    with pytest.raises(UserError) as e:
+        load_config(schema, None, [override])
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("schema", [PretrainConfig, FinetuneConfig])
+def test_accumulation_and_collective_timeout_defaults_and_overrides(schema, tmp_path):
+    cfg = load_config(schema)
+    assert (cfg.train.accum_steps, cfg.train.dist_timeout_s) == (1, 600.0)
+    cfg = load_config(schema, None, ["train.accum_steps=4", "train.dist_timeout_s=1800"])
+    assert (cfg.train.accum_steps, cfg.train.dist_timeout_s) == (4, 1800.0)
+    save_config(cfg, tmp_path / "config.yaml")  # the last two keys of the resolved train section
+    train = yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]
+    assert list(train)[-2:] == ["accum_steps", "dist_timeout_s"]
+    assert (train["accum_steps"], train["dist_timeout_s"]) == (4, 1800.0)
