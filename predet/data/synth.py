@@ -360,14 +360,7 @@ def generate_world(
     out = Path(out)
     add = float(_preset(preset)["add"] if add is None else add)
     _check_args(out, preset, seed, size, drop, add, workers, counts)
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(
-                f"--out {out} exists and is not empty; pass --overwrite to replace the world"
-            )
-        # a query cache beside the old world holds boxes of other images under the same names
-        for sub in ("pretrain", "det", "queries"):
-            shutil.rmtree(out / sub, ignore_errors=True)
+    _prepare_out(out, overwrite)
     start = time.perf_counter()
     spec = _preset(preset)
     size = int(size or spec["size"])
@@ -376,12 +369,6 @@ def generate_world(
     }
     classes = class_names(preset)
     synonyms = synonyms_for(classes)
-    try:
-        (out / "pretrain" / "images").mkdir(parents=True, exist_ok=True)
-        (out / "det" / "images").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot create the world folder ({e.strerror})") from None
-
     state = {
         "out": str(out),
         "seed": seed,
@@ -399,21 +386,6 @@ def generate_world(
         split: [r for (s, _), r in zip(jobs, records, strict=True) if s == split]
         for split in SPLITS
     }
-
-    pre = by_split["pretrain"]
-    measured = measure_tag_noise([r["labels"] for r in pre], [r["tags"] for r in pre], synonyms)
-    p = out / "pretrain"
-    _write_text(
-        p / "manifest.jsonl",
-        "".join(_dump({"image": r["image"], "tags": r["tags"]}) + "\n" for r in pre),
-    )
-    _write_text(
-        p / "truth.jsonl",
-        "".join(
-            _dump({k: r[k] for k in ("image", "labels", "boxes", "box_labels")}) + "\n" for r in pre
-        ),
-    )
-    _write_text(p / "synonyms.json", json.dumps(synonyms, indent=2, sort_keys=True) + "\n")
     meta = {
         "preset": preset,
         "seed": seed,
@@ -425,30 +397,81 @@ def generate_world(
         "sides": list(spec["sides"]),
         "classes": classes,
         "distractor_tags": list(DISTRACTOR_TAGS),
-        "measured": measured,
     }
-    _write_text(p / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    measured = _write_pretrain(out / "pretrain", by_split["pretrain"], synonyms, meta)
     info = {"description": "predet synthetic world", "preset": preset, "seed": seed, "size": size}
-    for split, fname in (("det_train", "train.json"), ("det_val", "val.json")):
-        _write_text(out / "det" / fname, _dump(_coco(by_split[split], classes, info)) + "\n")
-
+    _write_det(out / "det", by_split, classes, info)
     return {
         "out": str(out),
-        "paths": {
-            "manifest": str(p / "manifest.jsonl"),
-            "synonyms": str(p / "synonyms.json"),
-            "truth": str(p / "truth.jsonl"),
-            "meta": str(p / "meta.json"),
-            "det_train": str(out / "det" / "train.json"),
-            "det_val": str(out / "det" / "val.json"),
-            "det_images": str(out / "det" / "images"),
-        },
+        "paths": _world_paths(out),
         "counts": n,
         "objects": list(spec["objects"]),
         "sides": list(spec["sides"]),
         "classes": classes,
         "measured": measured,
         "seconds": time.perf_counter() - start,
+    }
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    """Make ``out/pretrain/images`` and ``out/det/images``; an existing non-empty ``out`` needs
+    ``overwrite``, which removes its ``pretrain``, ``det`` and ``queries`` folders first."""
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(
+                f"--out {out} exists and is not empty; pass --overwrite to replace the world"
+            )
+        # a query cache beside the old world holds boxes of other images under the same names
+        for sub in ("pretrain", "det", "queries"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    try:
+        (out / "pretrain" / "images").mkdir(parents=True, exist_ok=True)
+        (out / "det" / "images").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the world folder ({e.strerror})") from None
+
+
+def _write_pretrain(
+    p: Path, pre: list[dict], synonyms: dict[str, list[str]], meta: dict[str, Any]
+) -> dict[str, float | int]:
+    """Write the pre-training set's manifest (tags only), truth, synonyms and ``meta.json``
+    (``meta`` plus the measured tag noise) into ``p``; returns the measured tag noise."""
+    measured = measure_tag_noise([r["labels"] for r in pre], [r["tags"] for r in pre], synonyms)
+    _write_text(
+        p / "manifest.jsonl",
+        "".join(_dump({"image": r["image"], "tags": r["tags"]}) + "\n" for r in pre),
+    )
+    _write_text(
+        p / "truth.jsonl",
+        "".join(
+            _dump({k: r[k] for k in ("image", "labels", "boxes", "box_labels")}) + "\n" for r in pre
+        ),
+    )
+    _write_text(p / "synonyms.json", json.dumps(synonyms, indent=2, sort_keys=True) + "\n")
+    meta = {**meta, "measured": measured}
+    _write_text(p / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return measured
+
+
+def _write_det(
+    det: Path, by_split: Mapping[str, list[dict]], classes: Sequence[str], info: dict
+) -> None:
+    """Write ``det/train.json`` and ``det/val.json`` (COCO) from the detection splits' records."""
+    for split, fname in (("det_train", "train.json"), ("det_val", "val.json")):
+        _write_text(det / fname, _dump(_coco(by_split[split], classes, info)) + "\n")
+
+
+def _world_paths(out: Path) -> dict[str, str]:
+    """The DESIGN §6 files of the world at ``out``, by name."""
+    p = out / "pretrain"
+    return {
+        "manifest": str(p / "manifest.jsonl"),
+        "synonyms": str(p / "synonyms.json"),
+        "truth": str(p / "truth.jsonl"),
+        "meta": str(p / "meta.json"),
+        "det_train": str(out / "det" / "train.json"),
+        "det_val": str(out / "det" / "val.json"),
+        "det_images": str(out / "det" / "images"),
     }
 
 
