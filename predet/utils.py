@@ -182,10 +182,11 @@ def seed_everything(seed: int) -> None:
 
 
 def flatten_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as ``{"a.b.c": leaf}`` (dotted keys, depth first)."""
+    """A nested mapping as ``{"a.b.c": leaf}`` (dotted keys, depth first); an empty mapping is a
+    leaf (``{"a": {}}`` stays ``{"a": {}}``: a config's ``a: {}`` is still a key given)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        if isinstance(value, Mapping):
+        if isinstance(value, Mapping) and value:
             out.update(flatten_keys(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value

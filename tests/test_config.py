@@ -326,3 +326,19 @@ def test_accumulation_and_collective_timeout_defaults_and_overrides(schema, tmp_
     train = yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]
     assert list(train)[-2:] == ["accum_steps", "dist_timeout_s"]
     assert (train["accum_steps"], train["dist_timeout_s"]) == (4, 1800.0)
+
+
+def test_an_empty_mapping_is_still_a_key_given(tmp_path):
+    """``foo: {}`` names the unknown key, ``dim: {}`` its value (an empty mapping is a leaf of the
+    flattened keys, not nothing)."""
+    f = tmp_path / "c.yaml"
+    f.write_text("foo: {}\n")
+    with pytest.raises(UserError) as e:
+        load_config(PretrainConfig, f)
+    assert str(e.value) == f"{f}: unknown config key 'foo'"
+    f.write_text("model:\n  crpn:\n    dim: {}\n")
+    with pytest.raises(UserError) as e:
+        load_config(PretrainConfig, f)
+    assert str(e.value) == (f"{f}: bad value {{}} for config key 'model.crpn.dim': Value '{{}}' of type "
+                            "'DictConfig' could not be converted to Integer")
+    assert load_config(PretrainConfig, None, ["model={}"]).model.crpn.dim == 64  # a section: nothing to set

@@ -443,8 +443,6 @@ def build_pretrain_data(cfg: Any) -> PretrainData:
                 "stream whole, with no held-out slice (unset it)"
             )
         return _build_shards(cfg)
-    if fmt not in ("manifest", "coco"):
-        raise UserError(f"data.format: unknown value '{fmt}' (manifest | shards | coco)")
     if not cfg.data.manifest:
         raise UserError("data.manifest is empty: give a manifest (or a COCO JSON with data.format=coco)")
     path = Path(cfg.data.manifest)

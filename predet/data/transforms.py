@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from predet.config import QUERY_REGIONS
+from predet.config import MIN_INPUT_SIZE, QUERY_REGIONS
 from predet.data.color import color_augment_uint8
 
 __all__ = [
@@ -178,8 +178,8 @@ class TwoViewTransform:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        if size < 8:
-            raise ValueError(f"view size must be >= 8, got {size}")
+        if size < MIN_INPUT_SIZE:
+            raise ValueError(f"view size must be >= {MIN_INPUT_SIZE}, got {size}")
         self.size = int(size)
         self.crop = crop
         self.crop_scale = tuple(float(v) for v in crop_scale)

@@ -50,8 +50,6 @@ def build_detector(cfg, classes: Sequence[str], *, for_test: bool = False) -> nn
     ``for_test`` it is ``model.test_size``.
     """
     m = cfg.model  # values checked by load_config
-    if m.arch not in ARCHS:
-        raise UserError(f"model.arch: unknown detector '{m.arch}' (choose {', '.join(ARCHS)})")
     # SyncBN: the fine-tuning engine converts BN once the process group is up (CUDA only)
     norm = "bn" if m.norm == "syncbn" else m.norm
     backbone = build_backbone(m.backbone, norm=norm, fpn_channels=m.fpn_channels or 256,
