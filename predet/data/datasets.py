@@ -22,20 +22,44 @@ import glob
 import json
 import logging
 import math
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from predet.data.compact import (
+    NO_QUERIES,
+    ImageQueries,
+    Ragged,
+    StringArray,
+    StringArrayBuilder,
+    offsets_of,
+)
 from predet.data.heldout import HeldOutSet, build_heldout_set, heldout_indices
 from predet.data.images import BadImage, decode_image, draft_scale, load_image
-from predet.data.manifest import ManifestEntry, read_manifest, sample_indices
+from predet.data.manifest import (
+    ManifestEntry,
+    count_entries,
+    is_coco,
+    iter_manifest,
+    read_coco_as_manifest,
+    sample_indices,
+)  # fmt: skip
 from predet.data.queries import QueryCache
+from predet.data.shard_stream import ShardReader
 from predet.data.transforms import TwoViewTransform, sample_seed
-from predet.data.vocab import Vocab, build_vocab, load_synonyms
+from predet.data.vocab import (
+    ClassCounter,
+    LabelResolver,
+    Vocab,
+    build_vocab,
+    file_key,
+    load_synonyms,
+)
 from predet.errors import UserError
 
 __all__ = [
@@ -44,17 +68,7 @@ __all__ = [
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
-
-
-def _ragged(arrays: Sequence[np.ndarray], dtype: Any, width: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
-    """List of arrays -> (concatenated values, int64 offsets ``len+1``): compact and cheap to
-    pickle into worker processes, unlike a list of small arrays."""
-    counts = np.array([len(a) for a in arrays], np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    shape = (-1, width) if width else (-1,)
-    parts = [np.asarray(a, dtype).reshape(shape) for a in arrays]
-    values = np.concatenate(parts) if parts else np.zeros((0, width) if width else (0,), dtype)
-    return values.astype(dtype, copy=False), offsets
+INLINE = -2  # a scanned image's query source while building: the manifest line's own boxes
 
 
 def draft_side(transform: TwoViewTransform) -> int:
@@ -119,16 +133,21 @@ def collate_two_view(samples: Sequence[dict], num_queries: int = 16) -> dict[str
         "query_mask": mask,
         "labels": torch.stack([s["labels"] for s in samples]).float(),
         "num_skipped": torch.tensor(sum(int(s.get("skipped", 0)) for s in samples)),
+        # a shard stream's position once this batch is taken (popped by BatchStream)
+        **({"stream_state": samples[-1]["stream_state"]} if "stream_state" in samples[-1] else {}),
     }
 
 
 class WeakLabelDataset(Dataset):
     """Map-style dataset of images with class indices and query boxes (original-image pixels).
 
+    Per image it holds flat arrays only (:mod:`predet.data.compact`): the path's bytes, its class
+    indices and one ``(source, start, stop)`` row into the memory-mapped query cache.
+
     Args:
         paths: image files.
-        labels: per image, class indices (``len(paths)`` arrays).
-        queries: per image, float32 ``(K_i, 4)`` XYXY boxes (``K_i`` may be 0).
+        labels: per image, class indices.
+        queries: per image, the rows of its query boxes.
         num_classes: K, the width of the multi-hot label.
         transform: the two-view transform.
         seed: base seed of the per-item generators.
@@ -137,18 +156,16 @@ class WeakLabelDataset(Dataset):
     def __init__(
         self,
         *,
-        paths: Sequence[str | Path],
-        labels: Sequence[Sequence[int]],
-        queries: Sequence[np.ndarray],
+        paths: StringArray,
+        labels: Ragged,
+        queries: ImageQueries,
         num_classes: int,
         transform: TwoViewTransform,
         seed: int = 0,
     ) -> None:
         if not (len(paths) == len(labels) == len(queries)):
             raise ValueError("paths, labels and queries must have the same length")
-        self.paths = [str(p) for p in paths]
-        self.label_values, self.label_offsets = _ragged([np.asarray(v, np.int64) for v in labels], np.int64)
-        self.query_values, self.query_offsets = _ragged(queries, np.float32, width=4)
+        self.paths, self.labels, self.queries = paths, labels, queries
         self.num_classes = int(num_classes)
         self.transform = transform
         self.seed = int(seed)
@@ -157,6 +174,23 @@ class WeakLabelDataset(Dataset):
         self.bad: dict[int, str] = {}  # index -> reason, this process
         self._draft = draft_side(transform)
         _init_cv2_threads()  # in the parent, before workers fork
+
+    @classmethod
+    def from_lists(
+        cls, *, paths: Sequence[str | Path], labels: Sequence[Sequence[int]], queries: Sequence[np.ndarray], **kwargs: Any
+    ) -> "WeakLabelDataset":
+        """From per-image lists (small sets, tests): boxes ``queries[i]`` float32 ``(K_i, 4)``."""
+        counts = np.array([len(q) for q in queries], np.int64)
+        ends = np.cumsum(counts)
+        rows = np.stack([np.zeros_like(counts), ends - counts, ends], axis=1).astype(np.int64)
+        inline = np.concatenate([np.asarray(q, np.float32).reshape(-1, 4) for q in queries]) if len(queries) else np.zeros((0, 4), np.float32)
+        return cls(paths=StringArray.from_strings(str(p) for p in paths), labels=Ragged.from_lists(labels),
+                   queries=ImageQueries(rows, None, inline), **kwargs)  # fmt: skip
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of per-image state this process holds (the mapped query cache is shared)."""
+        return self.paths.nbytes + self.labels.nbytes + self.queries.nbytes
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -167,11 +201,12 @@ class WeakLabelDataset(Dataset):
     def labels_of(self, index: int) -> torch.Tensor:
         """Multi-hot float ``(K,)`` of item ``index``."""
         y = torch.zeros(self.num_classes)
-        y[torch.from_numpy(self.label_values[self.label_offsets[index] : self.label_offsets[index + 1]])] = 1.0
+        y[torch.from_numpy(self.labels[index].astype(np.int64))] = 1.0
         return y
 
     def queries_of(self, index: int) -> np.ndarray:
-        return self.query_values[self.query_offsets[index] : self.query_offsets[index + 1]]
+        """Query boxes float32 ``(K, 4)`` XYXY of item ``index``, original-image pixels."""
+        return self.queries[index]
 
     def _load(self, index: int) -> dict[str, Any]:
         img, full = load_image(self.paths[index], draft_short_side=self._draft)
@@ -207,8 +242,11 @@ class ShardDataset(IterableDataset):
     """Endless (``resampled=True``) or one-pass stream of two-view samples from WebDataset shards.
 
     Each sample is ``KEY.jpg`` + ``KEY.json`` (``{"labels": [class, ...], "queries": [[x1, y1, x2,
-    y2], ...]}``, boxes in the stored image's pixels). Resampled: every (rank, worker) draws shards
-    at random with its own seed; one pass: shards are split by node, then by worker.
+    y2], ...]}``, boxes in the stored image's pixels). Every (rank, worker) is one stream of a
+    :class:`~predet.data.shard_stream.ShardReader` (resampled: its own seeded shard draws; one
+    pass: its share of the shards). Each sample carries ``stream_state`` (the stream's id and
+    :class:`~predet.data.shard_stream.ReaderState` once it is taken): :meth:`resume` with the
+    states of the last batches each stream gave continues every stream exactly there.
     """
 
     def __init__(
@@ -230,45 +268,55 @@ class ShardDataset(IterableDataset):
         self.shuffle = shuffle
         self.epoch = 0
         self.num_skipped = 0
+        self.states: dict[int, dict] = {}  # stream -> ReaderState dict to resume from
+        self.rotate = 0
         _init_cv2_threads()  # in the parent, before workers fork
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _pipeline(self, stream_seed: int) -> Any:
-        import webdataset as wds
+    def resume(self, states: dict[int, dict], rotate: int = 0) -> None:
+        """Streams continue from ``states`` (by stream id; a stream absent starts afresh). Loader
+        worker ``w`` plays stream ``(w + rotate) % workers`` of its rank: a loader hands out its
+        workers' batches in turn starting at worker 0, so after ``b`` batches ``rotate = b %
+        workers`` makes the worker that would have given batch ``b`` give it first."""
+        self.states, self.rotate = {int(k): v for k, v in states.items()}, int(rotate)
 
-        if self.resampled:
-            stages = [wds.ResampledShards(self.urls, seed=stream_seed, deterministic=True)]
-        else:
-            stages = [wds.SimpleShardList(self.urls), wds.split_by_node, wds.split_by_worker]
-        stages.append(wds.tarfile_to_samples(handler=wds.warn_and_continue))
-        if self.shuffle > 1:
-            stages.append(wds.shuffle(self.shuffle, seed=stream_seed))
-        return wds.DataPipeline(*stages)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        _init_cv2_threads()
+    def _stream(self) -> tuple[int, int]:
         from predet.distributed import rank, world_size
 
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        stream = rank() * workers + worker  # this (node, worker)'s place among all readers
-        streams = world_size() * workers
+        reader = (worker + self.rotate) % workers
+        return rank() * workers + reader, world_size() * workers  # this (node, worker)'s place among all readers
+
+    def _decode(self, sample: dict) -> Optional[tuple[Any, dict]]:
+        """(image, meta) of a raw sample; None (warned, counted) when it cannot be read."""
+        key = sample.get("__key__", "?")
+        try:
+            meta = json.loads(sample["json"])
+            img, _ = decode_image(sample["jpg"], name=f"{sample.get('__url__', '?')}:{key}")
+            return img, meta
+        except (BadImage, KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            log.warning("skipping unreadable shard sample %s:%s (%s)", sample.get("__url__", "?"), key, e)
+            self.num_skipped += 1
+            return None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        _init_cv2_threads()
+        stream, streams = self._stream()
         stream_seed = sample_seed(self.seed, self.epoch, stream)
+        reader = ShardReader(self.urls, seed=stream_seed, stream=stream, streams=streams, resampled=self.resampled,
+                             shuffle=self.shuffle, state=self.states.get(stream))  # fmt: skip
         skipped = 0
-        for count, sample in enumerate(self._pipeline(stream_seed)):
-            key = sample.get("__key__", "?")
-            try:
-                meta = json.loads(sample["json"])
-                img, full = decode_image(sample["jpg"], name=f"{sample.get('__url__', '?')}:{key}")
-            except (BadImage, KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
-                log.warning("skipping unreadable shard sample %s:%s (%s)", sample.get("__url__", "?"), key, e)
-                self.num_skipped += 1
+        for sample, state in reader:
+            decoded = self._decode(sample)
+            if decoded is None:
                 skipped += 1
                 continue
+            img, meta = decoded
             boxes = np.asarray(meta.get("queries", []), np.float32).reshape(-1, 4)
-            seed = sample_seed(self.seed, self.epoch, count * streams + stream)
+            seed = sample_seed(self.seed, self.epoch, (state["picks"] - 1) * streams + stream)
             out = self.transform(img, boxes, generator=torch.Generator().manual_seed(seed))
             y = torch.zeros(len(self.classes))
             idx = [self.class_index[c] for c in meta.get("labels", []) if c in self.class_index]
@@ -276,6 +324,7 @@ class ShardDataset(IterableDataset):
             out["labels"] = y
             out["seed"] = seed
             out["skipped"] = skipped
+            out["stream_state"] = {"stream": stream, **state}
             skipped = 0
             yield out
 
@@ -326,65 +375,154 @@ def _checked_vocab(cfg: Any, manifest_path: Path, entries: Sequence[ManifestEntr
     return vocab
 
 
-def _from_entries(
-    cfg: Any,
-    manifest_path: Path,
-    entries: list[ManifestEntry],
-    synonyms: Optional[dict],
-    sampled: Optional[dict[str, int]] = None,
-) -> PretrainData:
-    """``sampled``: ``{"manifest_images": n}`` when ``entries`` are a ``data.max_images`` sample
-    of the manifest's n (reported in the counts)."""
-    vocab = _checked_vocab(cfg, manifest_path, entries, synonyms)
-    has_inline = any(e.queries is not None for e in entries)
-    cache = QueryCache(cfg.data.queries) if cfg.data.queries else None
-    if cache is None and not has_inline:
-        raise UserError(
-            f"{manifest_path}: no query boxes: set data.queries to a cache made by "
-            f"`predet data queries --manifest {manifest_path} --out DIR`, or add 'queries' to the manifest lines"
-        )
-    index = {c: k for k, c in enumerate(vocab.classes)}
-    counts = {**(sampled or {}), "images": len(entries), "no_class": 0, "excluded_unreadable": 0,
-              "without_queries": 0}  # fmt: skip
-    held = set(heldout_indices(len(entries), cfg.data.heldout).tolist())
-    held_entries: list[tuple[ManifestEntry, list[str]]] = []
-    paths, labels, queries = [], [], []
-    for i, (e, classes) in enumerate(zip(entries, vocab.labels)):
-        if i in held:
-            held_entries.append((e, classes))  # scored by cls_map, never trained on
-            continue
-        if not classes:
-            counts["no_class"] += 1
-            continue
+class _ManifestScan:
+    """One streamed pass over a manifest's entries into flat arrays (:mod:`predet.data.compact`):
+    the ``data.max_images`` sample only, its held-out slice aside, each image's path, raw classes
+    and query rows; the classes' distinct images counted as ``predet data vocab`` does. Memory:
+    about 100 bytes per image plus the path, never a Python object per image."""
+
+    def __init__(self, cfg: Any, path: Path, n: int, synonyms: Optional[dict]) -> None:
+        self.cfg, self.path, self.synonyms = cfg, path, synonyms
+        self.cache = QueryCache(cfg.data.queries) if cfg.data.queries else None
+        self.selected = np.zeros(n, bool)
+        self.selected[sample_indices(n, cfg.data.max_images)] = True
+        self.num_selected = int(self.selected.sum())
+        self.held = np.zeros(self.num_selected, bool)
+        self.held[heldout_indices(self.num_selected, cfg.data.heldout)] = True
+        self.resolver = LabelResolver(synonyms)
+        self.counter, self.class_ids = ClassCounter(), {}
+        self.paths = StringArrayBuilder()
+        self.raw, self.raw_counts = array("i"), array("q")
+        self.rows, self.failed, self.inline = array("q"), bytearray(), array("f")
+        self.held_entries: list[tuple[str, str, list[str]]] = []
+        self.seen = 0
+
+    def _classes(self, e: ManifestEntry) -> list[str]:
+        if e.labels is None and self.synonyms is None:  # the first line with tags only needs the file
+            self.synonyms = _load_synonyms_for(self.cfg, self.path)
+            self.resolver = LabelResolver(self.synonyms)
+        return self.resolver(e)
+
+    def add(self, i: int, e: ManifestEntry) -> None:
+        if i >= len(self.selected):
+            raise UserError(f"{self.path}: changed while being read (more lines than counted)")
+        if not self.selected[i]:
+            return
+        j, self.seen = self.seen, self.seen + 1
+        classes = self._classes(e)
+        self.counter.add(classes, file_key(e.path))
+        if self.held[j]:
+            self.held_entries.append((e.image, str(e.path), classes))  # scored by cls_map, never trained on
+            return
+        self.paths.append(str(e.path))
+        n = len(self.raw)
+        self.raw.extend(self.class_ids.setdefault(c, len(self.class_ids)) for c in classes)
+        self.raw_counts.append(len(self.raw) - n)
+        self._add_queries(e)
+
+    def _add_queries(self, e: ManifestEntry) -> None:
+        failed, row = False, (NO_QUERIES, 0, 0)
         if e.queries is not None:
-            q = e.queries
-        else:
-            if cache is not None and cache.is_failed(e.image, e.path):
-                counts["excluded_unreadable"] += 1
-                continue
-            hit = cache.get(e.image, e.path) if cache is not None else None
-            q = hit[0] if hit is not None else np.zeros((0, 4), np.float32)
-        if len(q) == 0:
-            counts["without_queries"] += 1  # kept: classification loss only
-        paths.append(e.path)
-        labels.append([index[c] for c in classes])
-        queries.append(q)
-    if not paths:
-        raise UserError(f"{manifest_path}: no usable image (counts: {counts})")
-    counts["used"] = len(paths)
-    counts["heldout"] = len(held_entries)
-    transform = TwoViewTransform.from_config(cfg.data.aug, cfg.model.input_size)
-    dataset = WeakLabelDataset(
-        paths=paths, labels=labels, queries=queries, num_classes=len(vocab.classes), transform=transform, seed=cfg.seed
-    )
-    collate = functools.partial(collate_two_view, num_queries=cfg.data.queries_per_image)
-    return PretrainData(
-        dataset=dataset, classes=vocab.classes, collate_fn=collate, counts=counts,
-        heldout=build_heldout_set(
-            manifest_path, [e.image for e, _ in held_entries], [e.path for e, _ in held_entries],
-            [names for _, names in held_entries], vocab.classes,
-        ),
-    )  # fmt: skip
+            a = len(self.inline) // 4
+            self.inline.extend(e.queries.reshape(-1).astype(np.float32).tolist())
+            row = (INLINE, a, a + len(e.queries))
+        elif self.cache is not None and self.cache.is_failed(e.image, e.path):
+            failed = True
+        elif self.cache is not None:
+            row = self.cache.locate(e.image, e.path) or row
+        self.rows.extend(row)
+        self.failed.append(failed)
+
+    def finish(self) -> PretrainData:
+        if self.seen != self.num_selected:
+            raise UserError(f"{self.path}: changed while being read (fewer lines than counted)")
+        cfg = self.cfg
+        kept, counts_, dropped = self.counter.split(cfg.data.min_images)
+        if not kept:
+            raise UserError(f"{self.path}: no class has >= {cfg.data.min_images} images (data.min_images)")
+        if self.cache is None and not len(self.inline) and not self._any_inline():
+            raise UserError(
+                f"{self.path}: no query boxes: set data.queries to a cache made by "
+                f"`predet data queries --manifest {self.path} --out DIR`, or add 'queries' to the manifest lines"
+            )
+        labels, queries = self._arrays(kept)
+        has_class = np.diff(labels.offsets) > 0
+        failed = np.frombuffer(bytes(self.failed), np.uint8).astype(bool)
+        used = has_class & ~failed
+        counts = {"images": self.num_selected, "no_class": int((~has_class).sum()),
+                  "excluded_unreadable": int((has_class & failed).sum()),
+                  "without_queries": int((used & (queries.rows[:, 2] == queries.rows[:, 1])).sum())}  # fmt: skip
+        if not used.any():
+            raise UserError(f"{self.path}: no usable image (counts: {counts})")
+        counts["used"], counts["heldout"] = int(used.sum()), len(self.held_entries)
+        return self._data(kept, self.paths.build().select(used), labels.select(used), queries.select(used), counts)
+
+    def _any_inline(self) -> bool:
+        rows = np.frombuffer(self.rows, np.int64).reshape(-1, 3)
+        return bool((rows[:, 0] == INLINE).any())
+
+    def _arrays(self, kept: list[str]) -> tuple[Ragged, ImageQueries]:
+        """Each image's kept class indices (ascending, as the sorted names) and query rows."""
+        lut = np.full(max(len(self.class_ids), 1), -1, np.int32)
+        index = {c: k for k, c in enumerate(kept)}
+        for c, r in self.class_ids.items():
+            lut[r] = index.get(c, -1)
+        raw = lut[np.frombuffer(self.raw, np.int32)]
+        raw_counts = np.frombuffer(self.raw_counts, np.int64)
+        owner = np.repeat(np.arange(len(raw_counts)), raw_counts)
+        keep = raw >= 0
+        labels = Ragged(raw[keep].astype(np.int32), offsets_of(np.bincount(owner[keep], minlength=len(raw_counts))))
+        rows = np.frombuffer(self.rows, np.int64).reshape(-1, 3).copy()
+        files = self.cache.box_files if self.cache is not None else None
+        rows[rows[:, 0] == INLINE, 0] = len(files.files) if files is not None else 0
+        inline = np.frombuffer(self.inline, np.float32).reshape(-1, 4).copy()
+        return labels, ImageQueries(rows, files, inline)
+
+    def _data(self, kept: list[str], paths: StringArray, labels: Ragged, queries: ImageQueries,
+              counts: dict[str, int]) -> PretrainData:  # fmt: skip
+        cfg = self.cfg
+        transform = TwoViewTransform.from_config(cfg.data.aug, cfg.model.input_size)
+        dataset = WeakLabelDataset(paths=paths, labels=labels, queries=queries, num_classes=len(kept),
+                                   transform=transform, seed=cfg.seed)  # fmt: skip
+        collate = functools.partial(collate_two_view, num_queries=cfg.data.queries_per_image)
+        held = self.held_entries
+        if len(self.selected) != self.num_selected:
+            counts = {"manifest_images": len(self.selected), **counts}
+        return PretrainData(
+            dataset=dataset, classes=kept, collate_fn=collate, counts=counts,
+            heldout=build_heldout_set(self.path, [h[0] for h in held], [h[1] for h in held],
+                                      [h[2] for h in held], kept),
+        )  # fmt: skip
+
+
+def _load_synonyms_for(cfg: Any, manifest_path: Path) -> dict:
+    path = Path(cfg.data.synonyms) if cfg.data.synonyms else manifest_path.parent / "synonyms.json"
+    if not path.is_file():
+        raise UserError(
+            f"{manifest_path}: lines carry tags but no labels, and no synonyms file was found at {path} "
+            "(set data.synonyms or run `predet data vocab`)"
+        )
+    return load_synonyms(path)
+
+
+def _from_manifest(cfg: Any, path: Path) -> PretrainData:
+    """The pre-training data of a JSONL manifest or COCO JSON (``data.images``: the image root of
+    either, whatever data.format says, as `predet data queries --images`), streamed."""
+    if not path.is_file():
+        raise UserError(f"manifest not found: {path}")
+    if is_coco(path):
+        entries: Iterable[ManifestEntry] = read_coco_as_manifest(path, cfg.data.images).entries
+        n, synonyms = len(entries), {}  # type: ignore[arg-type]
+    elif cfg.data.format == "coco":
+        raise UserError(f"data.format=coco but data.manifest {path} is not a COCO JSON")
+    else:
+        n, entries, synonyms = count_entries(path), iter_manifest(path, cfg.data.images), None
+    if n == 0:
+        raise UserError(f"{path}: manifest has no images")
+    scan = _ManifestScan(cfg, path, n, synonyms)
+    for i, e in enumerate(entries):
+        scan.add(i, e)
+    return scan.finish()
 
 
 def _shard_urls(spec: str) -> list[str]:
@@ -445,14 +583,4 @@ def build_pretrain_data(cfg: Any) -> PretrainData:
         return _build_shards(cfg)
     if not cfg.data.manifest:
         raise UserError("data.manifest is empty: give a manifest (or a COCO JSON with data.format=coco)")
-    path = Path(cfg.data.manifest)
-    # one reader: JSON Lines, or a COCO JSON as weak labels (read_coco_as_manifest, detected);
-    # data.images is the image root of either, whatever data.format says (as `predet data queries --images`)
-    manifest = read_manifest(path, cfg.data.images)
-    entries = [manifest.entries[i] for i in sample_indices(len(manifest.entries), cfg.data.max_images)]
-    sampled = {} if len(entries) == len(manifest.entries) else {"manifest_images": len(manifest.entries)}
-    if manifest.header.get("format") == "coco":
-        return _from_entries(cfg, path, entries, None, sampled)
-    if fmt == "coco":
-        raise UserError(f"data.format=coco but data.manifest {path} is not a COCO JSON")
-    return _from_entries(cfg, path, entries, _synonyms_for(cfg, path, entries), sampled)
+    return _from_manifest(cfg, Path(cfg.data.manifest))

@@ -20,13 +20,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
 from predet.errors import UserError
 
-__all__ = ["ManifestEntry", "Manifest", "read_manifest", "read_coco_as_manifest", "sample_indices"]
+__all__ = [
+    "ManifestEntry", "Manifest", "read_manifest", "iter_manifest", "count_entries", "is_coco", "read_coco_as_manifest",
+    "sample_indices",
+]  # fmt: skip
 
 
 @dataclass
@@ -110,20 +113,33 @@ def _looks_like_coco(path: Path) -> bool:
     return isinstance(data, dict) and "images" in data
 
 
-def read_manifest(path: str | os.PathLike, images_root: Optional[str | os.PathLike] = None) -> Manifest:
-    """Read a JSONL manifest (or a COCO JSON, see :func:`read_coco_as_manifest`).
+def iter_manifest(path: str | os.PathLike, images_root: Optional[str | os.PathLike] = None,
+                  header: Optional[dict] = None) -> Iterator[ManifestEntry]:
+    """The entries of a JSONL manifest, one line at a time (memory: one line, whatever the file's
+    size); the header line, if any, is put into the ``header`` dict when one is given.
 
     Raises :class:`UserError` naming ``file:line`` for a line that is not UTF-8 or not a JSON
     object, lacks ``image`` or has badly typed ``tags``/``labels``/``queries``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"manifest not found: {path}")
-    if path.suffix == ".json" and _looks_like_coco(path):
-        return read_coco_as_manifest(path, images_root)
     root = Path(images_root) if images_root is not None else path.parent
-    entries: list[ManifestEntry] = []
-    header: dict = {}
+    got: dict = {}
+    seen_entry = False
+    for lineno, obj in _json_lines(path):
+        where = f"{path}:{lineno}"
+        if "image" not in obj:
+            if not seen_entry and not got and not _IMAGE_KEYS & obj.keys():
+                got = obj  # metadata line (e.g. the synthetic world's noise rates)
+                if header is not None:
+                    header.update(obj)
+                continue
+            raise UserError(f"{where}: missing key 'image' (keys: {', '.join(map(repr, sorted(obj)))[:80]})")
+        seen_entry = True
+        yield _parse_entry(obj, root, where, lineno)
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` of each non-blank line; UserError naming the line otherwise."""
     with open(path, "rb") as f:  # decoded line by line: an error names the line
         for lineno, data in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -144,12 +160,52 @@ def read_manifest(path: str | os.PathLike, images_root: Optional[str | os.PathLi
                 raise UserError(f"{where}: not valid JSON ({e.msg}): {raw.strip()[:60]}") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            if "image" not in obj:
-                if not entries and not header and not _IMAGE_KEYS & obj.keys():
-                    header = obj  # metadata line (e.g. the synthetic world's noise rates)
-                    continue
-                raise UserError(f"{where}: missing key 'image' (keys: {', '.join(map(repr, sorted(obj)))[:80]})")
-            entries.append(_parse_entry(obj, root, where, lineno))
+            yield lineno, obj
+
+
+def count_entries(path: str | os.PathLike) -> int:
+    """The number of entries :func:`iter_manifest` yields for a well-formed manifest (non-blank
+    lines, less a header line), counted without parsing the lines' JSON past the first."""
+    n, first = 0, True
+    with open(path, "rb") as f:
+        for data in f:
+            raw = data.decode("utf-8", "replace")
+            if first:
+                raw = raw.removeprefix("\ufeff")
+            if not raw.strip():
+                continue
+            if first:
+                first = False
+                try:
+                    obj = json.loads(raw)
+                except json.JSONDecodeError:
+                    obj = None  # iter_manifest names the line
+                if isinstance(obj, dict) and "image" not in obj and not _IMAGE_KEYS & obj.keys():
+                    continue  # the header
+            n += 1
+    return n
+
+
+def is_coco(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is read as a COCO JSON (a ``.json`` file holding one object with ``images``)."""
+    path = Path(path)
+    return path.suffix == ".json" and _looks_like_coco(path)
+
+
+def read_manifest(path: str | os.PathLike, images_root: Optional[str | os.PathLike] = None) -> Manifest:
+    """Read a JSONL manifest (or a COCO JSON, see :func:`read_coco_as_manifest`) into memory
+    (about 1 KB per line: a large manifest is better streamed with :func:`iter_manifest`).
+
+    Raises :class:`UserError` naming ``file:line`` for a line that is not UTF-8 or not a JSON
+    object, lacks ``image`` or has badly typed ``tags``/``labels``/``queries``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"manifest not found: {path}")
+    if is_coco(path):
+        return read_coco_as_manifest(path, images_root)
+    header: dict = {}
+    entries = list(iter_manifest(path, images_root, header))
     if not entries:
         raise UserError(f"{path}: manifest has no images")
     return Manifest(path=path, entries=entries, header=header)

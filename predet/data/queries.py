@@ -29,6 +29,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import struct
 import time
 import zipfile
 from dataclasses import asdict, dataclass
@@ -49,6 +50,7 @@ from predet.utils import atomic_write_text, folder_lock, remove_numbered
 __all__ = [
     "QueryParams",
     "QueryCache",
+    "BoxFiles",
     "check_opencv",
     "gradient_edges",
     "compute_queries",
@@ -307,12 +309,74 @@ def shard_covers(path: str | os.PathLike, images: Sequence[str], params: Optiona
         return False
 
 
+def _stored_member(path: Path, zf: zipfile.ZipFile, name: str) -> Optional[tuple[int, tuple, np.dtype, bool]]:
+    """``(byte offset, shape, dtype, fortran order)`` of the ``.npy`` member ``name`` of the npz
+    file ``path`` when it is stored uncompressed (``np.savez``), so that it can be memory-mapped
+    in place; None when it is compressed (``np.savez_compressed``)."""
+    info = zf.getinfo(f"{name}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        head = f.read(30)  # the zip local file header: its name and extra field come next
+        if head[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = struct.unpack("<HH", head[26:30])
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        return f.tell(), shape, dtype, fortran
+
+
+class BoxFiles:
+    """The boxes and scores of a query cache's files, memory-mapped in place (``np.savez``
+    writes the npz members uncompressed): every loader worker and every rank on a node reads the
+    same pages of the OS's file cache, none holds a copy. A compressed member (a cache written
+    with ``np.savez_compressed``) is read into memory instead. Pickles as the file list: a
+    ``spawn`` worker maps the files again."""
+
+    def __init__(self, files: Sequence[Path]) -> None:
+        self.files = [Path(f) for f in files]
+        self._arrays: Optional[list[tuple[np.ndarray, np.ndarray]]] = None
+
+    def __getstate__(self) -> dict:
+        return {"files": self.files, "_arrays": None}
+
+    def _open(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        out = []
+        with zipfile.ZipFile(path) as zf:
+            for name, width in (("boxes", (4,)), ("scores", ())):
+                spec = _stored_member(path, zf, name)
+                if spec is None or spec[2] != np.float32 or spec[3]:
+                    with np.load(path) as z:
+                        out.append(np.ascontiguousarray(z[name], np.float32).reshape(-1, *width))
+                elif int(np.prod(spec[1])) == 0:
+                    out.append(np.zeros((0, *width), np.float32))
+                else:
+                    out.append(np.memmap(path, np.float32, "r", offset=spec[0], shape=spec[1]))
+        return out[0], out[1]
+
+    @property
+    def arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        if self._arrays is None:
+            self._arrays = [self._open(f) for f in self.files]
+        return self._arrays
+
+    def get(self, k: int, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes ``(b - a, 4)`` and scores ``(b - a,)`` of file ``k``, rows ``a:b`` (copies)."""
+        boxes, scores = self.arrays[k]
+        return np.array(boxes[a:b], np.float32), np.array(scores[a:b], np.float32)
+
+
 class QueryCache:
     """Reader of a query cache folder; looks images up by manifest string or resolved path.
 
     ``cache.get(image, path)`` -> ``(boxes (K, 4) float32, scores (K,))`` or None when the cache
     does not hold the image; ``cache.failed`` maps unreadable images to the reason.
-    All shards are held in memory (16 bytes per box): for billions of boxes use WebDataset shards.
+    Memory: the boxes are memory-mapped (:class:`BoxFiles`); the index holds 64-bit keys of the
+    image strings and paths (:func:`~predet.data.vocab.file_key`) with each image's rows, about 56
+    bytes per image; the failed images are a dict.
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
@@ -322,43 +386,77 @@ class QueryCache:
         files = sorted(self.folder.glob("queries-*.npz"))
         if not files:
             raise UserError(f"{self.folder}: no queries-*.npz files (run `predet data queries --out {self.folder}`)")
-        self._boxes: list[np.ndarray] = []
-        self._scores: list[np.ndarray] = []
-        self._index: dict[str, tuple[int, int, int]] = {}
+        self.box_files = BoxFiles(files)
         self.failed: dict[str, str] = {}
-        for f in files:
-            try:
-                with np.load(f) as z:
-                    k = len(self._boxes)
-                    self._boxes.append(z["boxes"].astype(np.float32))
-                    self._scores.append(z["scores"].astype(np.float32))
-                    off = z["offsets"]
-                    for i, (im, p) in enumerate(zip(z["images"].tolist(), z["paths"].tolist())):
-                        self._index[im] = self._index[p] = (k, int(off[i]), int(off[i + 1]))
-                    for im, reason in zip(z["failed_images"].tolist(), z["failed_reasons"].tolist()):
-                        self.failed[im] = reason
-                    # by resolved path too (shards written before failed_paths existed have none)
-                    failed_paths = z["failed_paths"].tolist() if "failed_paths" in z.files else []
-                    for p, reason in zip(failed_paths, z["failed_reasons"].tolist()):
-                        self.failed[p] = reason
-            except (OSError, KeyError, ValueError) as e:
-                raise UserError(f"{f}: not a query cache file ({type(e).__name__}: {e})") from None
+        parts = [self._read_index(k, f) for k, f in enumerate(files)]
+        self._build_index(parts)
+        try:
+            self.box_files.arrays  # noqa: B018  (mapped now: a bad member is an error here, not in a worker)
+        except (OSError, KeyError, ValueError) as e:
+            raise UserError(f"{self.folder}: not a query cache ({type(e).__name__}: {e})") from None
+
+    def _read_index(self, k: int, f: Path) -> tuple[np.ndarray, np.ndarray]:
+        """Keys ``(2n,)`` (image, path of each row) and rows ``(2n, 3)`` (file, start, stop) of file
+        ``k``; records its failed images."""
+        from predet.data.vocab import file_key
+
+        try:
+            with np.load(f) as z:
+                off = z["offsets"].astype(np.int64)
+                images, paths = z["images"].tolist(), z["paths"].tolist()
+                for im, reason in zip(z["failed_images"].tolist(), z["failed_reasons"].tolist()):
+                    self.failed[im] = reason
+                # by resolved path too (shards written before failed_paths existed have none)
+                failed_paths = z["failed_paths"].tolist() if "failed_paths" in z.files else []
+                for p, reason in zip(failed_paths, z["failed_reasons"].tolist()):
+                    self.failed[p] = reason
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+            raise UserError(f"{f}: not a query cache file ({type(e).__name__}: {e})") from None
+        if len(off) != len(images) + 1 or len(paths) != len(images):
+            raise UserError(f"{f}: not a query cache file (offsets/images/paths lengths disagree)")
+        keys = np.array([[file_key(im), file_key(p)] for im, p in zip(images, paths)], np.uint64).reshape(-1)
+        rows = np.stack([np.full(len(images), k), off[:-1], off[1:]], axis=1).astype(np.int64)
+        return keys, np.repeat(rows, 2, axis=0)
+
+    def _build_index(self, parts: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Sorted unique keys; a key seen twice keeps its last rows (as a dict filled in order)."""
+        keys = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.uint64)
+        rows = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, 3), np.int64)
+        order = np.argsort(keys, kind="stable")
+        keys, rows = keys[order], rows[order]
+        last = np.ones(len(keys), bool)
+        last[:-1] = keys[1:] != keys[:-1]
+        self._keys, self._rows = keys[last], rows[last]
+        self._num_images = len(keys) // 2
 
     def __len__(self) -> int:
-        return sum(len(s) for s in self._scores)
+        return sum(len(s) for _, s in self.box_files.arrays)
+
+    def _find(self, key: int) -> Optional[tuple[int, int, int]]:
+        i = int(np.searchsorted(self._keys, np.uint64(key)))
+        if i < len(self._keys) and int(self._keys[i]) == key:
+            k, a, b = self._rows[i].tolist()
+            return k, a, b
+        return None
+
+    def locate(self, image: str, path: Optional[str | os.PathLike] = None) -> Optional[tuple[int, int, int]]:
+        """``(file, start, stop)`` of ``image``'s rows in :attr:`box_files`, or None."""
+        from predet.data.vocab import file_key
+
+        hit = self._find(file_key(image))
+        if hit is None and path is not None:
+            hit = self._find(file_key(str(Path(path).resolve())))
+        return hit
 
     def get(self, image: str, path: Optional[str | os.PathLike] = None) -> Optional[tuple[np.ndarray, np.ndarray]]:
-        hit = self._index.get(image)
-        if hit is None and path is not None:
-            hit = self._index.get(str(Path(path).resolve()))
-        if hit is None:
-            return None
-        k, a, b = hit
-        return self._boxes[k][a:b], self._scores[k][a:b]
+        hit = self.locate(image, path)
+        return None if hit is None else self.box_files.get(*hit)
 
     def failed_reason(self, image: str, path: Optional[str | os.PathLike] = None) -> Optional[str]:
         """Why ``image`` (a manifest string; or the file at ``path``) could not be read when the
         cache was computed; None when it was not among the unreadable ones."""
+        if not self.failed:  # the common case: no path to resolve
+            return None
         reason = self.failed.get(image)
         if reason is None and path is not None:
             reason = self.failed.get(str(Path(path).resolve()))

@@ -11,14 +11,20 @@ seen next:
   the dataset's ``set_epoch`` is applied inside the worker that loads the item and persistent
   workers see the right epoch;
 - iterable datasets (WebDataset shards, an endless resampled stream): ``set_epoch(epoch)``
-  before each pass. Shards cannot seek, and replaying a stream of millions of samples to reach the
-  stopping point would take hours, so a resumed run starts the *next* epoch's stream (a fresh,
-  seeded draw of shards): deterministic, never a repeat of the consumed samples' order, but not
-  the sample sequence an uninterrupted run would have seen.
+  before each pass. A dataset with ``resume(states, rotate)`` (:class:`~predet.data.datasets.
+  ShardDataset`) puts each reader's state into its samples (``stream_state``, carried by the
+  batch); the position keeps the state of every reader's last batch (``readers``), and a resumed
+  stream continues each reader there: the batches of an uninterrupted run. Under torchrun each
+  rank knows its own readers only: :meth:`BatchStream.state_dict` gathers them (a collective).
+  Without reader states (another iterable dataset, an older checkpoint, another number of
+  readers) a resumed run starts the *next* epoch's stream (a fresh, seeded draw of shards):
+  deterministic, never a repeat of the consumed samples' order, but not the sample sequence an
+  uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -29,16 +35,31 @@ from predet.errors import UserError
 
 __all__ = ["StreamPosition", "EpochIndexedDataset", "EpochBatchSampler", "BatchStream", "check_batch_fits"]
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class StreamPosition:
-    """Where a stream stands: ``batch`` batches of epoch ``epoch`` are consumed (per rank)."""
+    """Where a stream stands: ``batch`` batches of epoch ``epoch`` are consumed (per rank).
+
+    ``readers`` (shard streams): ``{"streams": S, "states": {stream id: ReaderState dict}}``, the
+    state of each reader once its last batch was taken; None for map-style datasets.
+    """
 
     epoch: int = 0
     batch: int = 0
+    readers: Optional[dict[str, Any]] = None
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"epoch": self.epoch, "batch": self.batch}
+        if self.readers is not None:
+            out["readers"] = self.readers
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "StreamPosition":
+        """The position saved by :meth:`state_dict` (other keys are ignored)."""
+        return cls(int(state.get("epoch", 0)), int(state.get("batch", 0)), state.get("readers"))
 
 
 def check_batch_fits(num_items: int, batch_size: int, world_size: int) -> None:
@@ -142,8 +163,10 @@ class BatchStream:
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        self.position = StreamPosition(start.epoch, start.batch)
+        self.position = StreamPosition(start.epoch, start.batch, start.readers)
         self._iterable = isinstance(dataset, IterableDataset)
+        self._workers = max(1, num_workers)
+        self._streams = world_size * self._workers  # readers of a shard stream, all ranks
         # the loader draws its workers' base seed from this generator, never from the global RNG,
         # so creating the stream does not shift the training loop's random numbers
         g = torch.Generator().manual_seed(seed * 7919 + rank)
@@ -187,20 +210,58 @@ class BatchStream:
             self.position = StreamPosition(epoch, b)
             yield batch
 
+    def _resume_readers(self) -> tuple[int, int, dict[int, dict]]:
+        """(epoch, batches consumed in it, reader states) to start an iterable stream from."""
+        pos, resumable = self.position, hasattr(self._dataset, "resume")
+        readers = pos.readers or {}
+        if resumable and pos.batch and readers.get("streams") == self._streams:
+            return pos.epoch, pos.batch, {int(k): v for k, v in readers.get("states", {}).items()}
+        if pos.batch:  # see the module docstring
+            if resumable:
+                log.warning("the shard stream's checkpoint has no reader states for %d readers: "
+                            "resuming at the next epoch's stream (not exact)", self._streams)  # fmt: skip
+            return pos.epoch + 1, 0, {}
+        return pos.epoch, 0, {}
+
     def _iter_iterable(self) -> Iterator[Any]:
-        epoch = self.position.epoch + (1 if self.position.batch else 0)  # see the module docstring
+        epoch, n, states = self._resume_readers()
+        resumable = hasattr(self._dataset, "resume")
         while True:
             if hasattr(self._dataset, "set_epoch"):
                 self._dataset.set_epoch(epoch)
-            n = 0
+            if resumable:
+                self._dataset.resume(states, rotate=n % self._workers)
+            got = 0
             for batch in self._loader:
-                n += 1
-                self.position = StreamPosition(epoch, n)
+                state = batch.pop("stream_state", None) if isinstance(batch, dict) else None
+                if state is not None:
+                    states[int(state["stream"])] = {k: v for k, v in state.items() if k != "stream"}
+                got, n = got + 1, n + 1
+                readers = {"streams": self._streams, "states": dict(states)} if resumable else None
+                self.position = StreamPosition(epoch, n, readers)
                 yield batch
-            if n == 0:
+            if got == 0:
                 raise UserError("the training shards yielded no complete batch")
-            epoch += 1
-            self.position = StreamPosition(epoch, 0)
+            epoch, n, states = epoch + 1, 0, {}
+            self.position = StreamPosition(epoch, 0, {"streams": self._streams, "states": {}} if resumable else None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """:attr:`position` as saved in a checkpoint, with the reader states of every rank.
+
+        Under torchrun this is a collective (every rank calls it, as a checkpoint save); a
+        single process returns ``position.state_dict()``.
+        """
+        state = self.position.state_dict()
+        if not self._iterable or self.position.readers is None:
+            return state
+        import torch.distributed as td
+
+        if td.is_available() and td.is_initialized() and td.get_world_size() > 1:
+            parts: list[Any] = [None] * td.get_world_size()
+            td.all_gather_object(parts, self.position.readers["states"])
+            merged = {k: v for p in parts for k, v in (p or {}).items()}
+            state["readers"] = {"streams": self._streams, "states": merged}
+        return state
 
 
 def _seed_worker(worker_id: int) -> None:

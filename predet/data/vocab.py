@@ -12,19 +12,24 @@ is never one of the input files, and existing outputs are replaced only with ``-
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import unicodedata
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
-from predet.data.manifest import ManifestEntry, read_manifest
+import numpy as np
+
+from predet.data.manifest import ManifestEntry, is_coco, iter_manifest, read_coco_as_manifest
 from predet.errors import UserError
-from predet.utils import atomic_write_text, write_json
+from predet.utils import write_json
 
 __all__ = [
-    "Vocab", "build_vocab", "normalize_tag", "load_synonyms", "tag_to_classes", "resolve_labels", "run"
+    "Vocab", "build_vocab", "normalize_tag", "load_synonyms", "tag_to_classes", "resolve_labels", "LabelResolver",
+    "ClassCounter", "file_key", "run",
 ]  # fmt: skip
 
 
@@ -66,29 +71,68 @@ def tag_to_classes(synonyms: dict[str, list[str]]) -> dict[str, list[str]]:
     return out
 
 
-def resolve_labels(
-    entries: Sequence[ManifestEntry], synonyms: Optional[dict[str, list[str]]]
-) -> tuple[list[list[str]], dict[str, int]]:
-    """Class names of each entry: its ``labels`` if given, else its tags mapped through ``synonyms``.
+class LabelResolver:
+    """An entry's class names: its ``labels`` if given, else its tags mapped through ``synonyms``
+    (sorted, unique). ``unknown`` counts the normalised tags no class lists (memory: one counter per
+    distinct unknown tag, none per image)."""
 
-    Returns the per-entry class lists (sorted, unique) and a count of unseen normalised tags.
-    """
-    t2c = tag_to_classes(synonyms) if synonyms else {}
-    unknown: dict[str, int] = {}
-    out = []
-    for e in entries:
-        if e.labels is not None:
-            out.append(sorted(set(e.labels)))
-            continue
+    def __init__(self, synonyms: Optional[dict[str, list[str]]]) -> None:
+        self.t2c = tag_to_classes(synonyms) if synonyms else {}
+        self.unknown: dict[str, int] = {}
+
+    def __call__(self, entry: ManifestEntry) -> list[str]:
+        if entry.labels is not None:
+            return sorted(set(entry.labels))
         classes: set[str] = set()
-        for t in e.tags:
+        for t in entry.tags:
             key = normalize_tag(t)
-            if key in t2c:
-                classes.update(t2c[key])
+            if key in self.t2c:
+                classes.update(self.t2c[key])
             elif key:
-                unknown[key] = unknown.get(key, 0) + 1
-        out.append(sorted(classes))
-    return out, unknown
+                self.unknown[key] = self.unknown.get(key, 0) + 1
+        return sorted(classes)
+
+    def unknown_by_count(self) -> dict[str, int]:
+        """``unknown``, most frequent first (ties by name)."""
+        return dict(sorted(self.unknown.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def resolve_labels(
+    entries: Iterable[ManifestEntry], synonyms: Optional[dict[str, list[str]]]
+) -> tuple[list[list[str]], dict[str, int]]:
+    """Class names of each entry (:class:`LabelResolver`) and the count of unseen normalised tags."""
+    resolver = LabelResolver(synonyms)
+    out = [resolver(e) for e in entries]
+    return out, resolver.unknown
+
+
+def file_key(path: str | os.PathLike) -> int:
+    """A 64-bit key of an image file's path string: the distinct files of a class are counted by
+    key, 8 bytes each instead of a set of strings (a collision among 10^8 files: p < 3e-4)."""
+    data = str(path).encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+class ClassCounter:
+    """Distinct image files per class, fed one image at a time: 8 bytes per (image, class) pair
+    (a repeated line's file counts once)."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, array] = {}
+
+    def add(self, classes: Iterable[str], key: int) -> None:
+        for c in classes:
+            self._keys.setdefault(c, array("Q")).append(key)
+
+    def counts(self) -> dict[str, int]:
+        return {c: int(np.unique(np.frombuffer(k, np.uint64)).size) for c, k in self._keys.items()}
+
+    def split(self, min_images: int) -> tuple[list[str], dict[str, int], dict[str, int]]:
+        """(kept classes sorted by name, their counts, dropped classes' counts)."""
+        counts = self.counts()
+        kept = sorted(c for c, n in counts.items() if n >= min_images)
+        dropped = {c: n for c, n in sorted(counts.items()) if n < min_images}
+        return kept, {c: counts[c] for c in kept}, dropped
 
 
 @dataclass
@@ -113,6 +157,11 @@ class Vocab:
         return {"classes": self.classes, "counts": self.counts, "dropped": self.dropped}
 
 
+def check_min_images(min_images: int) -> None:
+    if min_images < 1:
+        raise UserError(f"--min-images / data.min_images must be >= 1, got {min_images}")
+
+
 def build_vocab(
     entries: Sequence[ManifestEntry],
     synonyms: Optional[dict[str, list[str]]],
@@ -122,51 +171,60 @@ def build_vocab(
 
     Classes are sorted by name, so the class index of a name does not depend on the data order.
     """
-    if min_images < 1:
-        raise UserError(f"--min-images / data.min_images must be >= 1, got {min_images}")
-    raw, unknown = resolve_labels(entries, synonyms)
-    images: dict[str, set[str]] = {}  # class -> its distinct image files (a repeated line counts once)
-    for e, classes in zip(entries, raw):
-        for c in classes:
-            images.setdefault(c, set()).add(str(e.path))
-    counts = {c: len(files) for c, files in images.items()}
-    kept = sorted(c for c, n in counts.items() if n >= min_images)
-    dropped = {c: n for c, n in sorted(counts.items()) if n < min_images}
+    check_min_images(min_images)
+    resolver, counter = LabelResolver(synonyms), ClassCounter()
+    raw = []
+    for e in entries:
+        raw.append(resolver(e))
+        counter.add(raw[-1], file_key(e.path))
+    kept, counts, dropped = counter.split(min_images)
     keep = set(kept)
     labels = [[c for c in classes if c in keep] for classes in raw]
-    return Vocab(
-        classes=kept,
-        counts={c: counts[c] for c in kept},
-        dropped=dropped,
-        labels=labels,
-        unknown_tags=dict(sorted(unknown.items(), key=lambda kv: (-kv[1], kv[0]))),
-    )
+    return Vocab(classes=kept, counts=counts, dropped=dropped, labels=labels, unknown_tags=resolver.unknown_by_count())
 
 
 def _image_string(entry: ManifestEntry, out_dir: Path) -> str:
-    """The entry's path as seen from ``out_dir`` (relative when it can be, like the input)."""
+    """The entry's path as seen from ``out_dir`` (resolved; relative when it can be, like the input)."""
     if os.path.isabs(entry.image):
         return entry.image
     try:
-        return os.path.relpath(entry.path.resolve(), out_dir.resolve())
+        return os.path.relpath(entry.path.resolve(), out_dir)
     except ValueError:  # other drive on Windows
         return str(entry.path.resolve())
 
 
-def write_labelled_manifest(entries: Sequence[ManifestEntry], vocab: Vocab, out_dir: Path) -> int:
-    """Write ``out_dir/manifest.jsonl`` (entries with at least one class); returns lines written."""
-    lines = []
-    for e, labels in zip(entries, vocab.labels):
-        if not labels:
-            continue
-        obj: dict = {"image": _image_string(e, out_dir), "labels": labels}
-        if e.tags:
-            obj["tags"] = e.tags
-        if e.queries is not None:
-            obj["queries"] = e.queries.round(2).tolist()
-        lines.append(json.dumps(obj))
-    atomic_write_text(out_dir / "manifest.jsonl", "\n".join(lines) + "\n")
-    return len(lines)
+def _labelled_line(e: ManifestEntry, labels: list[str], out_dir: Path) -> str:
+    obj: dict = {"image": _image_string(e, out_dir), "labels": labels}
+    if e.tags:
+        obj["tags"] = e.tags
+    if e.queries is not None:
+        obj["queries"] = e.queries.round(2).tolist()
+    return json.dumps(obj)
+
+
+def write_labelled_manifest(
+    entries: Iterable[ManifestEntry], resolver: LabelResolver, classes: Sequence[str], out_dir: Path
+) -> tuple[int, int]:
+    """Stream ``out_dir/manifest.jsonl``: the entries with at least one of ``classes`` (labels
+    from ``resolver``), written to a temporary file renamed at the end. Returns (lines written,
+    entries left without a class)."""
+    keep, resolved_out = set(classes), out_dir.resolve()
+    target = out_dir / "manifest.jsonl"
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    kept = no_class = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for e in entries:
+                labels = [c for c in resolver(e) if c in keep]
+                if not labels:
+                    no_class += 1
+                    continue
+                f.write(_labelled_line(e, labels, resolved_out) + "\n")
+                kept += 1
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return kept, no_class
 
 
 OUTPUTS = ("vocab.json", "manifest.jsonl")
@@ -192,11 +250,53 @@ def check_outputs(
             raise UserError(f"{target} exists; pass --overwrite to replace it, or choose another --out")
 
 
+def _entries(path: Path) -> Iterator[ManifestEntry]:
+    """A manifest's entries streamed (a COCO JSON is read whole, as it is one JSON object)."""
+    return iter(read_coco_as_manifest(path).entries) if is_coco(path) else iter_manifest(path)
+
+
+def _first_pass(path: Path, synonyms: dict, min_images: int) -> tuple[Vocab, int, tuple[int, int, int]]:
+    """Count the classes' distinct images in one streamed pass over the manifest. Returns the
+    vocab (without per-entry labels), the number of entries and the repeated lines (count, first
+    repeating line, the line it repeats; memory: 16 bytes per line)."""
+    resolver, counter = LabelResolver(synonyms), ClassCounter()
+    keys, lines = array("Q"), array("q")
+    for e in _entries(path):
+        key = file_key(e.path)
+        counter.add(resolver(e), key)
+        keys.append(key)
+        lines.append(e.line)
+    if not keys:
+        raise UserError(f"{path}: manifest has no images")
+    kept, counts, dropped = counter.split(min_images)
+    vocab = Vocab(classes=kept, counts=counts, dropped=dropped, labels=[], unknown_tags=resolver.unknown_by_count())
+    return vocab, len(keys), _repeats(np.frombuffer(keys, np.uint64), np.frombuffer(lines, np.int64))
+
+
+def _repeats(keys: np.ndarray, lines: np.ndarray) -> tuple[int, int, int]:
+    """(lines naming the file of an earlier line, the first such line, the line it repeats)."""
+    order = np.argsort(keys, kind="stable")  # a file's lines in file order
+    k = keys[order]
+    later = np.zeros(len(k), bool)
+    later[1:] = k[1:] == k[:-1]
+    if not later.any():
+        return 0, 0, 0
+    pos = np.flatnonzero(later)
+    first_rep = pos[np.argmin(lines[order[pos]])]
+    start = np.searchsorted(k, k[first_rep])  # the group's first element: its first line
+    return int(later.sum()), int(lines[order[first_rep]]), int(lines[order[start]])
+
+
 def run(args: argparse.Namespace) -> int:
+    """Two streamed passes over the manifest (classes, then the labelled manifest): memory grows
+    with the classes and 16 bytes per line, not with the lines' text."""
     check_outputs(args.out, [args.manifest, args.synonyms], args.overwrite)
-    manifest = read_manifest(args.manifest)
+    check_min_images(args.min_images)
+    path = Path(args.manifest)
+    if not path.is_file():
+        raise UserError(f"manifest not found: {path}")
     synonyms = load_synonyms(args.synonyms)
-    vocab = build_vocab(manifest.entries, synonyms, args.min_images)
+    vocab, n, (repeats, line, first) = _first_pass(path, synonyms, args.min_images)
     if not vocab.classes:
         raise UserError(
             f"no class has >= {args.min_images} images (--min-images); "
@@ -205,15 +305,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # check_outputs: not an existing file
     write_json(out / "vocab.json", vocab.to_json())
-    kept = write_labelled_manifest(manifest.entries, vocab, out)
-    n = len(manifest.entries)
+    kept, no_class = write_labelled_manifest(_entries(path), LabelResolver(synonyms), vocab.classes, out)
     top = ", ".join(f"{t} ({c})" for t, c in list(vocab.unknown_tags.items())[:8])
-    print(f"images: {n} read, {kept} kept, {vocab.num_no_class} with no class left")
-    seen: dict[str, int] = {}
-    repeats = [(e.line, seen[str(e.path)]) for e in manifest.entries if seen.setdefault(str(e.path), e.line) != e.line]
+    print(f"images: {n} read, {kept} kept, {no_class} with no class left")
     if repeats:  # counted once per class; kept in the manifest as given (trained on as often)
-        line, first = repeats[0]
-        print(f"repeated images: {len(repeats)} lines name an image of an earlier line (first: line {line} "
+        print(f"repeated images: {repeats} lines name an image of an earlier line (first: line {line} "
               f"repeats line {first}); each counts once towards --min-images")  # fmt: skip
     print(f"classes: {len(vocab.classes)} kept, {len(vocab.dropped)} dropped (< {args.min_images} images)")
     shown = "" if len(vocab.unknown_tags) <= 8 else " (the 8 most frequent)"
