@@ -80,9 +80,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="pre-training run folder (uses checkpoints/last.pt)")
     src.add_argument("--ckpt", help="checkpoint file")
-    p.add_argument("--format", required=True, choices=["torchvision", "detectron2"])
-    p.add_argument("--out", required=True)
-    p.add_argument("--box-head", action="store_true", help="also export fc6/fc7 (TwoMLPHead)")
+    p.add_argument("--format", required=True, choices=["torchvision", "detectron2", "timm"])
+    p.add_argument("--out", required=True, help="the file to write (timm: a folder)")
+    p.add_argument("--box-head", action="store_true", help="also export fc6/fc7 (TwoMLPHead; not for timm)")
     p.add_argument("--norm", choices=["frozenbn", "bn", "syncbn", "gn"], default=None,
                    help="detectron2 only: MODEL.RESNETS.NORM for the config fragment (default: as trained, "
                         "BN as FrozenBN)")
@@ -191,7 +191,7 @@ VERBS: list[_Verb] = [
     (("data", "queries"), "predet.data.queries", "cache unsupervised query boxes", _queries_args),
     (("data", "shards"), "predet.data.shards", "write WebDataset tar shards", _shards_args),
     (("pretrain",), "predet.engine.pretrain", "PreDet pre-training", _pretrain_args),
-    (("export",), "predet.export", "export to torchvision / detectron2", _export_args),
+    (("export",), "predet.export", "export to torchvision / detectron2 / timm", _export_args),
     (("finetune",), "predet.engine.finetune", "fine-tune a detector", _finetune_args),
     (("evaluate",), "predet.engine.evaluate", "COCO-style AP of a run", _evaluate_args),
     (("analyze", "correlation"), "predet.analysis.correlation", "IoU vs similarity", _correlation_args),

@@ -1,4 +1,4 @@
-"""``predet export``: a pre-trained backbone + FPN in torchvision or detectron2 format (DESIGN §4).
+"""``predet export``: a pre-trained backbone + FPN in torchvision, detectron2 or timm format (DESIGN §4).
 
 - ``torchvision``: a plain state dict with ``body.*`` / ``fpn.*`` keys, which loads with
   ``strict=True`` into ``.backbone`` of torchvision's ``maskrcnn_resnet50_fpn(weights=None,
@@ -24,6 +24,10 @@ The detectron2 ``NORM`` is the trained one (a BN or FrozenBN run -> ``FrozenBN``
 ``SyncBN``, GN -> ``GN``) unless ``--norm`` asks for another of the same kind (BN statistics cannot
 feed a GroupNorm, nor GroupNorm weights a BN).
 
+- ``timm``: a folder with ``model.safetensors`` (the ResNet body under timm's names) and ``config.json``
+  (the hub layout timm reads); see :mod:`predet.export_timm`, which also prints the lines that load it
+  into timm and into a Hugging Face transformers DETR.
+
 With ``box_head=True`` the box-head MLP is exported too: torchvision's ``TwoMLPHead`` names
 ``fc6.*``/``fc7.*`` in a sibling file ``<out stem>_box_head<suffix>`` (loads with ``strict=True``
 into ``model.roi_heads.box_head``, keeping the backbone file loadable on its own), detectron2's
@@ -46,15 +50,22 @@ import numpy as np
 import torch
 import yaml
 
+from predet import export_timm
 from predet.errors import UserError
-from predet.utils import atomic_write_bytes, atomic_write_text, flatten_keys, load_checkpoint, write_json
+from predet.utils import (
+    atomic_write_bytes,
+    atomic_write_text,
+    flatten_keys,
+    load_checkpoint,
+    write_json,
+)
 
 __all__ = [
     "run", "export_backbone", "extract_backbone", "extract_box_head", "to_detectron2", "backbone_metadata",
     "detectron2_config", "dump_detectron2", "sidecar_path", "read_sidecar", "check_init_sidecar",
 ]  # fmt: skip
 
-FORMATS = ("torchvision", "detectron2")
+FORMATS = ("torchvision", "detectron2", "timm")
 NORMS = ("frozenbn", "bn", "syncbn", "gn")
 # ImageNet statistics of torchvision's ResNets (RGB, 0-1); detectron2 wants them in 0-255
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -102,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "detectron2":
         print(f"# detectron2, from its repository root (the keys of {written[-1]} over the stock config):")
         print(train_net_command(yaml.safe_load(Path(written[-1]).read_text())))
+    if args.format == "timm":
+        meta = json.loads(written[-1].read_text())["predet"]
+        print("\n".join(export_timm.usage_lines(meta, written[0].parent)))
     return 0
 
 
@@ -395,6 +409,22 @@ def check_init_sidecar(init: str | Path, model_cfg: Any) -> Optional[dict]:
 # --------------------------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------------------------
+def _check_out_file(fmt: str, out: Path) -> tuple[Path, Path]:
+    """The sidecar and box-head paths of a torchvision / detectron2 export to ``out``, after checking
+    that its name suits the format and that none of the three is a folder."""
+    if fmt == "detectron2" and out.suffix != ".pkl":
+        # detectron2's checkpointer unpickles only a .pkl; any other name goes to torch.load
+        raise UserError(f"--out {out}: a detectron2 export must end in .pkl (detectron2 reads other names with torch.load)")
+    if fmt == "torchvision" and out.suffix in (".pkl", ".json", ".yaml"):
+        raise UserError(f"--out {out}: a torchvision export needs a suffix such as .pth ({out.suffix} is detectron2's "
+                        "weights or an export's metadata)")  # fmt: skip
+    side, head_path = sidecar_path(out), out.with_name(f"{out.stem}_box_head{out.suffix}")
+    for path in (out, side, head_path):
+        if path.is_dir():
+            raise UserError(f"--out {out}: {path} is a folder; give a file name")
+    return side, head_path
+
+
 def _save_torch(obj: Any, path: Path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -413,35 +443,30 @@ def export_backbone(
     Args:
         ckpt_or_state: a training checkpoint (``{"model": ...}``), a PreDet model state dict, or
             a torchvision backbone state dict.
-        fmt: ``torchvision`` or ``detectron2``.
-        out: the file to write.
+        fmt: ``torchvision``, ``detectron2`` or ``timm``.
+        out: the file to write (timm: the folder).
         box_head: also export the box-head MLP (see the module docstring).
         norm: detectron2 only: the norm layer its config asks for (default: as trained, BN as FrozenBN).
     Returns:
         The files written: the weights (and ``_box_head`` sibling) first, then the metadata sidecar
-        (``F.json`` for torchvision, the config fragment ``F.yaml`` for detectron2).
+        (``F.json`` for torchvision, the config fragment ``F.yaml`` for detectron2, ``config.json``
+        for timm).
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}' (choose from {', '.join(FORMATS)})")
     if norm is not None and fmt != "detectron2":
         raise UserError("--norm: only for --format detectron2 (it sets detectron2's MODEL.RESNETS.NORM)")
+    if box_head and fmt == "timm":
+        raise UserError("--box-head: only for --format torchvision or detectron2 (a timm model is the ResNet body)")
     state, name, extra = _model_state(ckpt_or_state)
     backbone = extract_backbone(state, name)
     head = extract_box_head(state, name) if box_head else {}
     meta = backbone_metadata({**backbone, **head}, trained_norm=_trained_norm(extra.get("config")),
                              source=_source(name, extra), name=name)  # fmt: skip
     out = Path(out)
-    side = sidecar_path(out)
-    if fmt == "detectron2" and out.suffix != ".pkl":
-        # detectron2's checkpointer unpickles only a .pkl; any other name goes to torch.load
-        raise UserError(f"--out {out}: a detectron2 export must end in .pkl (detectron2 reads other names with torch.load)")
-    if fmt == "torchvision" and out.suffix in (".pkl", ".json", ".yaml"):
-        raise UserError(f"--out {out}: a torchvision export needs a suffix such as .pth ({out.suffix} is detectron2's "
-                        "weights or an export's metadata)")  # fmt: skip
-    head_path = out.with_name(f"{out.stem}_box_head{out.suffix}")
-    for path in (out, side, head_path):
-        if path.is_dir():
-            raise UserError(f"--out {out}: {path} is a folder; give a file name")
+    if fmt == "timm":
+        return export_timm.write_timm(backbone, meta, out, export_timm.run_input_size(extra.get("config")))
+    side, head_path = _check_out_file(fmt, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "detectron2":
         d2_cfg = detectron2_config(meta, out.resolve(), norm)
