@@ -25,7 +25,6 @@ import numpy as np
 
 from predet.data.manifest import ManifestEntry, is_coco, iter_manifest, read_coco_as_manifest
 from predet.errors import UserError
-from predet.utils import write_json
 
 __all__ = [
     "Vocab", "build_vocab", "normalize_tag", "load_synonyms", "tag_to_classes", "resolve_labels", "LabelResolver",
@@ -250,6 +249,13 @@ def check_outputs(
             raise UserError(f"{target} exists; pass --overwrite to replace it, or choose another --out")
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Atomically (temporary file + rename), without ``predet.utils`` (it imports torch)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _entries(path: Path) -> Iterator[ManifestEntry]:
     """A manifest's entries streamed (a COCO JSON is read whole, as it is one JSON object)."""
     return iter(read_coco_as_manifest(path).entries) if is_coco(path) else iter_manifest(path)
@@ -304,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # check_outputs: not an existing file
-    write_json(out / "vocab.json", vocab.to_json())
+    _write_text(out / "vocab.json", json.dumps(vocab.to_json(), indent=2) + "\n")  # as predet.utils.write_json
     kept, no_class = write_labelled_manifest(_entries(path), LabelResolver(synonyms), vocab.classes, out)
     top = ", ".join(f"{t} ({c})" for t, c in list(vocab.unknown_tags.items())[:8])
     print(f"images: {n} read, {kept} kept, {no_class} with no class left")

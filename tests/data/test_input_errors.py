@@ -17,9 +17,21 @@ from predet.cli import main
 from predet.config import PretrainConfig, load_config
 from predet.data import vocab as vocab_cli
 from predet.data.datasets import build_pretrain_data
-from predet.data.detection import DetectionDataset, load_coco_json, load_gt, load_lvis_json, load_voc
+from predet.data.detection import (
+    DetectionDataset,
+    load_coco_json,
+    load_gt,
+    load_lvis_json,
+    load_voc,
+)
 from predet.data.manifest import read_manifest
-from predet.data.queries import QueryCache, QueryParams, cache_queries, read_truth_boxes, write_query_file
+from predet.data.queries import (
+    QueryCache,
+    QueryParams,
+    cache_queries,
+    read_truth_boxes,
+    write_query_file,
+)
 from predet.data.shards import write_shards
 from predet.errors import UserError
 

@@ -11,7 +11,14 @@ from torchvision.transforms.v2 import functional as TF
 
 from predet.data.color import blur_radius, color_augment_uint8
 from predet.data.datasets import collate_two_view
-from predet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TwoViewTransform, common_part, map_boxes, sample_seed
+from predet.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TwoViewTransform,
+    common_part,
+    map_boxes,
+    sample_seed,
+)
 
 NO_COLOUR = dict(color_jitter=False, grayscale_p=0.0, blur_p=0.0)
 
