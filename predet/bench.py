@@ -25,7 +25,6 @@ The last line is ``predet_step_ms=<float> cls_step_ms=<float> ratio=<float>``.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import resource
 import statistics
@@ -39,7 +38,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from predet.config import PretrainConfig, load_config
 from predet.engine.common import resolve_device
 from predet.errors import UserError
-from predet.modeling.predet import PreDet, build_predet
+from predet.modeling.predet import PreDet, build_predet, cls_only_config
 
 __all__ = ["random_batch", "time_steps", "profile_steps", "labelled_parts", "SectionTimer", "run"]
 
@@ -323,10 +322,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(cfg.seed)
     num_classes = cfg.model.num_classes or DEFAULT_NUM_CLASSES
     predet = build_predet(cfg, num_classes)
-    cls_cfg = copy.deepcopy(cfg)
-    cls_cfg.loss.crpn = cls_cfg.loss.info = cls_cfg.loss.croi_reg = False
-    cls_cfg.loss.cls = True
-    cls_only = build_predet(cls_cfg, num_classes)
+    cls_only = build_predet(cls_only_config(cfg), num_classes)
     cls_only.backbone.load_state_dict(predet.backbone.state_dict())
     cls_only.cls_head.load_state_dict(predet.cls_head.state_dict())
 

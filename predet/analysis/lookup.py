@@ -8,9 +8,10 @@ head's cosine similarity of each query to each proposal). For every valid query 
 query box, its target (the same box in the searched view), the best-scoring proposal (the
 retrieval), their IoU and the similarity, and reports
 
-- ``lookup_top1``: the fraction of queries whose retrieval has IoU > 0.5 with the target. The
-  training metric of the same name also counts the query boxes themselves, which training appends
-  to the candidates; here only the proposals compete: what the model finds, not what it is given;
+- ``lookup_top1_proposals``: the fraction of queries whose retrieval has IoU > 0.5 with the
+  target, only the proposals competing: what the model finds, not what it is given. Training's
+  ``lookup_top1`` (``metrics.jsonl``) differs: there the query boxes themselves, which the CROI
+  head appends to the candidates, compete too, and a query that picks its own box scores a hit;
 - ``chance_top1``: the same for a proposal drawn uniformly from the valid ones (the floor);
 - ``crpn_recall``: the fraction of queries with any proposal of IoU > 0.5 (the ceiling).
 
@@ -90,11 +91,14 @@ def _records(out: dict[str, torch.Tensor], names: list[str], first: int, top: in
 
 
 def summarize(records: list[dict]) -> dict[str, Any]:
-    """``lookup_top1``, ``chance_top1``, ``crpn_recall`` (means over the records; None without
-    any) and ``queries``."""
+    """``lookup_top1_proposals``, ``chance_top1``, ``crpn_recall`` (means over the records; None
+    without any) and ``queries``."""
     n = len(records)
     mean = (lambda key: sum(float(r[key]) for r in records) / n) if n else (lambda key: None)
-    return {"queries": n, "lookup_top1": mean("hit"), "chance_top1": mean("chance"), "crpn_recall": mean("covered")}
+    return {
+        "queries": n, "lookup_top1_proposals": mean("hit"), "chance_top1": mean("chance"),
+        "crpn_recall": mean("covered"),
+    }  # fmt: skip
 
 
 def lookup(
@@ -228,7 +232,8 @@ def format_summary(summary: dict) -> str:
     """One line: the lookup's accuracy against chance and the CRPN's recall."""
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     return (f"lookup of {summary['images']} images ({summary['queries']} queries, both directions, proposals "
-            f"only): lookup_top1 {fmt(summary['lookup_top1'])} (chance {fmt(summary['chance_top1'])}), "
+            f"only): lookup_top1_proposals {fmt(summary['lookup_top1_proposals'])} "
+            f"(chance {fmt(summary['chance_top1'])}), "
             f"crpn_recall {fmt(summary['crpn_recall'])}")  # fmt: skip
 
 

@@ -10,8 +10,9 @@ Shape legend:
 
 ``ContrastiveRPN`` is the whole part, as detectron2's ``RPN``: it owns the head (``CRPNHead``),
 the anchors, the box coder, matching, sampling, its losses and proposal selection, and its
-``forward`` returns ``(proposals, valid, losses, metrics)``. ``JitterProposals`` has the same
-interface and is the paper's CRPN-off ablation (Table 1).
+``forward`` returns ``(proposals, valid, losses, metrics)``, and ``propose`` the proposals alone
+(no losses: inference and analysis). ``JitterProposals`` has the same interface and is the
+paper's CRPN-off ablation (Table 1).
 
 The score of query q for anchor a at location (y, x) is the dot product of two D-vectors: one
 from a 1x1 conv over the image features (``A*D`` channels) and one from a linear map of the
@@ -34,7 +35,12 @@ from torchvision.ops import box_iou, clip_boxes_to_image
 
 from predet.config import CRPNConfig
 from predet.modeling.losses import box_regression_loss, has_area
-from predet.modeling.proposals import box_recall, jitter_boxes, nms_per_view, top_k_per_level
+from predet.modeling.proposals import (
+    box_recall,
+    jitter_query_boxes,
+    nms_per_view,
+    top_k_per_level,
+)
 
 __all__ = ["ContrastiveRPN", "JitterProposals", "CRPNHead", "match_anchors", "sample_anchors"]
 
@@ -110,11 +116,13 @@ class ContrastiveRPN(nn.Module):
         self,
         features: list[Tensor],
         query_features: Tensor,
+        query_boxes: Tensor,
         query_mask: Tensor,
         image_size: tuple[int, int],
     ) -> tuple[Tensor, Tensor]:
         """The proposals ``forward`` makes (``[B, P, 4]``, valid ``[B, P]``), without the matching,
-        sampling and losses that need the query boxes: for inference and analysis."""
+        sampling and losses: for inference and analysis. ``forward``'s arguments; the query boxes
+        are not read (the proposals come from the query features)."""
         scores, hidden = self.head(features, query_features)  # [B, Q, T], [B, G, H]
         q_reg = self.head.query_regression(query_features)
         anchors, per_level = self.anchors(features, image_size)
@@ -232,10 +240,22 @@ class JitterProposals(nn.Module):
     ) -> ProposalOutput:
         """``query_boxes [B, Q, 4]``, ``query_mask [B, Q]`` -> boxes ``[B, Q*J, 4]``, valid
         ``[B, Q*J]`` (features are not read)."""
-        boxes, valid = jitter_boxes(
+        boxes, valid = self.propose(features, query_features, query_boxes, query_mask, image_size)
+        return boxes, valid, {}, {}
+
+    @torch.no_grad()
+    def propose(
+        self,
+        features: list[Tensor],
+        query_features: Tensor,
+        query_boxes: Tensor,
+        query_mask: Tensor,
+        image_size: tuple[int, int],
+    ) -> tuple[Tensor, Tensor]:
+        """The boxes of ``forward`` (one draw from the global RNG) without its empty losses."""
+        return jitter_query_boxes(
             query_boxes, query_mask, num_per_query=self.boxes_per_query, image_size=image_size
         )
-        return boxes, valid, {}, {}
 
 
 class CRPNHead(nn.Module):

@@ -16,7 +16,7 @@ from torchvision.ops import box_area, clip_boxes_to_image
 
 from predet.modeling.nms import grouped_nms
 
-__all__ = ["top_k_per_level", "nms_per_view", "jitter_boxes", "box_recall", "batched_box_iou"]
+__all__ = ["top_k_per_level", "nms_per_view", "jitter_query_boxes", "box_recall", "batched_box_iou"]
 
 
 def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -102,7 +102,7 @@ def nms_per_view(
 
 
 @torch.no_grad()
-def jitter_boxes(
+def jitter_query_boxes(
     boxes: Tensor,
     mask: Tensor,
     *,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from predet.analysis.lookup import _records, _samples, summarize
+from predet.analysis.lookup import _records, _samples, format_summary, summarize
 
 
 def test_records_and_summary_of_a_hand_made_lookup():
@@ -30,8 +30,11 @@ def test_records_and_summary_of_a_hand_made_lookup():
     assert (miss["hit"], miss["chance"], miss["covered"]) == (False, 0.5, True)
     assert hit["iou"][0] == pytest.approx(90 / 110) and hit["iou"][1] == pytest.approx(25 / 100)
     assert (hit["hit"], hit["chance"], hit["covered"]) == (True, 0.5, True)
-    assert summarize(recs) == {"queries": 2, "lookup_top1": 0.5, "chance_top1": 0.5, "crpn_recall": 1.0}
-    assert summarize([]) == {"queries": 0, "lookup_top1": None, "chance_top1": None, "crpn_recall": None}
+    assert summarize(recs) == {"queries": 2, "lookup_top1_proposals": 0.5, "chance_top1": 0.5, "crpn_recall": 1.0}
+    assert summarize([]) == {"queries": 0, "lookup_top1_proposals": None, "chance_top1": None, "crpn_recall": None}
+    # named apart from training's lookup_top1, which also counts the appended query boxes
+    line = format_summary({"images": 1, **summarize(recs)})
+    assert "proposals only): lookup_top1_proposals 0.500 (chance 0.500), crpn_recall 1.000" in line
     # a searched view without any valid proposal: a miss that nothing could have found
     none = _records({**out, "valid": torch.zeros(2, 3, dtype=torch.bool)}, ["a.jpg"], first=0, top=3)
     assert all((r["retrieved"], r["hit"], r["chance"], r["covered"]) == ([], False, 0.0, False) for r in none)

@@ -86,7 +86,7 @@ def test_lookup_numbers_and_pictures_of_the_tiny_run(tiny_run, tmp_path):
     got = json.loads((out / "lookup.json").read_text())
     recs = got.pop("records")
     assert got["images"] == 6 and got["queries"] == len(recs) > 0
-    for key, field in (("lookup_top1", "hit"), ("chance_top1", "chance"), ("crpn_recall", "covered")):
+    for key, field in (("lookup_top1_proposals", "hit"), ("chance_top1", "chance"), ("crpn_recall", "covered")):
         assert got[key] == pytest.approx(sum(float(r[field]) for r in recs) / len(recs), abs=1e-9), key
 
     def iou(a, b):

@@ -10,7 +10,7 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import box_iou
 
 from predet.config import CROIConfig
-from predet.modeling.croi_head import ContrastiveROIHead, assign_candidates
+from predet.modeling.croi_head import ContrastiveROIHead, append_queries, assign_candidates
 from predet.modeling.losses import info_nce, multilabel_softmax_ce
 
 
@@ -151,7 +151,8 @@ def test_croi_regression_loss_sums_over_valid_queries_only():
     b_q = torch.randn(B, Q, 10, requires_grad=True)
     b_p = torch.randn(B, P0 + Q, 10, requires_grad=True)
     torch.manual_seed(3)  # assign_candidates draws its positives from the global RNG
-    losses, _ = head(b_q, b_p, candidates, cand_valid, queries, mask)
+    losses, _ = head(query_features=b_q, query_boxes=queries, query_mask=mask, query_box_features=b_p[:, P0:],
+                     proposals=props, proposal_valid=cand_valid[:, :P0], proposal_features=b_p[:, :P0])  # fmt: skip
     torch.manual_seed(3)
     _, pos_index, _ = assign_candidates(candidates, cand_valid, queries, mask, fg_iou=head.cfg.fg_iou,
                                         num_negatives=head.cfg.num_negatives,
@@ -182,12 +183,36 @@ def test_a_valid_zero_area_query_adds_no_regression_loss_and_no_nan():
     b_p = torch.randn(1, 3, 8)
     m2 = torch.tensor([[True, True]])
     torch.manual_seed(1)
-    losses, _ = head(b_q, b_p, torch.cat([props, flat], 1), torch.cat([pv, m2], 1), flat, m2)
+    losses, _ = head(query_features=b_q, query_boxes=flat, query_mask=m2, query_box_features=b_p[:, 1:],
+                     proposals=props, proposal_valid=pv, proposal_features=b_p[:, :1])  # fmt: skip
     assert torch.isfinite(losses["loss_croi_reg"])
     losses["loss_croi_reg"].backward()
     assert torch.isfinite(b_q.grad).all() and b_q.grad[0, 0].abs().max() == 0
     # the good query alone (same features for it and its own box), normalised by 1 instead of 2
     torch.manual_seed(1)
-    alone, _ = head(b_q[:, 1:].detach(), b_p[:, [0, 2]], torch.cat([props, good], 1),
-                    torch.ones(1, 2, dtype=torch.bool), good, torch.tensor([[True]]))  # fmt: skip
+    alone, _ = head(query_features=b_q[:, 1:].detach(), query_boxes=good, query_mask=torch.tensor([[True]]),
+                    query_box_features=b_p[:, 2:], proposals=props, proposal_valid=pv,
+                    proposal_features=b_p[:, :1])  # fmt: skip
     torch.testing.assert_close(losses["loss_croi_reg"].detach() * 2, alone["loss_croi_reg"], atol=1e-6, rtol=1e-5)
+
+
+def test_the_head_appends_the_query_boxes_and_counts_them_in_lookup_top1():
+    """With no valid proposal a valid query's only candidate is its own box, which the head
+    appends after the proposals (candidate P + q): InfoNCE has no negative (0) and training's
+    lookup_top1 counts the find (1.0), where ``analyze lookup`` (proposals only) would find none."""
+    torch.manual_seed(0)
+    head = ContrastiveROIHead(in_dim=8, cfg=CROIConfig())
+    queries = torch.tensor([[[5.0, 5, 25, 25], [0, 0, 0, 0]]])  # one valid query, one padded slot
+    mask = torch.tensor([[True, False]])
+    props = torch.tensor([[[6.0, 6, 24, 24], [40, 40, 60, 60], [0, 0, 30, 30]]])
+    f_q, f_own, f_p = torch.randn(1, 2, 8), torch.randn(1, 2, 8), torch.randn(1, 3, 8)
+    losses, metrics = head(query_features=f_q, query_boxes=queries, query_mask=mask, query_box_features=f_own,
+                           proposals=props, proposal_valid=torch.zeros(1, 3, dtype=torch.bool),
+                           proposal_features=f_p)  # fmt: skip
+    assert losses["loss_info"].item() == 0.0 and metrics["lookup_top1"].item() == 1.0
+    # the layout append_queries makes: the proposals, then the query slots
+    cands, valid, feats = append_queries(props, torch.ones(1, 3, dtype=torch.bool), f_p, queries, mask, f_own)
+    assert torch.equal(cands, torch.cat([props, queries], 1)) and valid.tolist() == [[True] * 4 + [False]]
+    assert torch.equal(feats[:, 3:], f_own) and torch.equal(feats[:, :3], f_p)
+    _, pos, _ = assign_candidates(cands, valid, queries, mask, fg_iou=0.5, num_negatives=8)
+    assert pos[0, 0].item() in (0, 3)  # the proposal of IoU 0.81, or its own appended box

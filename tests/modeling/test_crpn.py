@@ -17,7 +17,7 @@ from predet.modeling.crpn import (
     match_anchors,
     sample_anchors,
 )
-from predet.modeling.proposals import jitter_boxes
+from predet.modeling.proposals import jitter_query_boxes
 
 B, Q, C, A, D, E = 2, 3, 8, 3, 4, 16
 SHAPES = [(5, 4), (3, 2), (1, 1)]  # three levels, the last one 1x1
@@ -249,8 +249,8 @@ def test_contrastive_rpn_forward(head_and_inputs):
     assert torch.equal(again[1], valid)
     assert rpn.anchors(feats, (20, 16))[0] is anchors  # cached
     # propose(): the same proposals without the query boxes (predet analyze lookup)
-    proposed = rpn.propose(feats, queries, mask, (20, 16))
-    assert torch.equal(proposed[0], props) and torch.equal(proposed[1], valid)
+    proposed = rpn.propose(feats, queries, torch.full_like(boxes, float("nan")), mask, (20, 16))
+    assert torch.equal(proposed[0], props) and torch.equal(proposed[1], valid)  # boxes unread
     # crpn_recall is the recall of those proposals: each valid query's best IoU > 0.5, by hand
     iou = box_iou(boxes[0][mask[0]], props[0][valid[0]])  # view 1 has no valid query
     want = (iou.max(dim=1).values > 0.5).float().mean()
@@ -274,10 +274,14 @@ def test_jitter_proposals_has_the_crpn_interface():
         [], torch.zeros(B, Q, E), boxes, mask, (32, 32)
     )
     torch.manual_seed(3)
-    ref, ref_valid = jitter_boxes(boxes, mask, num_per_query=5, image_size=(32, 32))
+    ref, ref_valid = jitter_query_boxes(boxes, mask, num_per_query=5, image_size=(32, 32))
     assert props.shape == (B, Q * 5, 4) and losses == {} and metrics == {}
     assert torch.equal(props, ref) and torch.equal(valid, ref_valid)
     assert int(valid.sum()) == 10 and not valid[1].any()
+    # propose(): the same boxes from the same draw, as ContrastiveRPN.propose (PreDet.lookup)
+    torch.manual_seed(3)
+    proposed = JitterProposals(boxes_per_query=5).propose([], torch.zeros(B, Q, E), boxes, mask, (32, 32))
+    assert torch.equal(proposed[0], ref) and torch.equal(proposed[1], ref_valid)
 
 
 @pytest.mark.parametrize("side", [96, 100, 128])

@@ -7,10 +7,25 @@ import math
 
 import pytest
 import torch
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
 
-from predet.config import LOSS_SWITCHES
+from predet.config import LOSS_SWITCHES, PretrainConfig, load_config
 from predet.errors import UserError
-from predet.modeling.predet import build_predet, loss_weight
+from predet.modeling.backbone import build_backbone
+from predet.modeling.cls_head import ClsHead
+from predet.modeling.croi_head import ContrastiveROIHead
+from predet.modeling.crpn import ContrastiveRPN, JitterProposals
+from predet.modeling.predet import (
+    CLS_ONLY_OVERRIDES,
+    CLS_ONLY_SWITCHES,
+    LOSS_SWITCH,
+    PreDet,
+    build_predet,
+    cls_only_config,
+    loss_weight,
+)
+from predet.modeling.proposals import jitter_query_boxes
+from predet.modeling.roi_align import MultiScaleRoIAlign
 
 LOSSES = {"loss_cls", "loss_crpn_cls", "loss_crpn_reg", "loss_info", "loss_croi_reg"}
 METRICS = {"lookup_top1", "crpn_recall", "valid_queries"}
@@ -85,15 +100,14 @@ def test_crpn_off_trains_croi_on_jittered_boxes(tiny_cfg, make_batch):
 
 
 def test_cls_only_baseline_does_no_detection_work(tiny_cfg, make_batch):
-    model = build_predet(
-        tiny_cfg("loss.crpn=false", "loss.info=false", "loss.croi_reg=false"), num_classes=5
-    )
-    assert model.box_head is None and model.crpn is None and model.croi_head is None
+    model = build_predet(cls_only_config(tiny_cfg()), num_classes=5)
+    assert model.box_head is None and model.proposer is None and model.croi_head is None
+    assert model.roi_pool is None and model.crpn is None and model.jitter is None
     out = model(make_batch())
     assert set(out) == {"loss_cls", "valid_queries"}
     # exactly the full model's classification term: same backbone + head init (built first), same batch
     torch.manual_seed(0)
-    cls_only = build_predet(tiny_cfg("loss.crpn=false", "loss.info=false", "loss.croi_reg=false"), num_classes=5)
+    cls_only = build_predet(tiny_cfg(*CLS_ONLY_OVERRIDES), num_classes=5)
     torch.manual_seed(0)
     full = build_predet(tiny_cfg(), num_classes=5)
     batch = make_batch(seed=7)
@@ -130,8 +144,118 @@ def test_each_loss_takes_the_weight_of_the_switch_that_owns_it(tiny_cfg):
     got = {k: loss_weight(cfg.loss, k) for k in LOSSES}
     assert got == {"loss_cls": 2, "loss_crpn_cls": 3, "loss_crpn_reg": 3, "loss_info": 5, "loss_croi_reg": 7}
     assert LOSS_SWITCHES == ("cls", "crpn", "info", "croi_reg")  # LossConfig's bool fields
-    with pytest.raises(ValueError, match="loss_dummy: no loss switch owns it"):
-        loss_weight(cfg.loss, "loss_dummy")
+    # the map names every loss the parts return, and every switch owns one
+    assert set(LOSS_SWITCH) == LOSSES and set(LOSS_SWITCH.values()) == set(LOSS_SWITCHES)
+    for key in ("loss_dummy", "loss_crpn_extra", "loss_cls_"):  # no prefix rule: named or refused
+        with pytest.raises(ValueError, match=f"{key}: no loss switch owns it"):
+            loss_weight(cfg.loss, key)
+
+
+def test_the_cls_only_baseline_is_defined_once(tiny_cfg):
+    """The overrides (demo, command line) and the config helper (bench) give the same switches:
+    the classification loss alone."""
+    assert CLS_ONLY_OVERRIDES == ("loss.cls=true", "loss.crpn=false", "loss.info=false", "loss.croi_reg=false")
+    assert set(CLS_ONLY_SWITCHES) == set(LOSS_SWITCHES)
+    full = tiny_cfg("loss.cls=false", "loss.info_weight=3")  # cls-only turns classification back on
+    by_helper = cls_only_config(full)
+    by_overrides = tiny_cfg("loss.cls=false", "loss.info_weight=3", *CLS_ONLY_OVERRIDES)
+    assert by_helper == by_overrides and by_helper.loss.info_weight == 3
+    assert [getattr(by_helper.loss, s) for s in LOSS_SWITCHES] == [True, False, False, False]
+    assert full.loss.cls is False and full.loss.crpn is True  # a copy: the input is left as it was
+    shipped = load_config(PretrainConfig, "configs/pretrain/tiny_cpu.yaml", list(CLS_ONLY_OVERRIDES))
+    assert shipped == cls_only_config(load_config(PretrainConfig, "configs/pretrain/tiny_cpu.yaml"))
+
+
+def _parts(cfg, num_classes=5):
+    """PreDet's parts for ``cfg`` built by hand, in build_predet's order (backbone, cls head, box
+    head, proposer, CROI head: the order in which they draw their initial weights)."""
+    m, loss = cfg.model, cfg.loss
+    backbone = build_backbone(m.backbone, norm=m.norm, fpn_channels=m.fpn_channels)
+    cls_head = ClsHead(in_channels=32, num_classes=num_classes)
+    roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=m.roi_sampling_ratio,
+                                  canonical_scale=m.roi_canonical_scale)  # fmt: skip
+    box_head = TwoMLPHead(32 * 7 * 7, m.box_head_dim)
+    proposer = (ContrastiveRPN(in_channels=32, query_dim=m.box_head_dim, cfg=m.crpn) if loss.crpn
+                else JitterProposals(boxes_per_query=m.jitter.boxes_per_query))  # fmt: skip
+    croi_head = ContrastiveROIHead(in_dim=m.box_head_dim, cfg=m.croi, info=loss.info, reg=loss.croi_reg)
+    return dict(backbone=backbone, cls_head=cls_head, roi_pool=roi_pool, box_head=box_head, proposer=proposer,
+                croi_head=croi_head, loss=loss)  # fmt: skip
+
+
+@pytest.mark.parametrize("crpn", ["true", "false"])
+def test_parts_handed_in_make_the_model_build_predet_makes(tiny_cfg, make_batch, crpn):
+    """Same seed, parts built by hand: the same parameters (names, order, values) and the same
+    losses, bit for bit; the proposer sits under the name its checkpoint keys carry."""
+    cfg = tiny_cfg(f"loss.crpn={crpn}")
+    torch.manual_seed(0)
+    built = build_predet(cfg, num_classes=5)
+    torch.manual_seed(0)
+    parts = _parts(cfg)
+    by_hand = PreDet(**parts)
+    assert by_hand.proposer is parts["proposer"] and by_hand.croi_head is parts["croi_head"]
+    assert (by_hand.crpn is None) == (crpn == "false") and (by_hand.jitter is None) == (crpn == "true")
+    assert list(built.state_dict()) == list(by_hand.state_dict())
+    for (name, a), (_, b) in zip(built.state_dict().items(), by_hand.state_dict().items()):
+        assert torch.equal(a, b), name
+    tops = list(dict.fromkeys(k.split(".")[0] for k in built.state_dict()))
+    assert tops == ["backbone", "cls_head", "box_head", *(["crpn"] if crpn == "true" else []), "croi_head"]
+    batch = make_batch(seed=7)
+    outs = []
+    for model in (built, by_hand):
+        torch.manual_seed(123)
+        outs.append(model(batch))
+    assert set(outs[0]) == set(outs[1])
+    for k in outs[0]:
+        assert torch.equal(outs[0][k], outs[1][k]), k
+
+
+def test_parts_must_be_those_the_loss_switches_call_for(tiny_cfg):
+    parts = _parts(tiny_cfg())
+    cases = [
+        (dict(croi_head=None), "croi_head missing"),
+        (dict(proposer=JitterProposals(boxes_per_query=2)), "a ContrastiveRPN proposer missing"),
+        (dict(box_head=None), "box_head missing"),
+        (dict(roi_pool=None), "roi_pool missing"),
+        (dict(loss=tiny_cfg("loss.crpn=false").loss), "a ContrastiveRPN proposer given, but only loss.crpn"),
+        (dict(loss=tiny_cfg("loss.info=false", "loss.croi_reg=false").loss), "croi_head given, but only"),
+        (dict(loss=tiny_cfg("loss.info=false").loss), r"croi_head's \(info, reg\) are not"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            PreDet(**{**parts, **change})
+    cls_only = dict(parts, roi_pool=None, box_head=None, proposer=None, croi_head=None)
+    with pytest.raises(ValueError, match="a proposer given, but only a detection loss"):
+        PreDet(**{**cls_only, "proposer": JitterProposals(boxes_per_query=2),
+                  "loss": cls_only_config(tiny_cfg()).loss})  # fmt: skip
+    assert PreDet(**{**cls_only, "loss": cls_only_config(tiny_cfg()).loss}).proposer is None
+
+
+@pytest.mark.parametrize("crpn", ["true", "false"])
+def test_lookup_searches_as_forward_does(tiny_cfg, make_batch, crpn):
+    """``lookup`` on either proposer: the proposer's proposals of the queries pooled on the other
+    view (the jittered boxes from the same draw as the forward's), scored by the CROI head."""
+    torch.manual_seed(0)
+    model = build_predet(tiny_cfg(f"loss.crpn={crpn}"), num_classes=5).eval()
+    batch = make_batch(seed=7)
+    torch.manual_seed(9)
+    out = model.lookup(batch)
+    boxes = torch.cat([batch["boxes1"], batch["boxes2"]])
+    assert torch.equal(out["boxes"], boxes) and out["mask"].shape == (4, 4) and out["mask"].all()
+    with torch.no_grad():
+        feats = model.backbone(torch.cat([batch["view1"], batch["view2"]]))
+        b_q = model._box_features(feats, boxes, (64, 64)).roll(2, dims=0)  # view b searches for view b+N's
+        if crpn == "true":
+            want = model.crpn.propose(list(feats.values()), b_q, boxes, out["mask"], (64, 64))
+        else:
+            torch.manual_seed(9)
+            want = jitter_query_boxes(boxes, out["mask"], num_per_query=4, image_size=(64, 64))
+        sim = model.croi_head.similarity(b_q, model._box_features(feats, out["proposals"], (64, 64)))
+    assert torch.equal(out["proposals"], want[0]) and torch.equal(out["valid"], want[1])
+    P = 12 if crpn == "true" else 16  # post_nms_top_n, or 4 jittered boxes per query
+    assert out["sim"].shape == (4, 4, P)  # the proposals only: no appended query box
+    torch.testing.assert_close(out["sim"], sim, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="lookup needs the CROI head"):
+        build_predet(tiny_cfg("loss.info=false", "loss.croi_reg=false"), 5).lookup(batch)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from predet.modeling import proposals
 from predet.modeling.proposals import (
     batched_box_iou,
     box_recall,
-    jitter_boxes,
+    jitter_query_boxes,
     nms_per_view,
     top_k_per_level,
 )
@@ -151,11 +151,11 @@ def test_box_recall():
     assert abs(box_recall(props, valid, queries, mask).item() - 2 / 3) < 1e-6
 
 
-def test_jitter_boxes():
+def test_jitter_query_boxes():
     g = torch.Generator().manual_seed(0)
     queries = torch.tensor([[[10.0, 10, 40, 30], [0, 0, 64, 48]], [[30, 20, 50, 40], [0, 0, 0, 0]]])
     mask = torch.tensor([[True, True], [True, False]])
-    out, valid = jitter_boxes(queries, mask, num_per_query=200, image_size=SIZE, generator=g)
+    out, valid = jitter_query_boxes(queries, mask, num_per_query=200, image_size=SIZE, generator=g)
     assert out.shape == (2, 400, 4)
     assert valid[:, :200].all() and valid[0].all() and not valid[1, 200:].any()
     assert (out[..., 0::2] >= 0).all() and (out[..., 0::2] <= 64).all()
