@@ -375,7 +375,7 @@ class QueryCache:
     ``cache.get(image, path)`` -> ``(boxes (K, 4) float32, scores (K,))`` or None when the cache
     does not hold the image; ``cache.failed`` maps unreadable images to the reason.
     Memory: the boxes are memory-mapped (:class:`BoxFiles`); the index holds 64-bit keys of the
-    image strings and paths (:func:`~predet.data.vocab.file_key`) with each image's rows, about 56
+    image strings and paths (:func:`~predet.data.vocab.file_key`) with each image's rows, about 64
     bytes per image; the failed images are a dict.
     """
 
