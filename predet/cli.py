@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from predet.errors import UserError
+from predet.errors import Preempted, UserError
 
 # (verb path, module with `run(args)`, one-line help, function adding the verb's arguments)
 _Verb = tuple[tuple[str, ...], str, str, Callable[[argparse.ArgumentParser], None]]
@@ -72,8 +72,31 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
 def _run_folder_args(p: argparse.ArgumentParser) -> None:
     """--resume or --overwrite of an existing run folder: one of them, never both."""
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.pt")
+    how.add_argument(
+        "--resume", nargs="?", const=True, default=False, type=_resume_value, metavar="auto",
+        help="continue from RUN/checkpoints/last.pt; '--resume auto': continue if RUN holds a "
+             "checkpoint, else start (the one command for every (re)start under torchrun or Slurm)",
+    )  # fmt: skip
     how.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+
+
+def _resume_value(text: str) -> str:
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"expected 'auto' or nothing, got {text!r}")
+    return text
+
+
+def _resume_last(argv: Sequence[str]) -> list[str]:
+    """A bare ``--resume`` moved to the end of ``argv``, so that the optional value it takes
+    (``--resume auto``) is never a ``key=value`` override that follows it."""
+    argv = list(argv)
+    out, bare = [], False
+    for i, a in enumerate(argv):
+        if a == "--resume" and not (i + 1 < len(argv) and argv[i + 1] == "auto"):
+            bare = True
+            continue
+        out.append(a)
+    return out + ["--resume"] if bare else out
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
@@ -245,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
     """``parse_args``, except that ``key=value`` overrides may also follow a flag
     (``--config c a=1 --overwrite b=2``): argparse fills a ``nargs="*"`` positional once."""
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(_resume_last(sys.argv[1:] if argv is None else argv))
     if rest:
         sub = getattr(args, "_parser", parser)
         extra = [r for r in rest if not r.startswith("-") and "=" in r]
@@ -267,6 +290,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as e:
         print(f"predet: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # a checkpoint is saved: one line (rank 0), the signal's exit status
+        if os.environ.get("RANK", "0") == "0":
+            print(f"predet: stopped by {e}", file=sys.stderr, flush=True)
+        return e.status
     except KeyboardInterrupt:
         print("predet: interrupted", file=sys.stderr)
         return 130

@@ -6,8 +6,9 @@ Single process when ``RANK`` is unset; under ``torchrun`` it reads ``RANK``, ``W
 
 from __future__ import annotations
 
+import datetime
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,10 +27,13 @@ def local_gpu(device: str) -> int:
     return (torch.device(device).index or 0) if device.startswith("cuda") else 0
 
 
-def init(device: str = "auto") -> torch.device:
+def init(device: str = "auto", *, timeout_s: Optional[float] = None) -> torch.device:
     """Initialise distributed mode if launched by torchrun; return this process's device.
 
-    Its GPU is :func:`local_gpu`'s."""
+    Its GPU is :func:`local_gpu`'s. ``timeout_s`` (``train.dist_timeout_s``) bounds the wait of
+    the rendezvous and of every collective: a rank that died makes the others fail after that long,
+    not after the backend's default (10 min for NCCL, 30 min for gloo), so torchrun can restart
+    the group."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     local_rank = local_gpu(device)
     if use_cuda:
@@ -38,7 +42,8 @@ def init(device: str = "auto") -> torch.device:
     else:
         dev = torch.device("cpu")
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
     return dev
 
 
@@ -61,15 +66,6 @@ def is_main() -> bool:
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
-
-
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` over processes (a no-op in a single process)."""
-    if is_initialized():
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        x /= world_size()
-    return x
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -83,12 +83,76 @@ def _finite_or_none(obj: Any) -> Any:
 
 
 def save_checkpoint(obj: dict, path: str | Path) -> None:
-    """``torch.save`` to a temp file in the same folder, then rename: a crash never leaves half a file."""
+    """``torch.save`` to a temporary file in the same folder, fsync'ed, renamed over ``path``, and
+    the folder fsync'ed: a crash or a power cut never leaves half a file under ``path``.
+
+    On any failure the temporary file is removed and ``path`` is as it was; a full disk (ENOSPC,
+    which torch's zip writer reports as a RuntimeError) is a one-line :class:`UserError` naming
+    the folder, the space the file needs and the space left.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # KeyboardInterrupt included: no partial file stays behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if _is_disk_full(e):
+            raise UserError(_disk_full_message(path, obj)) from None
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT, raised as OSError by Python or as RuntimeError by torch's zip writer."""
+    import errno
+
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    return isinstance(e, RuntimeError) and (
+        "No space left" in text or "unexpected pos" in text or "file write failed" in text
+    )
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of every tensor in a nested dict/list (what ``torch.save`` must write, about)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _disk_full_message(path: Path, obj: Any) -> str:
+    free = shutil.disk_usage(path.parent).free
+    need = tensor_bytes(obj)
+    return (
+        f"no space left on the device of {path.parent} to write {path.name}: it needs about "
+        f"{need / 2**20:.0f} MB, {free / 2**20:.0f} MB are free; the earlier checkpoints are intact "
+        "(free space, then resume the run)"
+    )
 
 
 # what ``torch.save`` files start with: a zip archive (the default since torch 1.6), or the

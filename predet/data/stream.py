@@ -265,11 +265,16 @@ class BatchStream:
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Seed python/numpy in a loader worker from torch's per-worker seed (torch seeds itself)."""
+    """Seed python/numpy in a loader worker from torch's per-worker seed (torch seeds itself);
+    SIGTERM / SIGUSR1 ignored (the main process saves and stops the run, see
+    :mod:`predet.engine.preemption`)."""
     import random
 
     import numpy as np
 
+    from predet.engine.preemption import ignore_stop_signals
+
+    ignore_stop_signals()
     s = torch.initial_seed() % 2**32
     random.seed(s)
     np.random.seed(s)

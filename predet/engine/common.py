@@ -6,6 +6,8 @@ only rank 0 writes files, but every rank can call these functions.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -19,7 +21,7 @@ import torch
 
 from predet import distributed as dist_utils
 from predet.errors import UserError
-from predet.utils import flatten_keys, load_checkpoint, prepare_run_dir, save_checkpoint
+from predet.utils import flatten_keys, fsync_dir, load_checkpoint, prepare_run_dir, save_checkpoint
 
 __all__ = [
     "scaled_lr",
@@ -34,7 +36,6 @@ __all__ = [
     "save_training_checkpoint",
     "load_training_checkpoint",
     "NonFiniteLossError",
-    "check_finite",
     "resolve_device",
     "to_device",
     "param_digest",
@@ -305,10 +306,21 @@ def save_training_checkpoint(
         save_checkpoint(state, step_file)
         tmp = last.with_name(f".{last.name}.tmp{os.getpid()}")
         try:  # the same bytes under two names, stored once: every later write is temp + rename,
-            os.link(step_file, tmp)  # so neither name is ever changed through the other
-        except OSError:  # no hard links on this filesystem
-            shutil.copyfile(step_file, tmp)
-        os.replace(tmp, last)
+            try:  # so neither name is ever changed through the other
+                os.link(step_file, tmp)
+            except OSError as e:  # no hard links on this filesystem
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                shutil.copyfile(step_file, tmp)
+            os.replace(tmp, last)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise UserError(f"no space left on the device of {last.parent} to write {last.name} "
+                                f"(a copy of {step_file.name}); the earlier checkpoints are intact") from None
+            raise
+        fsync_dir(last.parent)
         if keep_last > 0:
             # by step number: as text, step_1000000 sorts before step_999999
             periodic_files = sorted(last.parent.glob("step_*.pt"), key=_step_of)
@@ -317,6 +329,40 @@ def save_training_checkpoint(
     else:
         save_checkpoint(state, last)
     return last
+
+
+def remove_checkpoint_debris(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files a killed writer left in ``RUN/checkpoints`` (``.*.tmp<pid>``);
+    returns them. Only call it when no process of the run is writing (at launch, on rank 0)."""
+    folder = Path(run_dir) / "checkpoints"
+    debris = sorted(folder.glob(".*.tmp*")) if folder.is_dir() else []
+    for path in debris:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return debris
+
+
+def find_resume_checkpoint(run_dir: str | Path) -> Optional[tuple[Path, dict[str, Any]]]:
+    """The checkpoint a resumed run starts from, loaded: ``last.pt``, or when it does not load
+    (cut by a crash of the file system, say) the newest ``step_*.pt`` that does, with a line on
+    stdout saying so. None when ``RUN/checkpoints`` holds no checkpoint; a UserError naming each
+    file when none of them loads."""
+    last = checkpoint_path(run_dir)
+    steps = sorted(last.parent.glob("step_*.pt"), key=_step_of, reverse=True) if last.parent.is_dir() else []
+    candidates = ([last] if last.is_file() else []) + steps
+    failures = []
+    for path in candidates:
+        try:
+            ckpt = load_training_checkpoint(path)
+        except UserError as e:
+            failures.append(str(e))
+            continue
+        if failures:
+            print(f"predet: {failures[0]}; resuming from {path} instead", flush=True)
+        return path, ckpt
+    if failures:
+        raise UserError(f"no checkpoint of {run_dir} loads: {'; '.join(failures)}")
+    return None
 
 
 def _step_of(path: Path) -> int:
@@ -340,15 +386,6 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 class NonFiniteLossError(UserError):
     """A loss term became NaN/inf; the run stops before the optimizer step (weights stay good)."""
-
-
-def check_finite(
-    names: Sequence[str], values: Sequence[float], *, step: int, hint: str = ""
-) -> None:
-    """Raise :class:`NonFiniteLossError` naming ``step`` and the first non-finite term."""
-    for name, value in zip(names, values):
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"non-finite loss at step {step}: {name}={value}{hint}")
 
 
 def resolve_device(name: str, what: str = "train.device") -> str:

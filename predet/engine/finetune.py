@@ -34,7 +34,7 @@ import functools
 import math
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -43,21 +43,20 @@ from torch.utils.data import DataLoader, Sampler
 from predet import distributed
 from predet.config import FinetuneConfig, load_config, save_config, to_dict
 from predet.data.detection import DetectionDataset, collate_detection, load_gt, resolve_split
+from predet.data.stream import epoch_permutation
+from predet.engine import trainer
 from predet.engine.common import (
     MetricLogger,
     build_lr_scheduler,
     check_state_fits,
-    checkpoint_path,
     config_changes,
-    load_training_checkpoint,
-    prepare_run_dir_all_ranks,
     resolve_device,
     restore_scheduler,
-    scaled_lr,
 )
-from predet.data.stream import epoch_permutation
 from predet.engine.evaluate import evaluate_run, format_results
-from predet.engine.loop import Checkpointer, restore_log_window, restore_rng, train
+from predet.engine.loop import Checkpointer, restore_log_window, restore_rng
+from predet.engine.preemption import ignore_stop_signals
+from predet.engine.trainer import Resume
 from predet.errors import UserError
 from predet.export import check_init_sidecar
 from predet.modeling.detectors import build_detector, init_widths, load_init
@@ -94,17 +93,9 @@ def schedule(cfg: FinetuneConfig, num_images: int, world_size: int = 1) -> tuple
 
 
 def resolve_lr(cfg: FinetuneConfig, world_size: int = 1) -> float:
-    """``train.lr`` when given, else ``train.base_lr`` x global batch / ``train.base_batch`` (linear
-    scaling rule, Goyal et al.; detectron2's ``REFERENCE_WORLD_SIZE``), to 12 significant digits."""
-    t = cfg.train
-    if t.lr is not None:
-        if not t.lr > 0:
-            raise UserError(f"train.lr={t.lr}: must be positive")
-        return float(t.lr)
-    for key, value in (("train.base_lr", t.base_lr), ("train.base_batch", t.base_batch)):
-        if not value > 0:
-            raise UserError(f"{key}={value}: must be positive")
-    return float(f"{scaled_lr(t.base_lr, t.base_batch, t.batch_size * world_size):.12g}")
+    """The run's lr: :func:`predet.engine.trainer.resolve_lr` of ``cfg.train`` (``train.lr``, or
+    ``train.base_lr`` x global batch / ``train.base_batch``; detectron2's ``REFERENCE_WORLD_SIZE``)."""
+    return trainer.resolve_lr(cfg.train, world_size)
 
 
 def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.SGD:
@@ -114,12 +105,11 @@ def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.SGD:
     for name, p in model.named_parameters():
         if p.requires_grad:
             (mask if ".mask_head." in f".{name}" or ".mask_predictor." in f".{name}" else rest).append(p)
-    t = cfg.train
     lr = resolve_lr(cfg, distributed.world_size())
     groups = [{"params": rest, "lr": lr}]
     if mask:
         groups.append({"params": mask, "lr": lr * cfg.model.mask_head_lr_mult})
-    return torch.optim.SGD(groups, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return trainer.build_sgd(groups, cfg.train, lr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +159,6 @@ class _RunLog:
         self.enabled = enabled
         self.out = out
         self.metric_logger = MetricLogger(out, enabled=enabled)
-        self.metrics = self.metric_logger.log
 
     def text(self, msg: str, *, echo: bool = True) -> None:
         if not self.enabled:
@@ -185,12 +174,12 @@ class _RunLog:
         self.metric_logger.close()
 
 
-def _device_setup(model: nn.Module, cfg: FinetuneConfig, device: torch.device, log: _RunLog) -> nn.Module:
-    if cfg.model.norm == "syncbn" and distributed.world_size() > 1:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
-            log.text("model.norm=syncbn: SyncBatchNorm needs CUDA; using per-process BN on CPU")
+def _device_setup(model: nn.Module, cfg: FinetuneConfig, device: torch.device) -> nn.Module:
+    """SyncBatchNorm for ``model.norm=syncbn`` under torchrun (CUDA only: see
+    :func:`predet.engine.trainer.check_syncbn`), the model on ``device``, channels-last on CUDA."""
+    if cfg.model.norm == "syncbn" and distributed.is_initialized():
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        trainer.check_syncbn(model, device)
     model.to(device)
     if cfg.train.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -215,119 +204,132 @@ def resolve_init_widths(cfg: FinetuneConfig, init: str) -> FinetuneConfig:
     return cfg
 
 
-def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: bool = False, overwrite: bool = False,
+def finetune(cfg: FinetuneConfig, init: str, out: Path, *, resume: Resume = False, overwrite: bool = False,
              progress: bool = True) -> Path:  # fmt: skip
     """Fine-tune ``cfg.model.arch`` from ``init`` (file or ``scratch``) into the run folder ``out``.
 
-    Evaluates on ``cfg.data.val`` at the end when it is set. Returns ``out``.
+    ``resume``: True (``--resume``), ``"auto"`` (resume if ``out`` holds a checkpoint, else
+    start) or False. Evaluates on ``cfg.data.val`` at the end when it is set. Returns ``out``.
     """
     out = Path(out)
     check_init_sidecar(init, cfg.model)  # the init's F.json vs model.backbone/fpn_channels/norm, before any file
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
-    device = distributed.init(resolve_device(cfg.train.device))  # a GPU index this machine has
-    rank, world = distributed.rank(), distributed.world_size()
-    main = rank == 0
+    device = distributed.init(resolve_device(cfg.train.device),  # a GPU index this machine has
+                              timeout_s=getattr(cfg.train, "dist_timeout_s", None))  # fmt: skip
     cfg = resolve_init_widths(cfg, init)
     notes: list[str] = []  # log.txt's first lines: data, model and init are checked before OUT is made
     if init == "scratch" and cfg.model.norm == "frozenbn":  # as torchvision's detectors do
         cfg.model.norm = "bn"
         notes.append("model.norm=frozenbn with --init scratch: trains BatchNorm instead (a random init "
                      "has no statistics to freeze)")  # fmt: skip
-    lr_note = "train.lr" if cfg.train.lr is not None else (
-        f"train.base_lr {cfg.train.base_lr:g} x {cfg.train.batch_size * world}/{cfg.train.base_batch} images")
+    lr_fixed = cfg.train.lr is not None
+    world = distributed.world_size()
+    lr_note = "train.lr" if lr_fixed else (
+        f"train.base_lr {cfg.train.base_lr:g} x {trainer.global_batch(cfg.train, world)}/{cfg.train.base_batch} images")
     cfg.train.lr = resolve_lr(cfg, world)  # config.yaml records the lr the run trains at
     seed_everything(cfg.seed)
-
-    d = cfg.data
-    train_gt = load_gt(d.format, d.train.ann, classes=d.classes)
-    with_masks = cfg.model.arch == "mask_rcnn"
-    dataset = DetectionDataset(train_gt, d.train.images, train=True, with_masks=with_masks,
-                               flip_p=cfg.train.flip_p, seed=cfg.seed, subset=d.subset,
-                               subset_seed=d.subset_seed)  # fmt: skip
-    classes = dataset.classes
-    if cfg.model.num_classes is not None and cfg.model.num_classes != len(classes):
-        raise UserError(f"model.num_classes={cfg.model.num_classes} but {d.train.ann} has {len(classes)} classes")
+    dataset = _train_dataset(cfg)
     total, lr_steps = schedule(cfg, len(dataset), world)
     warmup = min(cfg.train.warmup_steps, total)
     notes.insert(0, f"train: {len(dataset)} images ({dataset.num_without_boxes} without boxes left out), "
-                    f"{len(classes)} classes; {total} steps at {cfg.train.batch_size}x{world} images, "
+                    f"{len(dataset.classes)} classes; {total} steps at {cfg.train.batch_size}x{world}"
+                    + (f"x{cfg.train.accum_steps}" if _accum(cfg) > 1 else "") + " images, "
                     f"lr {cfg.train.lr:g} ({lr_note}), warm-up {warmup}, lr x0.1 at {lr_steps}")  # fmt: skip
-    model = build_detector(cfg, classes)
+    model = build_detector(cfg, dataset.classes)
     report = load_init(model, init, name=cfg.name)
-    last = checkpoint_path(out)
-    state = None
-    if resume:
-        if not last.is_file():
-            raise UserError(f"--resume: no checkpoint at {last}")
-        state = load_training_checkpoint(last)
+    start = trainer.open_run(out, resume=resume, overwrite=overwrite)
+    if start.resuming:
         changed = config_changes(_saved_config(out), to_dict(cfg), ["model"])
-        check_state_fits(model, state["model"], last,
+        check_state_fits(model, start.state["model"], start.path,
                          hint=f"changed since: {', '.join(changed)}" if changed else "")  # fmt: skip
-        rngs = state.get("rng")
-        saved_world = int(state.get("world_size") or (len(rngs) if isinstance(rngs, list) else world))
-        if saved_world != world:  # its steps and data positions count global batches of that many
-            raise UserError(
-                f"--resume: {last} was written by {saved_world} process(es), this launch has {world}; "
-                f"fine-tuning resumes on the same number (its schedule and data order are per global batch)"
-            )
-    prepare_run_dir_all_ranks(out, resume=resume, overwrite=overwrite)
-    if main:
+        note = trainer.world_change_note(start.state.get("world_size"), world, cfg.train, lr_fixed=lr_fixed)
+        notes += [note] if note else []
+    model = _device_setup(model, cfg, device)
+    trainer.prepare_run(out, start)
+    if distributed.is_main():
         save_config(cfg, out / "config.yaml")
-    log = _RunLog(out, enabled=main)
+        write_json(out / "init.json", report.to_dict())
+    log = _RunLog(out, enabled=distributed.is_main())
     for line in notes:
         log.text(line)
-    log.text(report.summary())
-    log.text("init loaded: " + " ".join(report.loaded), echo=False)
-    log.text("init not loaded: " + (" ".join(report.missing) or "-"), echo=0 < len(report.missing) <= 12)
-    log.text("init unused: " + (" ".join(report.unused) or "-"), echo=False)
-    if main:
-        write_json(out / "init.json", report.to_dict())
-    model = _device_setup(model, cfg, device, log)
-    opt = build_optimizer(model, cfg)
-    sched = build_lr_scheduler(opt, warmup_steps=warmup, milestones=lr_steps, warmup_factor=cfg.train.warmup_factor)
-    start = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        restore_scheduler(sched, opt, state["scheduler"])  # the config's schedule, the checkpoint's step
-        start = int(state["step"])
-        restore_rng(state["rng"], seed=cfg.seed)
-        log.metric_logger.resume_from(start)  # rows logged after that checkpoint are redone
-        log.text(f"resumed from {last} at step {start}")
-    ddp = model
-    if world > 1:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    sampler = StepBatchSampler(num_items=len(dataset), batch_size=cfg.train.batch_size, seed=cfg.seed,
-                               start=start, total=total, rank=rank, world_size=world)  # fmt: skip
-    loader = DataLoader(
-        dataset, batch_sampler=sampler, num_workers=d.num_workers, collate_fn=collate_detection,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed),  # iterators must not draw from the global RNG
-    )  # fmt: skip
-    checkpointer = Checkpointer(
-        out, model=model, optimizer=opt, scheduler=sched, scaler=torch.amp.GradScaler("cpu", enabled=False),
-        every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last, last_good=last if resume else None,
-        extra_state=functools.partial(dict, classes=classes, init=report.name, world_size=world),
-    )  # fmt: skip
-    use_amp = cfg.train.amp and device.type == "cuda"
-    train(
-        _LossNames(ddp), _on_device(loader, device), opt, sched, start=start, stop=total,
-        logger=log.metric_logger, checkpointer=checkpointer, log_every=cfg.train.log_every,
-        images_per_step=cfg.train.batch_size * world, clip_grad=cfg.train.clip_grad, progress=progress and main,
-        autocast=functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_amp),
-        log_window=restore_log_window(state.get("log_window")) if state is not None else None,
-    )  # fmt: skip
+    _log_init(log, report)
+    _fit(cfg, model, dataset, out, start, log, device=device, total=total, lr_steps=lr_steps, warmup=warmup,
+         init_name=report.name, progress=progress)  # fmt: skip
     distributed.barrier()
     # rank 0 alone evaluates, with no collective: the other ranks return now instead of waiting
     # at a barrier that a long evaluation (LVIS, COCO masks) would hold past the process group's
     # timeout, killing the job after its training had finished
-    if main and d.val.ann:
+    if distributed.is_main() and cfg.data.val.ann:
         results = evaluate_run(out, progress=progress)
         log.text(format_results(results))
     log.close()
     return out
+
+
+def _accum(cfg: FinetuneConfig) -> int:
+    return int(getattr(cfg.train, "accum_steps", 1))
+
+
+def _train_dataset(cfg: FinetuneConfig) -> DetectionDataset:
+    """The training split (``data.subset`` images of it when set), its classes checked against
+    ``model.num_classes``."""
+    d = cfg.data
+    train_gt = load_gt(d.format, d.train.ann, classes=d.classes)
+    dataset = DetectionDataset(train_gt, d.train.images, train=True, with_masks=cfg.model.arch == "mask_rcnn",
+                               flip_p=cfg.train.flip_p, seed=cfg.seed, subset=d.subset,
+                               subset_seed=d.subset_seed)  # fmt: skip
+    n = len(dataset.classes)
+    if cfg.model.num_classes is not None and cfg.model.num_classes != n:
+        raise UserError(f"model.num_classes={cfg.model.num_classes} but {d.train.ann} has {n} classes")
+    return dataset
+
+
+def _log_init(log: "_RunLog", report: Any) -> None:
+    log.text(report.summary())
+    log.text("init loaded: " + " ".join(report.loaded), echo=False)
+    log.text("init not loaded: " + (" ".join(report.missing) or "-"), echo=0 < len(report.missing) <= 12)
+    log.text("init unused: " + (" ".join(report.unused) or "-"), echo=False)
+
+
+def _fit(cfg: FinetuneConfig, model: nn.Module, dataset: DetectionDataset, out: Path, start: trainer.RunStart,
+         log: "_RunLog", *, device: torch.device, total: int, lr_steps: list[int], warmup: int, init_name: str,
+         progress: bool) -> None:  # fmt: skip
+    """Optimizer, schedule, resume, DDP, data order, then the shared loop."""
+    rank, world, accum = distributed.rank(), distributed.world_size(), _accum(cfg)
+    opt = build_optimizer(model, cfg)
+    sched = build_lr_scheduler(opt, warmup_steps=warmup, milestones=lr_steps, warmup_factor=cfg.train.warmup_factor)
+    scaler = trainer.build_scaler(device, cfg.train)
+    step, state = 0, start.state
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        restore_scheduler(sched, opt, state["scheduler"])  # the config's schedule, the checkpoint's step
+        scaler.load_state_dict(state.get("scaler", {}))
+        step = int(state["step"])
+        restore_rng(state["rng"], seed=cfg.seed)
+        log.metric_logger.resume_from(step)  # rows logged after that checkpoint are redone
+        log.text(f"resumed from {start.path} at step {step}")
+    sampler = StepBatchSampler(num_items=len(dataset), batch_size=cfg.train.batch_size, seed=cfg.seed,
+                               start=step * accum, total=total * accum, rank=rank, world_size=world)  # fmt: skip
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=collate_detection,
+        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
+        generator=torch.Generator().manual_seed(cfg.seed),  # iterators must not draw from the global RNG
+    )  # fmt: skip
+    checkpointer = Checkpointer(
+        out, model=model, optimizer=opt, scheduler=sched, scaler=scaler,
+        every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last, last_good=start.path,
+        extra_state=functools.partial(dict, classes=dataset.classes, init=init_name, world_size=world),
+    )  # fmt: skip
+    trainer.run_loop(
+        _LossNames(trainer.wrap_ddp(model, device)), _on_device(loader, device), opt, sched, start=step,
+        stop=total, logger=log.metric_logger, checkpointer=checkpointer, log_every=cfg.train.log_every,
+        images_per_step=trainer.global_batch(cfg.train, world), clip_grad=cfg.train.clip_grad,
+        progress=progress and rank == 0, scaler=scaler, autocast=trainer.autocast_factory(device, cfg.train),
+        log_window=restore_log_window(state.get("log_window")) if state is not None else None,
+        accum_steps=accum,
+    )  # fmt: skip
 
 
 def _saved_config(out: Path) -> dict:

@@ -35,6 +35,8 @@ from predet.engine.common import (
     save_training_checkpoint,
     set_rng_state,
 )
+from predet.engine.preemption import StopSignals, exit_status
+from predet.errors import Preempted, UserError
 from predet.utils import seed_everything
 
 __all__ = ["train", "Checkpointer", "restore_rng", "restore_log_window"]
@@ -65,6 +67,7 @@ class Checkpointer:
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.extra_state = extra_state or dict
         self.last_good = last_good  # named in the error of a non-finite loss
+        self.saved_step: Optional[int] = None  # the step of the last save of this process
 
     def save(self, step: int, log_window: Optional[dict[str, Any]] = None) -> None:
         """``log_window``: this rank's metrics window not yet logged (see :func:`train`), kept
@@ -84,10 +87,18 @@ class Checkpointer:
             "log_window": [w for _, w in per_rank],
             **self.extra_state(),
         }
+        error = None
         if dist_utils.is_main():
-            save_training_checkpoint(state, self.run_dir, periodic=step % self.every == 0, keep_last=self.keep_last)
-        dist_utils.barrier()
+            try:
+                save_training_checkpoint(state, self.run_dir, periodic=step % self.every == 0,
+                                         keep_last=self.keep_last)  # fmt: skip
+            except UserError as e:  # a full disk: every rank stops with the same line
+                error = str(e)
+        error = dist_utils.broadcast_object(error)  # also the barrier: the file is there for all
+        if error:
+            raise UserError(error)
         self.last_good = checkpoint_path(self.run_dir)  # on every rank: each names it in its errors
+        self.saved_step = step
 
 
 def restore_log_window(windows: Any) -> Optional[dict[str, Any]]:
@@ -132,14 +143,17 @@ def train(
     evaluate: Optional[Callable[[], dict[str, float]]] = None,
     eval_every: int = 0,
     log_window: Optional[dict[str, Any]] = None,
+    accum_steps: int = 1,
+    stop_signals: Optional[StopSignals] = None,
+    resume_command: str = "",
 ) -> None:
     """Train steps ``start+1 .. stop``.
 
     Args:
         model: what is called (a DDP wrapper or the module): ``model(*inputs) -> dict``.
-        batches: yields each step's ``inputs``, already on the model's device.
+        batches: yields each micro-batch's ``inputs``, already on the model's device.
         start, stop: steps already done, and the step to stop after.
-        images_per_step: over all ranks (for ``images_per_s``).
+        images_per_step: over all ranks and micro-batches (for ``images_per_s``).
         scaler: a float16 ``GradScaler`` (None: no scaling).
         autocast: returns the forward's autocast context.
         evaluate: held-out metrics (e.g. ``cls_map``), computed every ``eval_every`` steps and at
@@ -147,6 +161,12 @@ def train(
         log_window: the metrics of the steps since the last logged row at ``start``, as saved in
             the checkpoint resumed from (:func:`restore_log_window`): the next row averages them
             too, as the uninterrupted run's does.
+        accum_steps: micro-batches per optimizer step (gradient accumulation): each one's loss is
+            divided by ``accum_steps``, DDP all-reduces the gradients of the last one only, and the
+            logged values are the micro-batches' means.
+        stop_signals: a SIGTERM / SIGUSR1 recorded there stops the run after the step it arrives
+            in (every rank learns of it through the step's all-reduce): the checkpoint of that step
+            is saved and :class:`~predet.errors.Preempted` raised, naming ``resume_command``.
 
     The gradient norm is read with the step's values; without a float16 ``GradScaler`` (which
     skips such steps itself) a non-finite one stops the run before the update, like a loss.
@@ -160,26 +180,19 @@ def train(
     bar = tqdm(total=stop, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     model.train()
     for step in range(start + 1, stop + 1):
-        with autocast():
-            outputs = model(*next(batches))
-        loss = sum(v.float() for k, v in outputs.items() if k.startswith("loss_"))
-        if not isinstance(loss, torch.Tensor):
-            raise RuntimeError(f"the model returned no loss_* term (got {sorted(outputs)})")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        checked: dict[str, torch.Tensor] = {**outputs, "loss": loss}
-        extra: dict[str, torch.Tensor] = {}
+        checked, extra = _forward_backward(model, batches, optimizer, scaler, autocast, accum_steps)
         scaler.unscale_(optimizer)
         # logged in every run: how much clipping scales the step down (the norm before clipping);
         # without clipping, the norm alone (max_norm inf scales by 1)
         norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or math.inf)
         # a float16 scaler's skipped steps have an inf norm: logged, not checked
         (extra if scaler.is_enabled() else checked)["grad_norm"] = norm
-        # the step's one device -> host read (DDP's flag included), after the backward and before
+        # the step's one device -> host read (DDP's flags included), after the backward and before
         # the update: the backward is queued without waiting for the forward (issue 11), and a
         # non-finite loss or gradient still stops the run before it reaches the weights. (A float16
         # run's GradScaler reads its inf flag in scaler.step once more.)
-        values = _check_finite(checked, step=step, last_good=checkpointer.last_good, extra=extra)
+        values, stopping = _read_step_values(checked, step=step, last_good=checkpointer.last_good, extra=extra,
+                                         stop=stop_signals is not None and stop_signals.requested)  # fmt: skip
         scaler.step(optimizer)
         scaler.update()
         lr = optimizer.param_groups[0]["lr"]  # the lr this step used
@@ -201,20 +214,75 @@ def train(
             window, window_start = _Window(), time.perf_counter()
         elif evals:
             logger.log({"step": step, **evals})
-        if step % checkpointer.every == 0 or step == stop:
+        if step % checkpointer.every == 0 or step == stop or stopping:
             t_save = time.perf_counter()
             checkpointer.save(step, {"window": window.state(), "elapsed": t_save - window_start})
             window_start += time.perf_counter() - t_save  # images_per_s counts training only
+        if stopping and step < stop:
+            bar.close()
+            _preempted(stop_signals, step, checkpointer, resume_command)
     bar.close()
 
 
-def _check_finite(
+def _forward_backward(
+    model: nn.Module,
+    batches: Iterator[Sequence[Any]],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    accum_steps: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One step's forward and backward over ``accum_steps`` micro-batches; returns the values to
+    check (every output and ``loss``, each the micro-batches' mean) and an empty ``extra``."""
+    optimizer.zero_grad(set_to_none=True)
+    if accum_steps == 1:  # the plain step, as it always was
+        with autocast():
+            outputs = model(*next(batches))
+        loss = _total_loss(outputs)
+        scaler.scale(loss).backward()
+        return {**outputs, "loss": loss}, {}
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    total: Any = 0.0
+    for micro in range(accum_steps):
+        sync = micro == accum_steps - 1 or not hasattr(model, "no_sync")  # DDP: all-reduce once
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with autocast():
+                outputs = model(*next(batches))
+            loss = _total_loss(outputs) / accum_steps
+            scaler.scale(loss).backward()
+        total = total + loss.detach()
+        for k, v in outputs.items():
+            sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
+            counts[k] = counts.get(k, 0) + 1
+    means = {k: sums[k] / counts[k] for k in sums}  # a metric some micro-batches lack: over the rest
+    return {**means, "loss": total}, {}
+
+
+def _total_loss(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    loss = sum(v.float() for k, v in outputs.items() if k.startswith("loss_"))
+    if not isinstance(loss, torch.Tensor):
+        raise RuntimeError(f"the model returned no loss_* term (got {sorted(outputs)})")
+    return loss
+
+
+def _preempted(signals: StopSignals, step: int, checkpointer: Checkpointer, command: str) -> None:
+    """Raise :class:`Preempted` for a run stopped by ``signals`` at ``step`` (saved)."""
+    how = f"; resume with: {command}" if command else "; resume with the same command and --resume auto"
+    raise Preempted(
+        f"{signals.name} at step {step}: saved {checkpointer.last_good}{how}",
+        exit_status(signals.signum),
+    )
+
+
+def _read_step_values(
     outputs: dict[str, torch.Tensor],
     *,
     step: int,
     last_good: Optional[Path],
     extra: Optional[dict[str, torch.Tensor]] = None,
-) -> dict[str, float]:
+    stop: bool = False,
+) -> tuple[dict[str, float], bool]:
     """This step's values as floats, read from the device at once with ``extra`` (logged, not
     checked: e.g. a float16 run's ``grad_norm`` is inf on the steps its scaler skips); a
     :class:`NonFiniteLossError` on every rank when any rank has a non-finite value in
@@ -224,11 +292,15 @@ def _check_finite(
     tensors = {**{k: outputs[k] for k in names}, **(extra or {})}
     stacked = torch.stack([v.detach().float().reshape(()) for v in tensors.values()])
     distributed = dist_utils.is_initialized()
-    if distributed:  # one flag per step, reduced on the device and read with the values
-        flag = (~torch.isfinite(stacked[: len(names)])).any().float().reshape(1)
-        torch.distributed.all_reduce(flag)  # so that all ranks stop together
-        stacked = torch.cat([stacked, flag])
+    if distributed:  # two flags per step, reduced on the device and read with the values
+        bad_flag = (~torch.isfinite(stacked[: len(names)])).any().float().reshape(1)
+        stop_flag = torch.full((1,), float(stop), device=stacked.device)
+        flags = torch.cat([bad_flag, stop_flag])
+        torch.distributed.all_reduce(flags)  # so that all ranks stop together
+        stacked = torch.cat([stacked, flags])
     values = stacked.tolist()
+    if distributed:
+        stop = values.pop() > 0  # a signal on any rank stops them all, after this step
     any_bad = values.pop() > 0 if distributed else False
     bad = next(((k, v) for k, v in zip(names, values) if not math.isfinite(v)), None)
     if any_bad:  # some rank has one: every rank learns which
@@ -240,7 +312,7 @@ def _check_finite(
         hint = f" (last good checkpoint: {last_good})" if last_good else " (no checkpoint written yet)"
         what = "gradient" if bad[0] == "grad_norm" else "loss"
         raise NonFiniteLossError(f"non-finite {what} at step {step}: {bad[0]}={bad[1]}{hint}")
-    return dict(zip(tensors, values))
+    return dict(zip(tensors, values)), stop
 
 
 class _Window:

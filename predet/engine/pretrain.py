@@ -19,7 +19,6 @@ the data position, so ``--resume`` continues bit-for-bit where the run stopped.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import functools
 from pathlib import Path
@@ -30,23 +29,34 @@ import torch
 from predet import distributed as dist_utils
 from predet.config import LOSS_SWITCHES, PretrainConfig, load_config, save_config, to_dict
 from predet.data.datasets import PretrainData, build_pretrain_data
+from predet.data.stream import BatchStream, StreamPosition, check_batch_fits
 from predet.engine.common import (
     MetricLogger,
     build_lr_scheduler,
     check_state_fits,
-    checkpoint_path,
     config_changes,
-    prepare_run_dir_all_ranks,
     gather_digests,
-    load_training_checkpoint,
     resolve_device,
     restore_scheduler,
-    scaled_lr,
     to_device,
     uniform_milestones,
 )
-from predet.data.stream import BatchStream, StreamPosition, check_batch_fits
-from predet.engine.loop import Checkpointer, restore_log_window, restore_rng, train
+from predet.engine.loop import Checkpointer, restore_log_window, restore_rng
+from predet.engine.trainer import (
+    Resume,
+    RunStart,
+    autocast_factory,
+    build_scaler,
+    build_sgd,
+    check_syncbn,
+    global_batch,
+    open_run,
+    prepare_run,
+    resolve_lr,
+    run_loop,
+    world_change_note,
+    wrap_ddp,
+)
 from predet.errors import UserError
 from predet.modeling.predet import build_predet, check_num_classes
 from predet.utils import absolute_path, seed_everything, write_json
@@ -65,20 +75,22 @@ def pretrain(
     cfg: Any,
     out: str | Path,
     *,
-    resume: bool = False,
+    resume: Resume = False,
     overwrite: bool = False,
     data: Optional[PretrainData] = None,
     model: Optional[torch.nn.Module] = None,
 ) -> Path:
     """Pre-train with ``cfg`` (a :class:`~predet.config.PretrainConfig`) into run folder ``out``.
 
-    ``data`` / ``model``: built objects to train instead of those ``cfg`` describes (tests pass
-    small stand-ins; ``model`` must return ``loss_*`` terms and metrics as ``PreDet`` does).
-    Nothing on disk is changed before the config, the data, the model and (with ``resume``) the
-    checkpoint have been checked. Returns ``out``.
+    ``resume``: True (``--resume``), ``"auto"`` (``--resume auto``: resume if ``out`` holds a
+    checkpoint, else start) or False. ``data`` / ``model``: built objects to train instead of
+    those ``cfg`` describes (tests pass small stand-ins; ``model`` must return ``loss_*`` terms and
+    metrics as ``PreDet`` does). Nothing on disk is changed before the config, the data, the model
+    and (when resuming) the checkpoint have been checked. Returns ``out``.
     """
     out = Path(out)
-    device = torch.device(dist_utils.init(resolve_device(cfg.train.device)))
+    device = torch.device(dist_utils.init(resolve_device(cfg.train.device),
+                                          timeout_s=getattr(cfg.train, "dist_timeout_s", None)))  # fmt: skip
     try:
         cfg = _resolve(cfg)
         data = data if data is not None else build_pretrain_data(cfg)
@@ -86,17 +98,17 @@ def pretrain(
         check_num_classes(cfg.model, len(classes))
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = model if model is not None else build_predet(cfg, num_classes=len(classes))
-        ckpt = _load_resume_checkpoint(out, classes, cfg) if resume else None
-        if ckpt is not None:  # a model the checkpoint does not fit: an error before config.yaml is touched
-            changed = config_changes(ckpt.get("config", {}), to_dict(cfg), ["model", "loss"])
-            check_state_fits(model, ckpt["model"], checkpoint_path(out),
-                             hint=f"changed since: {', '.join(changed)}" if changed else "")  # fmt: skip
-        cfg.train.lr = _lr(cfg)  # config.yaml records the lr the run trains at
-        _check_fits_launch(cfg, data, model, device)
-        prepare_run_dir_all_ranks(out, resume=resume, overwrite=overwrite)
+        start = open_run(out, resume=resume, overwrite=overwrite)
+        lr_fixed = cfg.train.lr is not None
+        cfg.train.lr = resolve_lr(cfg.train, dist_utils.world_size())  # config.yaml records it
+        if start.resuming:  # a checkpoint that does not fit: an error before config.yaml is touched
+            _check_resume_fits(start, classes, cfg, model, lr_fixed=lr_fixed)
+        check_syncbn(model, device)
+        _check_batch_fits(cfg, data)
+        prepare_run(out, start)
         if dist_utils.is_main():
             save_config(cfg, out / "config.yaml")
-        _train(cfg, data, classes, model.to(device), out, ckpt, device=device)
+        _train(cfg, data, classes, model.to(device), out, start, device=device)
     finally:
         dist_utils.cleanup()
     return out
@@ -119,20 +131,11 @@ def _resolve(cfg: Any) -> Any:
     return cfg
 
 
-def _lr(cfg: Any) -> float:
-    """``train.lr``, or the paper's 0.2 at batch 1024 scaled to the global batch."""
-    t = cfg.train
-    global_batch = t.batch_size * dist_utils.world_size()
-    return t.lr if t.lr is not None else scaled_lr(t.base_lr, t.base_batch, global_batch)
-
-
-def _load_resume_checkpoint(out: Path, classes: list[str], cfg: Any) -> dict:
-    path = checkpoint_path(out)
-    if not out.is_dir():
-        raise UserError(f"--resume given but run folder {out} does not exist")
-    if not path.is_file():
-        raise UserError(f"--resume given but {path} does not exist; use --overwrite to start over")
-    ckpt = load_training_checkpoint(path)
+def _check_resume_fits(start: RunStart, classes: list[str], cfg: Any, model: torch.nn.Module,
+                       *, lr_fixed: bool) -> None:  # fmt: skip
+    """The checkpoint resumed from must have the data's classes and fit the model; a line when
+    it was written by another number of processes."""
+    ckpt, path = start.state, start.path
     saved = list(ckpt.get("classes", classes))
     if saved != list(classes):  # name what changed: e.g. the data overrides left out of the command
         changed = config_changes(ckpt.get("config", {}), to_dict(cfg), ["data"])
@@ -141,35 +144,26 @@ def _load_resume_checkpoint(out: Path, classes: list[str], cfg: Any) -> dict:
             f"({', '.join(classes[:3])}...); "
             + (f"changed since: {', '.join(changed[:3])}" if changed else "the data changed since")
         )
-    return ckpt
+    changed = config_changes(ckpt.get("config", {}), to_dict(cfg), ["model", "loss"])
+    check_state_fits(model, ckpt["model"], path, hint=f"changed since: {', '.join(changed)}" if changed else "")
+    note = world_change_note(ckpt.get("world_size"), dist_utils.world_size(), cfg.train, lr_fixed=lr_fixed)
+    if note and dist_utils.is_main():
+        print(f"predet pretrain: {note}", flush=True)
 
 
-def _check_fits_launch(cfg: Any, data: PretrainData, model: torch.nn.Module, device: torch.device) -> None:
-    """What the launch itself rules out, checked before the run folder is touched (``--overwrite``
-    would already have emptied it): SyncBN off CUDA under torchrun, and a data set smaller than
-    one global batch."""
-    world = dist_utils.world_size()
-    if dist_utils.is_initialized() and device.type != "cuda":
-        if any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
-            raise UserError("model.norm=syncbn needs CUDA under torchrun; use model.norm=bn on CPU")
+def _check_batch_fits(cfg: Any, data: PretrainData) -> None:
+    """A map-style data set must fill one step of every rank."""
     dataset = data.dataset
     if not isinstance(dataset, torch.utils.data.IterableDataset) and hasattr(dataset, "__len__"):
-        check_batch_fits(len(dataset), cfg.train.batch_size, world)
+        check_batch_fits(len(dataset), cfg.train.batch_size, dist_utils.world_size())
 
 
-def _wrap_model(model: torch.nn.Module, cfg: Any, device: torch.device) -> torch.nn.Module:
-    """DDP under torchrun (``model.norm=syncbn`` already gave the model SyncBatchNorm layers,
-    checked to be on CUDA by :func:`_check_fits_launch`)."""
-    if not dist_utils.is_initialized():
-        return model
-    find_unused = cfg.train.find_unused_parameters
-    if find_unused is None:  # a switched-off loss leaves its part without gradients for good
-        find_unused = not all(getattr(cfg.loss, s) for s in LOSS_SWITCHES)
-    return torch.nn.parallel.DistributedDataParallel(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=find_unused,
-    )
+def _find_unused(cfg: Any) -> bool:
+    """DDP's ``find_unused_parameters``: ``train.find_unused_parameters``, or whether a switched-off
+    loss leaves its part without gradients for good."""
+    if cfg.train.find_unused_parameters is not None:
+        return bool(cfg.train.find_unused_parameters)
+    return not all(getattr(cfg.loss, s) for s in LOSS_SWITCHES)
 
 
 def _milestones(t: Any) -> list[int]:
@@ -187,29 +181,7 @@ def _schedule_text(t: Any) -> str:
     return f"x0.1 at {_milestones(t)}"
 
 
-def _build_optimization(
-    model: torch.nn.Module, cfg: Any, use_amp: bool
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, torch.amp.GradScaler]:
-    """SGD (momentum, weight decay), the per-step lr schedule, the grad scaler."""
-    t = cfg.train
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
-    )
-    scheduler = build_lr_scheduler(
-        optimizer,
-        warmup_steps=t.warmup_steps,
-        milestones=_milestones(t),
-        warmup_factor=t.warmup_factor,
-        cosine_steps=t.steps if t.lr_schedule == "cosine" else None,
-    )
-    device_type = "cuda" if use_amp else "cpu"
-    scaler = torch.amp.GradScaler(device_type, enabled=use_amp and t.amp_dtype == "float16")
-    return optimizer, scheduler, scaler
-
-
-def _restore(
-    ckpt: dict, model, optimizer, scheduler, scaler, *, cfg: Any, world: int
-) -> StreamPosition:
+def _restore(ckpt: dict, model, optimizer, scheduler, scaler, *, cfg: Any, world: int) -> StreamPosition:
     """Load a checkpoint's training state; returns where the data stream resumes."""
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -219,28 +191,23 @@ def _restore(
     pos = ckpt.get("data_position", {})
     epoch = int(pos.get("epoch", 0))
     if pos.get("world_size") == world and pos.get("batch_size") == cfg.train.batch_size:
-        return StreamPosition(epoch, int(pos.get("batch", 0)))
+        return StreamPosition.from_state_dict(pos)  # shard streams: every reader's state too
     return StreamPosition(epoch + 1, 0)  # the data is split differently now: next epoch afresh
 
 
-def _train(
-    cfg: Any,
-    data: Any,
-    classes: list[str],
-    model: torch.nn.Module,
-    out: Path,
-    ckpt: Optional[dict],
-    *,
-    device: torch.device,
-) -> None:
-    t = cfg.train
+def _train(cfg: Any, data: Any, classes: list[str], model: torch.nn.Module, out: Path, start: RunStart,
+           *, device: torch.device) -> None:  # fmt: skip
+    t, ckpt = cfg.train, start.state
     rank, world = dist_utils.rank(), dist_utils.world_size()
     on_cuda = device.type == "cuda"
-    use_amp = on_cuda and t.amp
     if on_cuda and t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model_ddp = _wrap_model(model, cfg, device)
-    optimizer, scheduler, scaler = _build_optimization(model, cfg, use_amp)
+    model_ddp = wrap_ddp(model, device, find_unused=_find_unused(cfg))
+    optimizer = build_sgd(model.parameters(), t)
+    scheduler = build_lr_scheduler(optimizer, warmup_steps=t.warmup_steps, milestones=_milestones(t),
+                                   warmup_factor=t.warmup_factor,
+                                   cosine_steps=t.steps if t.lr_schedule == "cosine" else None)  # fmt: skip
+    scaler = build_scaler(device, t)
     step, position = 0, StreamPosition()
     if ckpt is not None:
         position = _restore(ckpt, model, optimizer, scheduler, scaler, cfg=cfg, world=world)
@@ -251,60 +218,54 @@ def _train(
         if rank == 0:
             print(f"predet pretrain: {out} is already at step {step} (stop {stop}); nothing to do")
         return
-    stream = BatchStream(
-        data.dataset,
-        collate_fn=data.collate_fn,
-        batch_size=t.batch_size,
-        seed=cfg.seed,
-        rank=rank,
-        world_size=world,
-        start=position,
-        num_workers=cfg.data.num_workers,
-        pin_memory=on_cuda,
-    )
+    accum = getattr(t, "accum_steps", 1)
+    stream = BatchStream(data.dataset, collate_fn=data.collate_fn, batch_size=t.batch_size, seed=cfg.seed,
+                         rank=rank, world_size=world, start=position, num_workers=cfg.data.num_workers,
+                         pin_memory=on_cuda)  # fmt: skip
     logger = MetricLogger(out, enabled=rank == 0)
     logger.resume_from(step)
     if rank == 0:
+        accum_text = f" ({t.batch_size}x{world}x{accum} accumulated)" if accum > 1 else ""
         print(
             f"predet pretrain: {len(classes)} classes, data {dict(getattr(data, 'counts', {}))}, "
-            f"device {device}, world size {world}, global batch {t.batch_size * world}, "
+            f"device {device}, world size {world}, global batch {global_batch(t, world)}{accum_text}, "
             f"lr {t.lr:g} ({_schedule_text(t)}), steps {step}->{stop} of {t.steps}, run {out}",
             flush=True,
         )
 
     def extra_state() -> dict[str, Any]:
-        position = {**stream.position.state_dict(), "batch_size": t.batch_size, "world_size": world}
-        return {"data_position": position, "classes": classes, "config": to_dict(cfg),
-                "world_size": world}  # fmt: skip
+        position = {**stream.state_dict(), "batch_size": t.batch_size, "world_size": world}  # a collective
+        return {"data_position": position, "classes": classes, "config": to_dict(cfg), "world_size": world}
 
     checkpointer = Checkpointer(
         out, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-        every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last, extra_state=extra_state,
-        last_good=checkpoint_path(out) if ckpt is not None else None,
+        every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last, extra_state=extra_state, last_good=start.path,
     )  # fmt: skip
-    evaluate = None
-    heldout = getattr(data, "heldout", None)
-    if rank == 0 and cfg.loss.cls and heldout is not None:  # cls_map on the held-out slice
-        from predet.analysis.cls_map import ClsEvaluator
-
-        evaluator = ClsEvaluator(heldout.paths, heldout.tags, heldout.truth, input_size=cfg.model.input_size)
-        evaluate = functools.partial(evaluator, model)
     views_cl = ("view1", "view2") if on_cuda and t.channels_last else ()
     skipped = [0]  # unreadable images the loaders passed over, this rank
     batches = _inputs(stream, device, views_cl, skipped, always_detect=world > 1)
-    amp_dtype = torch.bfloat16 if t.amp_dtype == "bfloat16" else torch.float16
-    train(
+    run_loop(
         model_ddp, batches, optimizer, scheduler, start=step, stop=stop, logger=logger,
-        checkpointer=checkpointer, log_every=t.log_every, images_per_step=t.batch_size * world,
+        checkpointer=checkpointer, log_every=t.log_every, images_per_step=global_batch(t, world),
         scaler=scaler, clip_grad=t.clip_grad, progress=rank == 0,
-        evaluate=evaluate, eval_every=t.eval_every or cfg.ckpt.every,
+        evaluate=_heldout_evaluator(cfg, data, model), eval_every=t.eval_every or cfg.ckpt.every,
         log_window=restore_log_window(ckpt.get("log_window")) if ckpt is not None else None,
-        autocast=functools.partial(torch.autocast, "cuda", dtype=amp_dtype) if use_amp
-        else contextlib.nullcontext,
+        autocast=autocast_factory(device, t), accum_steps=accum,
     )  # fmt: skip
     logger.close()
     _report_skipped(skipped[0], device)
     _check_ranks_agree(model, out, world=world, is_main=rank == 0)
+
+
+def _heldout_evaluator(cfg: Any, data: Any, model: torch.nn.Module) -> Optional[Any]:
+    """Rank 0's ``cls_map`` on the held-out slice, when the classification loss is on."""
+    heldout = getattr(data, "heldout", None)
+    if dist_utils.rank() != 0 or not cfg.loss.cls or heldout is None:
+        return None
+    from predet.analysis.cls_map import ClsEvaluator
+
+    evaluator = ClsEvaluator(heldout.paths, heldout.tags, heldout.truth, input_size=cfg.model.input_size)
+    return functools.partial(evaluator, model)
 
 
 def _inputs(

@@ -373,12 +373,17 @@ def test_resume_is_exact(tiny_world: Path, tmp_path: Path) -> None:
     assert diff <= 1e-6
     assert not (tmp_path / "a" / "results.json").exists()  # no val split: no evaluation
     assert a["world_size"] == 1
-    # a checkpoint of a 2-process run resumed by one: refused (it re-read or skipped images)
+    # a checkpoint of a 2-process run resumed by one (an elastic restart with fewer nodes): it
+    # continues from its step, at the lr of the new global batch, and says so (one policy, as
+    # pre-training's)
     from predet.utils import save_checkpoint
 
     save_checkpoint({**b, "world_size": 2, "rng": b["rng"] * 2}, resumed / "checkpoints" / "last.pt")
-    with pytest.raises(UserError, match=r"written by 2 process\(es\), this launch has 1; fine-tuning resumes"):
-        finetune(tiny_cfg(*base, "train.steps=6"), "scratch", resumed, resume=True, progress=False)
+    finetune(tiny_cfg(*base, "train.steps=6"), "scratch", resumed, resume=True, progress=False)
+    log = (resumed / "log.txt").read_text()
+    assert ("resuming a 2-process run on 1: global batch 4 -> 2, lr 0.01 for the new global batch, "
+            "the data re-split over the ranks and new RNG streams") in log
+    assert torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)["step"] == 6
 
 
 def test_cli_user_errors(tiny_world: Path, tmp_path: Path, capsys) -> None:

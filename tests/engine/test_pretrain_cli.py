@@ -134,7 +134,9 @@ def test_find_unused_parameters_only_when_a_loss_is_off(monkeypatch):
     import torch
 
     from predet.config import PretrainConfig, load_config
-    from predet.engine.pretrain import _wrap_model
+    from predet.engine.pretrain import _find_unused
+    from predet.engine.trainer import check_syncbn, wrap_ddp
+    from predet.errors import UserError
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
@@ -143,20 +145,16 @@ def test_find_unused_parameters_only_when_a_loss_is_off(monkeypatch):
         got = {}
         for over in ([], ["loss.info=false"], ["train.find_unused_parameters=true"]):
             cfg = load_config(PretrainConfig, None, over)
-            ddp = _wrap_model(torch.nn.Linear(2, 2), cfg, torch.device("cpu"))
+            ddp = wrap_ddp(torch.nn.Linear(2, 2), torch.device("cpu"), find_unused=_find_unused(cfg))
             got[tuple(over)] = ddp.find_unused_parameters
         # under torchrun, SyncBN off CUDA is refused by the launch check (before any folder)
-        from predet.data.datasets import PretrainData
-        from predet.engine.pretrain import _check_fits_launch
-        from predet.errors import UserError
-
-        data = PretrainData(dataset=list(range(8)), classes=["a"], collate_fn=None, counts={})
         sync = torch.nn.Sequential(torch.nn.SyncBatchNorm(2))
         with pytest.raises(UserError, match="model.norm=syncbn needs CUDA under torchrun"):
-            _check_fits_launch(cfg, data, sync, torch.device("cpu"))
-        _check_fits_launch(cfg, data, torch.nn.BatchNorm2d(2), torch.device("cpu"))
+            check_syncbn(sync, torch.device("cpu"))
+        check_syncbn(torch.nn.BatchNorm2d(2), torch.device("cpu"))
     finally:
         torch.distributed.destroy_process_group()
+    check_syncbn(sync, torch.device("cpu"))  # one process: SyncBatchNorm acts as BatchNorm
     assert got == {(): False, ("loss.info=false",): True, ("train.find_unused_parameters=true",): True}
 
 
