@@ -77,7 +77,8 @@ def test_demo_on_a_world_end_to_end(tmp_path, tiny_world, capsys):
     assert look["run"] == str(out / "pretrain-predet") and look["queries"] == len(look["records"]) > 0
     summary = json.loads((out / "summary.json").read_text())["lookup"]
     assert summary == {k: v for k, v in look.items() if k != "records"}
-    assert f"lookup_top1 {look['lookup_top1']:.3f} (chance {look['chance_top1']:.3f})" in (out / "compare.md").read_text()
+    assert (f"lookup_top1_proposals {look['lookup_top1_proposals']:.3f} (chance {look['chance_top1']:.3f})"
+            in (out / "compare.md").read_text())  # fmt: skip
     # every backbone + FPN tensor of the PreDet export was loaded by each fine-tune
     init = json.loads((out / "finetune-predet-s1" / "init.json").read_text())
     assert init["init"] == "predet" and init["missing"] == [] and len(init["loaded"]) > 100
@@ -340,3 +341,94 @@ def test_out_must_not_hold_or_replace_the_world(tmp_path, tiny_world, inside):
     with pytest.raises(UserError, match="would hold or replace the world .*; give the demo a folder of its own"):
         demo(target, world=world, overwrite=True)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def _stats(**box_aps):
+    """``summarize``'s stats of fine-tunes with these box APs per init (``cls_only`` -> cls-only)."""
+    from predet.analysis.compare import summarize
+
+    return summarize({k.replace("_", "-"): [{"bbox": {"AP": v}} for v in aps] for k, aps in box_aps.items()})
+
+
+def test_verdict_beyond_and_within_noise():
+    from predet.demo import _verdict
+
+    # the small demo's seeds (README): margin 3.2 - 2.23 = 0.97 over the larger std 0.69
+    one = _stats(predet=[2.8, 2.8, 4.0], cls_only=[2.0, 2.1, 2.6], scratch=[1.5, 2.2, 0.9])
+    assert _verdict(one, finetune_steps=150) == (
+        "PreDet box AP 3.2 ± 0.7: +1.0 over the better of cls-only/scratch, largest std 0.7 -> beyond noise")
+    # --pretrain-seeds 2 (docs/experiments.md): margin 3.17 - 2.62 = 0.55 under the larger std 0.64
+    two = _stats(predet=[2.8, 2.8, 4.0, 3.1, 3.9, 2.4], cls_only=[2.0, 2.1, 2.6, 3.2, 2.5, 3.3],
+                 scratch=[1.5, 2.2, 0.9, 1.5, 2.4, 1.7])  # fmt: skip
+    assert _verdict(two) == (
+        "PreDet box AP 3.2 ± 0.6: +0.5 over the better of cls-only/scratch, largest std 0.6 -> NOT beyond noise")
+    # behind cls-only: a negative margin
+    behind = _stats(predet=[2.0, 2.2], cls_only=[3.0, 3.2], scratch=[1.0, 1.2])
+    assert "-1.0 over the better" in _verdict(behind) and "NOT beyond noise" in _verdict(behind)
+
+
+def test_verdict_when_every_init_ends_near_zero():
+    """A world the plan's 150 fine-tuning steps are too short for (a 10-class digits-on-photos
+    world: every init at 0.2-0.4 APbox): no verdict, and the knob named."""
+    from predet.demo import NEAR_ZERO_AP, _verdict
+
+    zero = _stats(predet=[0.2, 0.4, 0.3], cls_only=[0.3, 0.2, 0.4], scratch=[0.2, 0.2, 0.3])
+    assert NEAR_ZERO_AP == 1.0
+    assert _verdict(zero, finetune_steps=150) == (
+        "every init ends near zero box AP (best 0.3 < 1.0): the fine-tuning is too short for this world "
+        "to rank the inits; no verdict (give it more steps, e.g. --finetune train.steps=600; this run: 150)")
+    # a schedule without train.steps, and one seed per init: still the near-zero verdict
+    assert _verdict(_stats(predet=[0.9], cls_only=[0.1], scratch=[0.0])).endswith(
+        "no verdict (give it more steps, --finetune train.steps=N)")
+    # the threshold is on the best init: one init at 1.0 is a result, judged against the noise
+    edge = _stats(predet=[1.0, 1.0], cls_only=[0.2, 0.2], scratch=[0.1, 0.1])
+    assert _verdict(edge) == (
+        "PreDet box AP 1.0 ± 0.0: +0.8 over the better of cls-only/scratch, largest std 0.0 -> beyond noise")
+    assert _verdict(_stats(predet=[0.1], cls_only=[0.2])) == "not every init has a box AP: no verdict"
+
+
+def test_verdict_needs_two_seeds_for_noise():
+    from predet.demo import _verdict
+
+    assert _verdict(_stats(predet=[3.0], cls_only=[2.0], scratch=[1.0])) == (
+        "an init has one fine-tune with a box AP: no verdict on noise (use --seeds 2 or more)")
+
+
+@pytest.mark.parametrize("preset", ["small", "tiny", "gpu"])
+def test_finetune_widths_are_the_pretrainings(preset):
+    """Every detector (scratch too) gets the pre-trained widths, read from the PreDet
+    pre-training's config; cls-only's would give the same (its switches are loss.* only)."""
+    from predet.config import FinetuneConfig, PretrainConfig, load_config
+    from predet.demo import PLANS, _widths, config_dir
+    from predet.modeling.predet import CLS_ONLY_OVERRIDES
+
+    plan, cfgs = PLANS[preset], config_dir()
+    pre = {name: load_config(PretrainConfig, cfgs / plan.pretrain_config, [*plan.pretrain_overrides, *switches])
+           for name, switches in (("predet", ()), ("cls-only", CLS_ONLY_OVERRIDES))}  # fmt: skip
+    assert all(s.startswith("loss.") for s in CLS_ONLY_OVERRIDES)
+    assert _widths(pre["predet"]) == _widths(pre["cls-only"])
+    want = {"small": ("resnet18", 64, 256), "tiny": ("resnet18", 32, 128), "gpu": ("resnet50", 256, 1024)}[preset]
+    assert _widths(pre["predet"]) == [f"model.backbone={want[0]}", f"model.fpn_channels={want[1]}",
+                                      f"model.box_head_dim={want[2]}"]  # fmt: skip
+    # and they load into the plan's fine-tuning config unchanged
+    ft = load_config(FinetuneConfig, cfgs / plan.finetune_config, _widths(pre["predet"]))
+    assert (ft.model.backbone, ft.model.fpn_channels, ft.model.box_head_dim) == want
+
+
+@pytest.mark.parametrize("preset", ["small", "tiny", "gpu"])
+def test_cls_only_baseline_resolves_as_the_demo_s_own_switches(preset):
+    """The demo takes the cls-only baseline from predet.modeling.predet (CLS_ONLY_OVERRIDES, which
+    also says loss.cls=true) instead of its own list: each plan's cls-only config is unchanged."""
+    from predet.config import PretrainConfig, load_config, to_dict
+    from predet.demo import PLANS, config_dir
+    from predet.modeling.predet import CLS_ONLY_OVERRIDES, cls_only_config
+
+    plan = PLANS[preset]
+    path = config_dir() / plan.pretrain_config
+    before = ["loss.crpn=false", "loss.info=false", "loss.croi_reg=false"]  # demo.CLS_ONLY until now
+    old = load_config(PretrainConfig, path, [*plan.pretrain_overrides, *before])
+    new = load_config(PretrainConfig, path, [*plan.pretrain_overrides, *CLS_ONLY_OVERRIDES])
+    assert to_dict(new) == to_dict(old)
+    assert to_dict(cls_only_config(load_config(PretrainConfig, path, list(plan.pretrain_overrides)))) == (
+        to_dict(old))
+    assert (old.loss.cls, old.loss.crpn, old.loss.info, old.loss.croi_reg) == (True, False, False, False)
