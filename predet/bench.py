@@ -4,7 +4,8 @@ Both models share the backbone + FPN weights and see the same random batch (N im
 views, Q valid query boxes each, of the config's input size); each step is forward + backward +
 SGD step. After ``--warmup`` steps of each, the two steps alternate ``--iters`` times (so a
 load change on a shared machine hits both alike) and the medians are reported. On CUDA the
-steps run under bf16 autocast with channels_last inputs and weights, as pre-training does.
+steps run as pre-training does: under autocast in ``train.amp_dtype`` (bf16 by default; float16
+with a ``GradScaler``) when ``train.amp``, with channels_last inputs and weights.
 
 Proposal selection (the CRPN's ``select_proposals``: max over queries, decode, top-K per level,
 NMS, K_nms per view; or, with the CRPN off, the jittered boxes) is timed inside the PreDet step:
@@ -41,6 +42,19 @@ from predet.errors import UserError
 from predet.modeling.predet import PreDet, build_predet, cls_only_config
 
 __all__ = ["random_batch", "time_steps", "profile_steps", "labelled_parts", "SectionTimer", "run"]
+
+_AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+_AMP_NAMES = {"bfloat16": "bf16", "float16": "fp16"}  # the start line's amp=
+
+
+def amp_step_parts(cuda: bool, amp: bool, amp_dtype: str = "bfloat16") -> tuple[Any, torch.amp.GradScaler]:
+    """The forward's autocast and the loss scaler of a training step, as pre-training has them:
+    autocast in ``amp_dtype`` (``train.amp_dtype``: bfloat16 | float16) on CUDA when ``amp``, a
+    ``GradScaler`` for float16 only; on CPU (or without ``amp``) neither (float32, scaler off)."""
+    use_amp = cuda and amp
+    autocast = torch.autocast("cuda", dtype=_AMP_DTYPES[amp_dtype]) if use_amp else nullcontext()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == "float16")
+    return autocast, scaler
 
 DEFAULT_NUM_CLASSES = 20
 
@@ -181,6 +195,7 @@ def profile_steps(
     *,
     steps: int,
     amp: bool,
+    amp_dtype: str = "bfloat16",
     rows: int = 25,
     trace: str | None = None,
 ) -> tuple[dict[str, float], str]:
@@ -190,7 +205,7 @@ def profile_steps(
     includes the parts called inside it) and the operator table (top ``rows`` by self time).
     """
     cuda = batch["view1"].device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and amp) else nullcontext()
+    autocast, scaler = amp_step_parts(cuda, amp, amp_dtype)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     # on CUDA the backward's kernels are launched from autograd's device thread, outside a range
@@ -216,8 +231,8 @@ def profile_steps(
             with autocast:
                 out = model(batch)
             loss = sum(v for k, v in out.items() if k.startswith("loss_"))
-            timed("P::backward", loss.backward)
-            timed("P::optimizer", opt.step)
+            timed("P::backward", lambda: scaler.scale(loss).backward())
+            timed("P::optimizer", lambda: (scaler.step(opt), scaler.update()))
         if cuda:
             torch.cuda.synchronize()
     if trace:
@@ -247,6 +262,7 @@ def time_steps(
     iters: int,
     warmup: int,
     amp: bool,
+    amp_dtype: str = "bfloat16",
 ) -> dict[str, dict[str, float]]:
     """Median wall time per step (``ms``), median CPU time of this process per step (``cpu_ms``,
     all threads), peak memory (``peak_mib``; CUDA only, else NaN) and median time in proposal
@@ -257,7 +273,7 @@ def time_steps(
     device = batch["view1"].device
     cuda = device.type == "cuda"
     timers = {k: proposal_timer(m, cuda) for k, m in models.items()}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and amp) else nullcontext()
+    autocast, scaler = amp_step_parts(cuda, amp, amp_dtype)
     opts = {
         k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
         for k, m in models.items()
@@ -272,8 +288,9 @@ def time_steps(
         with autocast:
             out = model(batch)
         loss = sum(v for k, v in out.items() if k.startswith("loss_"))
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         if cuda:
             torch.cuda.synchronize()
         wall, cpu = (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
@@ -346,10 +363,11 @@ def run(args: argparse.Namespace) -> int:
         f"device={name} threads={threads} backbone={cfg.model.backbone} "
         f"size={cfg.model.input_size} images={cfg.train.batch_size} "
         f"views={2 * cfg.train.batch_size} queries={cfg.data.queries_per_image} "
-        f"amp={'bf16' if device.type == 'cuda' and cfg.train.amp else 'off'} "
+        f"amp={_AMP_NAMES[cfg.train.amp_dtype] if device.type == 'cuda' and cfg.train.amp else 'off'} "
         f"channels_last={channels_last} iters={args.iters} warmup={args.warmup}"
     )
-    res = time_steps(models, batch, iters=args.iters, warmup=args.warmup, amp=cfg.train.amp)
+    res = time_steps(models, batch, iters=args.iters, warmup=args.warmup, amp=cfg.train.amp,
+                     amp_dtype=cfg.train.amp_dtype)  # fmt: skip
     imgs = cfg.train.batch_size
     for k, r in res.items():
         print(f"{k}: {r['ms']:.1f} ms/step  {imgs / r['ms'] * 1e3:.1f} images/s", end="")
@@ -363,7 +381,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"load_avg_1min={load:.2f} cpus={os.cpu_count()}")
     if args.profile:
         parts, table = profile_steps(
-            predet, batch, steps=args.profile, amp=cfg.train.amp, rows=args.profile_rows,
+            predet, batch, steps=args.profile, amp=cfg.train.amp, amp_dtype=cfg.train.amp_dtype,
+            rows=args.profile_rows,
             trace=args.trace,
         )  # fmt: skip
         print(table)

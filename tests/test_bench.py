@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,40 @@ def test_bench_data_too_small_a_view_is_an_error_before_any_work(capsys):
     assert main(["bench", "data", "--size", "4"]) == 2  # was a ValueError after the query benchmark
     err = capsys.readouterr()
     assert err.err.strip() == "predet: error: --size 4: views must be >= 8 px" and err.out == ""
+
+
+@pytest.mark.parametrize("amp_dtype,dtype,scaled", [("bfloat16", torch.bfloat16, False), ("float16", torch.float16, True)])
+def test_step_autocast_follows_amp_dtype(monkeypatch, amp_dtype, dtype, scaled):
+    """On CUDA the benchmarked step runs as pre-training's: autocast in train.amp_dtype, a
+    GradScaler for float16 only (bench step used bf16 whatever the config said)."""
+    import predet.bench as bench
+
+    made = {}
+    monkeypatch.setattr(bench.torch, "autocast", lambda device, dtype: made.setdefault("autocast", (device, dtype)))
+    monkeypatch.setattr(bench.torch.amp, "GradScaler", lambda device, enabled: made.setdefault("scaler", enabled))
+    bench.amp_step_parts(True, True, amp_dtype)
+    assert made == {"autocast": ("cuda", dtype), "scaler": scaled}
+    made.clear()
+    autocast, _ = bench.amp_step_parts(True, False, amp_dtype)  # train.amp=false: float32
+    assert made == {"scaler": False} and isinstance(autocast, nullcontext)
+
+
+def test_step_on_cpu_runs_in_float32_without_a_scaler(tiny_cfg_bench):
+    """On CPU neither autocast nor loss scaling, whatever train.amp / amp_dtype say: one step of
+    time_steps with float16 asked for moves the weights exactly as one with amp off."""
+    from predet.bench import amp_step_parts, time_steps
+    from predet.modeling.predet import build_predet
+
+    autocast, scaler = amp_step_parts(False, True, "float16")
+    assert isinstance(autocast, type(nullcontext())) and not scaler.is_enabled()
+    cfg = tiny_cfg_bench("train.batch_size=1")
+    batch = random_batch(1, cfg.data.queries_per_image, 64, 5, seed=0)
+    torch.manual_seed(0)
+    start = torch.cat([p.detach().flatten() for p in build_predet(cfg, 5).parameters()])
+    weights = []
+    for amp, amp_dtype in ((False, "bfloat16"), (True, "float16")):
+        torch.manual_seed(0)
+        model = build_predet(cfg, 5).train()
+        time_steps({"predet": model}, batch, iters=1, warmup=1, amp=amp, amp_dtype=amp_dtype)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], start)
