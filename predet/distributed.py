@@ -43,8 +43,35 @@ def init(device: str = "auto", *, timeout_s: Optional[float] = None) -> torch.de
         dev = torch.device("cpu")
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
+        backend = "nccl" if use_cuda else "gloo"
+        store = _restart_store(timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            rank_, world = env_rank()
+            dist.init_process_group(backend=backend, store=store, rank=rank_, world_size=world, timeout=timeout)
     return dev
+
+
+def _restart_store(timeout: Optional[datetime.timedelta]) -> Optional[dist.Store]:
+    """Under torchrun, the agent's store with keys of this restart only, or None elsewhere.
+
+    torchrun's workers share the store of its agent (``TORCHELASTIC_USE_AGENT_STORE``), which
+    outlives a restart of the group; ``init_process_group`` keys the ranks' addresses the same way
+    in every attempt, so after a restart a rank could read the address of a rank of the group
+    that died, and gloo's connect fails ("Connection refused") or waits. A prefix with
+    ``TORCHELASTIC_RESTART_COUNT`` gives each attempt its own keys."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in os.environ:
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timeout or datetime.timedelta(minutes=30),
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"predet/attempt_{attempt}", store)
 
 
 def is_initialized() -> bool:

@@ -179,49 +179,54 @@ def train(
         window_start -= float(log_window["elapsed"])
     bar = tqdm(total=stop, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     model.train()
-    for step in range(start + 1, stop + 1):
-        checked, extra = _forward_backward(model, batches, optimizer, scaler, autocast, accum_steps)
-        scaler.unscale_(optimizer)
-        # logged in every run: how much clipping scales the step down (the norm before clipping);
-        # without clipping, the norm alone (max_norm inf scales by 1)
-        norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or math.inf)
-        # a float16 scaler's skipped steps have an inf norm: logged, not checked
-        (extra if scaler.is_enabled() else checked)["grad_norm"] = norm
-        # the step's one device -> host read (DDP's flags included), after the backward and before
-        # the update: the backward is queued without waiting for the forward (issue 11), and a
-        # non-finite loss or gradient still stops the run before it reaches the weights. (A float16
-        # run's GradScaler reads its inf flag in scaler.step once more.)
-        values, stopping = _read_step_values(checked, step=step, last_good=checkpointer.last_good, extra=extra,
-                                         stop=stop_signals is not None and stop_signals.requested)  # fmt: skip
-        scaler.step(optimizer)
-        scaler.update()
-        lr = optimizer.param_groups[0]["lr"]  # the lr this step used
-        scheduler.step()
-        bar.update(1)
-        window.add(values)
-        evals: dict[str, float] = {}
-        if evaluate is not None and ((eval_every and step % eval_every == 0) or step == stop):
-            t_eval = time.perf_counter()
-            evals = evaluate()
-            window_start += time.perf_counter() - t_eval  # images_per_s counts training only
-        if step % log_every == 0 or step == stop:
-            elapsed = time.perf_counter() - window_start
-            row = {"step": step, "lr": lr, **window.means()}
-            row["images_per_s"] = window.steps * images_per_step / max(elapsed, 1e-9)
-            row["world_size"] = dist_utils.world_size()
-            logger.log({**row, **evals})
-            bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['images_per_s']:.1f}")
-            window, window_start = _Window(), time.perf_counter()
-        elif evals:
-            logger.log({"step": step, **evals})
-        if step % checkpointer.every == 0 or step == stop or stopping:
-            t_save = time.perf_counter()
-            checkpointer.save(step, {"window": window.state(), "elapsed": t_save - window_start})
-            window_start += time.perf_counter() - t_save  # images_per_s counts training only
-        if stopping and step < stop:
-            bar.close()
-            _preempted(stop_signals, step, checkpointer, resume_command)
-    bar.close()
+    try:  # the bar ends its line before any error is printed
+        for step in range(start + 1, stop + 1):
+            checked, extra = _forward_backward(
+                model, batches, optimizer, scaler, autocast, accum_steps
+            )
+            scaler.unscale_(optimizer)
+            # logged in every run: how much clipping scales the step down (the norm before
+            # clipping); without clipping, the norm alone (max_norm inf scales by 1)
+            norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or math.inf)
+            # a float16 scaler's skipped steps have an inf norm: logged, not checked
+            (extra if scaler.is_enabled() else checked)["grad_norm"] = norm
+            # the step's one device -> host read (DDP's flags included), after the backward and
+            # before the update: the backward is queued without waiting for the forward (issue
+            # 11), and a non-finite loss or gradient still stops the run before it reaches the
+            # weights. (A float16 run's GradScaler reads its inf flag in scaler.step once more.)
+            values, stopping = _read_step_values(
+                checked, step=step, last_good=checkpointer.last_good, extra=extra,
+                stop=stop_signals is not None and stop_signals.requested,
+            )  # fmt: skip
+            scaler.step(optimizer)
+            scaler.update()
+            lr = optimizer.param_groups[0]["lr"]  # the lr this step used
+            scheduler.step()
+            bar.update(1)
+            window.add(values)
+            evals: dict[str, float] = {}
+            if evaluate is not None and ((eval_every and step % eval_every == 0) or step == stop):
+                t_eval = time.perf_counter()
+                evals = evaluate()
+                window_start += time.perf_counter() - t_eval  # images_per_s counts training only
+            if step % log_every == 0 or step == stop:
+                elapsed = time.perf_counter() - window_start
+                row = {"step": step, "lr": lr, **window.means()}
+                row["images_per_s"] = window.steps * images_per_step / max(elapsed, 1e-9)
+                row["world_size"] = dist_utils.world_size()
+                logger.log({**row, **evals})
+                bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['images_per_s']:.1f}")
+                window, window_start = _Window(), time.perf_counter()
+            elif evals:
+                logger.log({"step": step, **evals})
+            if step % checkpointer.every == 0 or step == stop or stopping:
+                t_save = time.perf_counter()
+                checkpointer.save(step, {"window": window.state(), "elapsed": t_save - window_start})
+                window_start += time.perf_counter() - t_save  # images_per_s counts training only
+            if stopping and step < stop:
+                _preempted(stop_signals, step, checkpointer, resume_command)
+    finally:
+        bar.close()
 
 
 def _forward_backward(
