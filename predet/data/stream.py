@@ -33,7 +33,14 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from predet.errors import UserError
 
-__all__ = ["StreamPosition", "EpochIndexedDataset", "EpochBatchSampler", "BatchStream", "check_batch_fits"]
+__all__ = [
+    "StreamPosition",
+    "EpochIndexedDataset",
+    "EpochBatchSampler",
+    "StepBatchSampler",
+    "BatchStream",
+    "check_batch_fits",
+]
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +142,41 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
                 chunk = mine[b * self.batch_size : (b + 1) * self.batch_size]
                 yield [(epoch, i) for i in chunk]
             epoch, first = epoch + 1, 0
+
+
+class StepBatchSampler(Sampler):
+    """Yields, for steps ``start..total-1``, this rank's batch as a list of ``(epoch, index)``
+    (fine-tuning's order: a pure function of the step).
+
+    The global stream is the concatenation of per-epoch permutations of ``range(num_items)``
+    (:func:`epoch_permutation`, as :class:`EpochBatchSampler`'s); step ``s`` takes its items
+    ``s*B*W .. (s+1)*B*W`` and rank ``r`` every W-th of them from ``r`` (the rank split of
+    :class:`EpochBatchSampler`). Unlike it, epochs follow each other without dropping a tail, so
+    a data set smaller than a batch wraps into the next epoch.
+    """
+
+    def __init__(
+        self, *, num_items: int, batch_size: int, seed: int, start: int, total: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if num_items <= 0:
+            raise UserError("the training set has no usable images")
+        self.n, self.b, self.seed = num_items, batch_size, seed
+        self.start, self.total, self.rank, self.world = start, total, rank, world_size
+        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
+
+    def _item(self, position: int) -> tuple[int, int]:
+        epoch, offset = divmod(position, self.n)
+        if epoch != self._perm_epoch:  # the pre-training stream's permutation of (seed, epoch)
+            self._perm, self._perm_epoch = epoch_permutation(self.n, seed=self.seed, epoch=epoch), epoch
+        return epoch, int(self._perm[offset])
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.total):
+            first = step * self.b * self.world + self.rank
+            yield [self._item(first + k * self.world) for k in range(self.b)]
+
+    def __len__(self) -> int:
+        return self.total - self.start
 
 
 class BatchStream:

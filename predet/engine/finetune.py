@@ -38,12 +38,12 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from predet import distributed
 from predet.config import FinetuneConfig, load_config, save_config, to_dict
 from predet.data.detection import DetectionDataset, collate_detection, load_gt, resolve_split
-from predet.data.stream import epoch_permutation
+from predet.data.stream import StepBatchSampler
 from predet.engine import trainer
 from predet.engine.common import (
     MetricLogger,
@@ -115,39 +115,6 @@ def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.SGD:
 # --------------------------------------------------------------------------------------------
 # Data order
 # --------------------------------------------------------------------------------------------
-class StepBatchSampler(Sampler):
-    """Yields, for steps ``start..total-1``, this rank's batch as a list of ``(epoch, index)``.
-
-    The global stream is the concatenation of per-epoch permutations of ``range(num_items)``
-    (epoch ``e`` seeded by ``seed`` and ``e``); step ``s`` takes its items ``s*B*W .. (s+1)*B*W``
-    and rank ``r`` the ``r``-th slice of ``B``. A data set smaller than a batch wraps into the
-    next epoch.
-    """
-
-    def __init__(
-        self, *, num_items: int, batch_size: int, seed: int, start: int, total: int, rank: int = 0, world_size: int = 1
-    ) -> None:
-        if num_items <= 0:
-            raise UserError("the training set has no usable images")
-        self.n, self.b, self.seed = num_items, batch_size, seed
-        self.start, self.total, self.rank, self.world = start, total, rank, world_size
-        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
-
-    def _item(self, position: int) -> tuple[int, int]:
-        epoch, offset = divmod(position, self.n)
-        if epoch != self._perm_epoch:  # the pre-training stream's permutation of (seed, epoch)
-            self._perm, self._perm_epoch = epoch_permutation(self.n, seed=self.seed, epoch=epoch), epoch
-        return epoch, int(self._perm[offset])
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for step in range(self.start, self.total):
-            first = (step * self.world + self.rank) * self.b
-            yield [self._item(p) for p in range(first, first + self.b)]
-
-    def __len__(self) -> int:
-        return self.total - self.start
-
-
 # --------------------------------------------------------------------------------------------
 # Logging
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,13 @@ from pycocotools.cocoeval import COCOeval
 
 from predet.cli import main
 from predet.config import FinetuneConfig, PretrainConfig, load_config
-from predet.data.detection import DetectionDataset, load_coco_json, load_voc, resolve_split, segm_to_mask
+from predet.data.detection import (
+    DetectionDataset,
+    load_coco_json,
+    load_voc,
+    resolve_split,
+    segm_to_mask,
+)
 from predet.engine.common import WarmupStepSchedule
 from predet.engine.finetune import StepBatchSampler, build_optimizer, finetune, schedule
 from predet.errors import UserError
@@ -84,6 +90,15 @@ def test_step_batches_split_by_rank_and_resume() -> None:
     # every epoch is a permutation: 5 steps of 2 cover the 10 items of epoch 0 exactly once
     assert sorted(i for b in full[:5] for e, i in b) == list(range(10))
     assert {e for b in full[5:] for e, _ in b} == {1}
+    # one rank split for both engines: with whole batches per epoch, fine-tuning's order is
+    # pre-training's, rank for rank (B=2 per rank, W=2)
+    from predet.data.stream import EpochBatchSampler
+
+    for r in range(2):
+        step_order = list(StepBatchSampler(num_items=12, batch_size=2, seed=3, start=0, total=6, rank=r,
+                                           world_size=2))  # fmt: skip
+        stream = iter(EpochBatchSampler(num_items=12, batch_size=2, seed=3, rank=r, world_size=2))
+        assert step_order == [next(stream) for _ in range(6)]
     # a data set smaller than a batch wraps into the next epoch
     small = list(StepBatchSampler(num_items=3, batch_size=4, seed=0, start=0, total=3))
     assert [len(b) for b in small] == [4, 4, 4] and sorted(i for e, i in small[0] if e == 0) == [0, 1, 2]
