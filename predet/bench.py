@@ -25,23 +25,21 @@ The last line is ``predet_step_ms=<float> cls_step_ms=<float> ratio=<float>``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import statistics
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from predet.config import PretrainConfig, load_config
+from predet.config import PretrainConfig
 from predet.engine.common import resolve_device
-from predet.errors import UserError
 from predet.modeling.predet import PreDet, build_predet, cls_only_config
 
-__all__ = ["random_batch", "time_steps", "profile_steps", "labelled_parts", "SectionTimer", "run"]
+__all__ = ["random_batch", "time_steps", "profile_steps", "labelled_parts", "SectionTimer", "bench_step"]
 
 _AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _AMP_NAMES = {"bfloat16": "bf16", "float16": "fp16"}  # the start line's amp=
@@ -321,18 +319,20 @@ def time_steps(
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.config is None:  # the shipped tiny config, wherever the command runs from
-        from predet.demo import config_dir
-
-        args.config = str(config_dir() / "pretrain" / "tiny_cpu.yaml")
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
-    if args.iters < 1:
-        raise UserError(f"--iters: must be >= 1, got {args.iters}")
-    if args.profile < 0:
-        raise UserError(f"--profile: must be >= 0 steps, got {args.profile}")
-    if args.trace and not args.profile:
-        raise UserError("--trace: needs --profile N (the profiled steps are what it records)")
+def bench_step(
+    cfg: PretrainConfig,
+    *,
+    iters: int = 10,
+    warmup: int = 3,
+    profile: int = 0,
+    profile_rows: int = 25,
+    trace: Optional[str] = None,
+) -> dict[str, dict[str, float]]:
+    """Time a PreDet pre-training step against the same model's cls-only step (:func:`time_steps`,
+    ``iters`` steps after ``warmup``) on a random batch of ``cfg``'s shape, on ``cfg.train.device``;
+    then, with ``profile`` > 0, profile that many PreDet steps (:func:`profile_steps`: time per
+    model part, the top ``profile_rows`` operators, a Chrome ``trace`` file). Prints the report;
+    returns :func:`time_steps`' results."""
     device = torch.device(resolve_device(cfg.train.device))  # as pretrain reads it
     if device.type == "cuda":  # synchronize, events and the peak memory act on the current GPU
         torch.cuda.set_device(device.index or 0)
@@ -364,9 +364,9 @@ def run(args: argparse.Namespace) -> int:
         f"size={cfg.model.input_size} images={cfg.train.batch_size} "
         f"views={2 * cfg.train.batch_size} queries={cfg.data.queries_per_image} "
         f"amp={_AMP_NAMES[cfg.train.amp_dtype] if device.type == 'cuda' and cfg.train.amp else 'off'} "
-        f"channels_last={channels_last} iters={args.iters} warmup={args.warmup}"
+        f"channels_last={channels_last} iters={iters} warmup={warmup}"
     )
-    res = time_steps(models, batch, iters=args.iters, warmup=args.warmup, amp=cfg.train.amp,
+    res = time_steps(models, batch, iters=iters, warmup=warmup, amp=cfg.train.amp,
                      amp_dtype=cfg.train.amp_dtype)  # fmt: skip
     imgs = cfg.train.batch_size
     for k, r in res.items():
@@ -379,22 +379,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"peak_rss={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         print(f"load_avg_1min={load:.2f} cpus={os.cpu_count()}")
-    if args.profile:
+    if profile:
         parts, table = profile_steps(
-            predet, batch, steps=args.profile, amp=cfg.train.amp, amp_dtype=cfg.train.amp_dtype,
-            rows=args.profile_rows,
-            trace=args.trace,
+            predet, batch, steps=profile, amp=cfg.train.amp, amp_dtype=cfg.train.amp_dtype,
+            rows=profile_rows,
+            trace=trace,
         )  # fmt: skip
         print(table)
         kind = "device" if device.type == "cuda" else "CPU"
-        print(f"profile: {args.profile} PreDet steps, {kind} ms per step by part "
+        print(f"profile: {profile} PreDet steps, {kind} ms per step by part "
               f"(each includes the parts called inside it)")  # fmt: skip
         for label, ms in parts.items():
             print(f"  {label:<28s} {ms:9.2f}")
-        if args.trace:
-            print(f"trace: {args.trace}")
+        if trace:
+            print(f"trace: {trace}")
     p, c = res["predet"]["ms"], res["cls"]["ms"]
     prop = res["predet"]["proposal_ms"]
     print(f"predet_proposal_ms={prop:.2f} share={prop / p:.3f}")
     print(f"predet_step_ms={p:.2f} cls_step_ms={c:.2f} ratio={p / c:.3f}")
-    return 0
+    return res

@@ -1,22 +1,23 @@
-"""The ``predet`` command line: argument parsing only; every verb calls ``run(args)`` of its module.
+"""The ``predet`` command line: argument parsing only; every verb calls its function in
+:mod:`predet.commands` with the parsed ``argparse.Namespace``.
 
-Every verb is always listed in ``--help``; its module is imported when the verb runs (so ``--help``
-stays fast), and a dependency it lacks is a one-line error naming the package, never a verb that
-silently vanishes. User errors (:class:`predet.errors.UserError`) print one line on stderr and
+Every verb is always listed in ``--help``; its library module is imported when the verb runs (so
+``--help`` stays fast and needs no torch), and a dependency it lacks is a one-line error naming the
+package, never a verb that silently vanishes. User errors (:class:`predet.errors.UserError`) print one line on stderr and
 exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from typing import Callable, Optional, Sequence
 
+from predet import commands
 from predet.errors import Preempted, UserError
 
-# (verb path, module with `run(args)`, one-line help, function adding the verb's arguments)
+# (verb path, its function in predet.commands, one-line help, function adding the verb's arguments)
 _Verb = tuple[tuple[str, ...], str, str, Callable[[argparse.ArgumentParser], None]]
 
 
@@ -209,39 +210,21 @@ def _bench_data_args(p: argparse.ArgumentParser) -> None:
 
 
 VERBS: list[_Verb] = [
-    (("data", "synth"), "predet.data.synth", "generate the built-in synthetic world", _synth_args),
-    (("data", "vocab"), "predet.data.vocab", "map tags to classes, filter rare ones", _vocab_args),
-    (("data", "queries"), "predet.data.queries", "cache unsupervised query boxes", _queries_args),
-    (("data", "shards"), "predet.data.shards", "write WebDataset tar shards", _shards_args),
-    (("pretrain",), "predet.engine.pretrain", "PreDet pre-training", _pretrain_args),
-    (("export",), "predet.export", "export to torchvision / detectron2 / timm", _export_args),
-    (("finetune",), "predet.engine.finetune", "fine-tune a detector", _finetune_args),
-    (("evaluate",), "predet.engine.evaluate", "COCO-style AP of a run", _evaluate_args),
-    (("analyze", "correlation"), "predet.analysis.correlation", "IoU vs similarity", _correlation_args),
-    (("analyze", "lookup"), "predet.analysis.lookup", "query-box lookup: accuracy and pictures", _lookup_args),
-    (("compare",), "predet.analysis.compare", "markdown table of results", _compare_args),
-    (("demo",), "predet.demo", "the PreDet vs cls-only vs scratch comparison, built-in world or --world", _demo_args),
-    (("bench", "step"), "predet.bench", "PreDet step vs cls-only step", _bench_step_args),
-    (("bench", "data"), "predet.data.bench", "query and two-view loader throughput", _bench_data_args),
+    (("data", "synth"), "data_synth", "generate the built-in synthetic world", _synth_args),
+    (("data", "vocab"), "data_vocab", "map tags to classes, filter rare ones", _vocab_args),
+    (("data", "queries"), "data_queries", "cache unsupervised query boxes", _queries_args),
+    (("data", "shards"), "data_shards", "write WebDataset tar shards", _shards_args),
+    (("pretrain",), "pretrain", "PreDet pre-training", _pretrain_args),
+    (("export",), "export", "export to torchvision / detectron2 / timm", _export_args),
+    (("finetune",), "finetune", "fine-tune a detector", _finetune_args),
+    (("evaluate",), "evaluate", "COCO-style AP of a run", _evaluate_args),
+    (("analyze", "correlation"), "analyze_correlation", "IoU vs similarity", _correlation_args),
+    (("analyze", "lookup"), "analyze_lookup", "query-box lookup: accuracy and pictures", _lookup_args),
+    (("compare",), "compare", "markdown table of results", _compare_args),
+    (("demo",), "demo", "the PreDet vs cls-only vs scratch comparison, built-in world or --world", _demo_args),
+    (("bench", "step"), "bench_step", "PreDet step vs cls-only step", _bench_step_args),
+    (("bench", "data"), "bench_data", "query and two-view loader throughput", _bench_data_args),
 ]
-
-
-# import name -> what to install, for the error of a verb whose dependency is missing
-_PACKAGES = {"cv2": "opencv-contrib-python-headless", "skimage": "scikit-image"}
-
-
-def _import(module: str, verb: str):
-    """The verb's module; a third-party package it lacks is a UserError naming the package."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name is None or e.name.split(".")[0] == "predet":
-            raise  # a module of this package is missing: a bug (or a broken install), not usage
-        package = _PACKAGES.get(e.name.split(".")[0], e.name.split(".")[0])
-        raise UserError(
-            f"'predet {verb}' needs the Python package '{e.name}', which is not installed "
-            f"(pip install {package})"
-        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     top = parser.add_subparsers(dest="verb", metavar="<verb>")
     groups: dict[str, argparse._SubParsersAction] = {}
-    for path, module, help_, add_args in VERBS:
+    for path, command, help_, add_args in VERBS:
         if len(path) == 1:
             p = top.add_parser(path[0], help=help_, description=help_)
         else:
@@ -261,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                 groups[path[0]] = g.add_subparsers(dest="subverb", metavar="<command>")
             p = groups[path[0]].add_parser(path[1], help=help_, description=help_)
         add_args(p)
-        p.set_defaults(_module=module, _verb=" ".join(path), _parser=p)
+        p.set_defaults(_command=command, _verb=" ".join(path), _parser=p)
     return parser
 
 
@@ -281,12 +264,12 @@ def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> ar
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = _parse(parser, argv)
-    module = getattr(args, "_module", None)
-    if module is None:
+    command = getattr(args, "_command", None)
+    if command is None:
         getattr(args, "_group", parser).print_help(sys.stderr)
         return 2
     try:
-        return _import(module, args._verb).run(args) or 0
+        return getattr(commands, command)(args) or 0
     except UserError as e:
         print(f"predet: error: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,6 @@ and head init)
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -31,7 +30,7 @@ from predet.errors import UserError
 if TYPE_CHECKING:
     from predet.config import FinetuneConfig, PretrainConfig
 
-__all__ = ["DemoPlan", "DemoWorld", "PLANS", "demo", "resolve_world", "run"]
+__all__ = ["DemoPlan", "DemoWorld", "PLANS", "demo", "resolve_world"]
 
 INITS = ("predet", "cls-only", "scratch")
 
@@ -673,10 +672,3 @@ def demo(
           flush=True)  # fmt: skip
     return {"table": report.table, "results": report.results, "stats": report.stats, "correlation": corr,
             "cls_map": pre.cls_map}  # fmt: skip
-
-
-def run(args: argparse.Namespace) -> int:
-    demo(args.out, preset=args.preset, world=args.world, seeds=args.seeds, pretrain_seeds=args.pretrain_seeds,
-         overwrite=args.overwrite, pretrain_overrides=args.pretrain or (),
-         finetune_overrides=args.finetune or ())  # fmt: skip
-    return 0

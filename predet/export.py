@@ -36,7 +36,6 @@ into ``model.roi_heads.box_head``, keeping the backbone file loadable on its own
 
 from __future__ import annotations
 
-import argparse
 import copyreg
 import io
 import json
@@ -61,7 +60,7 @@ from predet.utils import (
 )
 
 __all__ = [
-    "run", "export_backbone", "extract_backbone", "extract_box_head", "to_detectron2", "backbone_metadata",
+    "export_backbone", "extract_backbone", "extract_box_head", "to_detectron2", "backbone_metadata",
     "detectron2_config", "dump_detectron2", "sidecar_path", "read_sidecar", "check_init_sidecar",
 ]  # fmt: skip
 
@@ -103,20 +102,6 @@ _D2_RULES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^fc6\.(\w+)$"), r"roi_heads.box_head.fc1.\1"),
     (re.compile(r"^fc7\.(\w+)$"), r"roi_heads.box_head.fc2.\1"),
 ]
-
-
-def run(args: argparse.Namespace) -> int:
-    src = Path(args.run) / "checkpoints" / "last.pt" if args.run else Path(args.ckpt)
-    written = export_backbone(src, args.format, args.out, box_head=args.box_head, norm=args.norm)
-    for path in written:
-        print(path)
-    if args.format == "detectron2":
-        print(f"# detectron2, from its repository root (the keys of {written[-1]} over the stock config):")
-        print(train_net_command(yaml.safe_load(Path(written[-1]).read_text())))
-    if args.format == "timm":
-        meta = json.loads(written[-1].read_text())["predet"]
-        print("\n".join(export_timm.usage_lines(meta, written[0].parent)))
-    return 0
 
 
 def _model_state(ckpt_or_state: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], str, dict]:

@@ -1,14 +1,12 @@
 """The CLI: help for every verb, user errors as one line with exit status 2."""
 
+import re
 import subprocess
 import sys
-
-import re
 
 import pytest
 
 from predet import cli
-
 
 # every verb of DESIGN §4
 DESIGN_VERBS = [("data", "synth"), ("data", "vocab"), ("data", "queries"), ("data", "shards"),
@@ -51,8 +49,8 @@ def test_no_verb_is_usage_error(capsys):
     assert cli.main([]) == 2
 
 
-@pytest.mark.parametrize("path, module, _help, _args", cli.VERBS)
-def test_every_verb_has_help(path, module, _help, _args, capsys):
+@pytest.mark.parametrize("path, command, _help, _args", cli.VERBS)
+def test_every_verb_has_help(path, command, _help, _args, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([*path, "--help"])
     assert e.value.code == 0
@@ -77,7 +75,7 @@ def test_user_error_is_one_line_exit_2(tmp_path):
 
 def test_overrides_may_follow_flags_and_a_group_prints_its_own_help(capsys, monkeypatch):
     seen = {}
-    monkeypatch.setattr("predet.engine.pretrain.run", lambda args: seen.update(vars(args)) or 0)
+    monkeypatch.setattr("predet.commands.pretrain", lambda args: seen.update(vars(args)) or 0)
     assert cli.main(["pretrain", "--config", "c.yaml", "train.steps=1", "--overwrite", "train.lr=2"]) == 0
     assert seen["overrides"] == ["train.steps=1", "train.lr=2"] and seen["overwrite"] is True
     with pytest.raises(SystemExit) as e:  # what is neither a flag nor key=value is still refused

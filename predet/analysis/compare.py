@@ -21,7 +21,7 @@ import yaml
 from predet.errors import UserError
 from predet.utils import atomic_write_text
 
-__all__ = ["compare", "group_results", "summarize", "mean_std", "load_run_results", "run"]
+__all__ = ["compare", "group_results", "summarize", "mean_std", "load_run_results", "write_compare"]
 
 _METRICS = ("AP", "AP50", "AP75")
 
@@ -175,11 +175,11 @@ def _check_replaceable(out: Path) -> None:
             raise UserError(f"--out {out}: exists and is not a table predet compare wrote; choose another file")
 
 
-def run(args) -> int:
-    table = compare(args.runs)
-    out = Path(args.out or "compare.md")
+def write_compare(runs: Sequence[str | Path], out: str | Path) -> str:
+    """The table of :func:`compare` written to ``out`` (atomically; ``out`` may only replace a table
+    an earlier ``predet compare`` wrote); returns the table."""
+    table = compare(runs)
+    out = Path(out)
     _check_replaceable(out)
     atomic_write_text(out, table)
-    print(table, end="")
-    print(f"wrote {out}")
-    return 0
+    return table

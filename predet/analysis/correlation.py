@@ -52,10 +52,8 @@ Writes ``OUT/correlation.json`` = ``{init: {"small"|"medium"|"large": {"pearson"
 
 from __future__ import annotations
 
-import argparse
 import math
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -80,7 +78,7 @@ __all__ = [
     "plot_correlation",
     "format_table",
     "init_name",
-    "run",
+    "save_correlation",
 ]
 
 BUCKETS = ("small", "medium", "large")
@@ -637,42 +635,12 @@ def plot_correlation(
     return save_figure(fig, out, dpi=120)
 
 
-def run(args: argparse.Namespace) -> int:
-    t0 = time.time()
-    inits: dict[str, str] = {}
-    for init in args.init:
-        name = init_name(init)
-        if name in inits:
-            raise UserError(f"--init {init}: another init is also named '{name}' (rename one file)")
-        inits[name] = init
-    if args.size is not None and args.size < 1:
-        raise UserError(f"--size {args.size}: must be positive")
-    from predet.engine.common import resolve_device
-
-    device = resolve_device(args.device, what="--device")
-    results = correlation(
-        inits,
-        args.data,
-        args.images,
-        seed=args.seed,
-        boxes_per_gt=args.boxes_per_gt,
-        max_images=args.max_images,
-        size=args.size,
-        batch_size=args.batch_size,
-        backbone=args.backbone,
-        fpn_channels=args.fpn_channels,
-        device=device,
-        threads=args.threads,
-        pool=args.pool,
-    )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def save_correlation(results: dict, out: str | Path) -> None:
+    """``out/correlation.json`` and ``out/correlation.png`` (:func:`plot_correlation`) of
+    :func:`correlation`'s ``results``; ``out`` is created."""
     from predet.utils import write_json
 
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "correlation.json", results)
     plot_correlation(results, out / "correlation.png")
-    print(format_table(results))
-    print(
-        f"wrote {out / 'correlation.json'} and {out / 'correlation.png'} in {time.time() - t0:.1f}s"
-    )
-    return 0

@@ -23,8 +23,6 @@ retrieval (green when it hits, red when it misses) and the next best proposals (
 
 from __future__ import annotations
 
-import argparse
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,7 +33,7 @@ from torchvision.ops import box_iou
 from predet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from predet.errors import UserError
 
-__all__ = ["lookup", "summarize", "draw_lookup", "write_lookup", "format_summary", "run"]
+__all__ = ["lookup", "summarize", "draw_lookup", "write_lookup", "format_summary"]
 
 HIT_IOU = 0.5
 
@@ -235,21 +233,3 @@ def format_summary(summary: dict) -> str:
             f"only): lookup_top1_proposals {fmt(summary['lookup_top1_proposals'])} "
             f"(chance {fmt(summary['chance_top1'])}), "
             f"crpn_recall {fmt(summary['crpn_recall'])}")  # fmt: skip
-
-
-def run(args: argparse.Namespace) -> int:
-    from predet.engine.common import resolve_device
-
-    t0 = time.time()
-    if args.pictures < 0 or args.queries < 1:  # before the work, as write_lookup would say after it
-        raise UserError(f"--pictures {args.pictures} / --queries {args.queries}: must be >= 0 / >= 1")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device, what="--device")
-    summary, records, views = lookup(
-        args.run, ckpt=args.ckpt, images=args.images, seed=args.seed, batch_size=args.batch_size, device=device
-    )
-    drawn = write_lookup(args.out, summary, records, views, pictures=args.pictures, queries=args.queries)
-    print(format_summary(summary))
-    print(f"wrote {Path(args.out) / 'lookup.json'} and {drawn} pictures in {time.time() - t0:.1f}s")
-    return 0

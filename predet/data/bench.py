@@ -11,12 +11,11 @@ The baseline is a plain ``torchvision.transforms.v2`` MoCo-v2 pipeline on uint8 
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import cv2
 import numpy as np
@@ -31,7 +30,7 @@ from predet.data.queries import QueryParams, _edge_boxes, compute_queries, gradi
 from predet.data.transforms import TwoViewTransform, sample_seed
 from predet.errors import UserError
 
-__all__ = ["run"]
+__all__ = ["bench_data"]
 
 _SAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 
@@ -199,36 +198,34 @@ def _valid_fraction(paths: list[Path], boxes: list[np.ndarray], t: TwoViewTransf
     return frac
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.images < 1 or args.repeats < 1:
-        raise UserError(f"--images and --repeats must be >= 1, got {args.images} and {args.repeats}")
-    from predet.config import MIN_INPUT_SIZE
-
-    if args.size < MIN_INPUT_SIZE:  # before the query benchmark, not after it
-        raise UserError(f"--size {args.size}: views must be >= {MIN_INPUT_SIZE} px")
+def bench_data(images: int = 32, size: int = 480, *, repeats: int = 2, manifest: Optional[str] = None) -> dict:
+    """Time the query boxes and the two-view loader against ``torchvision.transforms.v2`` on
+    ``images`` images (the first readable ones of ``manifest``, default: sample photographs),
+    ``size`` px views, ``repeats`` passes, one thread. Prints the per-stage ratios and a summary
+    line; returns its numbers."""
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        if getattr(args, "manifest", None):
+        if manifest:
             paths, bad = [], []
-            for e in read_manifest(args.manifest).entries:
+            for e in read_manifest(manifest).entries:
                 try:
                     load_image(e.path)
                     paths.append(e.path)
                 except BadImage as err:
                     bad.append(err)
                     continue
-                if len(paths) == args.images:
+                if len(paths) == images:
                     break
             if not paths:
-                raise UserError(f"{args.manifest}: none of its {len(bad)} images can be read (first: {bad[0]})")
+                raise UserError(f"{manifest}: none of its {len(bad)} images can be read (first: {bad[0]})")
         else:
-            paths = _sample_images(Path(tmp), args.images)
-        print(f"bench data: {len(paths)} images, views {args.size}x{args.size}, 1 thread")
+            paths = _sample_images(Path(tmp), images)
+        print(f"bench data: {len(paths)} images, views {size}x{size}, 1 thread")
         q_rate, boxes = _bench_queries(paths, QueryParams())
-        t = TwoViewTransform(args.size)
-        _two, ours = _bench_two_view(paths, boxes, t, repeats=args.repeats)
-        tv_rate, theirs = _bench_tv2(paths, args.size)
+        t = TwoViewTransform(size)
+        _two, ours = _bench_two_view(paths, boxes, t, repeats=repeats)
+        tv_rate, theirs = _bench_tv2(paths, size)
         pairs = (  # (stage, our stages, torchvision's stages)
             ("decode", ("decode (draft)",), ("decode",)),
             ("crop+resize", ("crop+resize+flip",), ("crop+resize",)),
@@ -246,4 +243,5 @@ def run(args: argparse.Namespace) -> int:
         f"query_img_s={q_rate:.2f} two_view_s={_two:.2f} tv2_two_view_s={tv_rate:.3f} "
         f"speedup={_two / tv_rate:.2f} valid_frac={frac:.3f}"
     )
-    return 0
+    return {"query_img_s": q_rate, "two_view_s": _two, "tv2_two_view_s": tv_rate, "speedup": _two / tv_rate,
+            "valid_frac": frac}  # fmt: skip

@@ -24,7 +24,6 @@ structured-edge detector.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import multiprocessing as mp
@@ -42,7 +41,7 @@ import torch
 from torchvision.ops import box_iou, nms
 
 from predet.data.images import BadImage, draft_scale, load_image
-from predet.data.manifest import ManifestEntry, read_manifest
+from predet.data.manifest import Manifest, ManifestEntry
 from predet.distributed import env_rank
 from predet.errors import UserError
 from predet.utils import atomic_write_text, folder_lock, remove_numbered
@@ -59,7 +58,7 @@ __all__ = [
     "cache_queries",
     "read_truth_boxes",
     "query_recall",
-    "run",
+    "query_manifest",
 ]
 
 
@@ -625,36 +624,32 @@ def query_recall(cache: QueryCache, truth: str | os.PathLike, *, iou: float = 0.
     return (hit / n if n else math.nan), n
 
 
-def run(args: argparse.Namespace) -> int:
-    manifest = read_manifest(args.manifest, getattr(args, "images", None))
-    if args.max_boxes < 1 or args.max_side < 32 or args.shard_size < 1:
-        raise UserError("--max-boxes and --shard-size must be >= 1 and --max-side >= 32")
-    if args.edge_model and not Path(args.edge_model).is_file():
-        raise UserError(f"--edge-model file not found: {args.edge_model}")
-    params = QueryParams(
-        method=args.method,
-        max_boxes=args.max_boxes,
-        max_side=args.max_side,
-        min_side=min(args.min_side, args.max_side),
-        min_size=args.min_size,
-        max_aspect=args.max_aspect,
-        edge_model=args.edge_model,
-    )
-    check_opencv()
+def query_manifest(
+    manifest: Manifest,
+    out: str | os.PathLike,
+    params: QueryParams,
+    *,
+    workers: Optional[int] = None,
+    shard_size: int = 1000,
+) -> dict:
+    """:func:`cache_queries` of a manifest's images into ``out``, this process's share under
+    torchrun (``RANK``/``WORLD_SIZE``), with ``workers`` processes (default: the node's cores shared
+    by its torchrun processes). Prints one summary line per rank, the first failed images and, where
+    ``truth.jsonl`` lies beside the manifest (one process only), the query recall. Returns the counts."""
     rank, world = env_rank()
     truth = manifest.path.parent / "truth.jsonl"
     if truth.is_file() and world == 1:
         read_truth_boxes(truth)  # a malformed line is an error now, not after the long work
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # the node's cores shared by its torchrun processes
-    workers = max(1, args.workers or cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    workers = max(1, workers or cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     t0 = time.perf_counter()
     counts = cache_queries(
-        manifest.entries, args.out, params, workers=workers, shard_size=args.shard_size,
+        manifest.entries, out, params, workers=workers, shard_size=shard_size,
         rank=rank, world_size=world, progress=True,
-    )
+    )  # fmt: skip
     dt = time.perf_counter() - t0
-    out = Path(args.out)
+    out = Path(out)
     rate = counts["images"] / dt if counts["images"] else 0.0
     print(
         f"rank {rank}/{world}: {counts['images']} images, {counts['boxes']} boxes "
@@ -671,4 +666,4 @@ def run(args: argparse.Namespace) -> int:
     if truth.is_file() and world == 1:
         recall, n = query_recall(QueryCache(out), truth, iou=0.5, top=params.max_boxes)
         print(f"query recall vs {truth.name}: {recall:.3f} of {n} true boxes have a query with IoU >= 0.5 (top {params.max_boxes})")
-    return 0
+    return counts

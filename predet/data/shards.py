@@ -17,7 +17,6 @@ Reading is :class:`predet.data.datasets.ShardDataset` (``data.format=shards``, `
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -35,7 +34,7 @@ from predet.distributed import env_rank
 from predet.errors import UserError
 from predet.utils import atomic_write_text, folder_lock, remove_numbered, write_json
 
-__all__ = ["encode_sample", "write_shards", "run"]
+__all__ = ["encode_sample", "write_shards", "shard_manifest"]
 
 
 def _stored_jpeg(entry: ManifestEntry) -> tuple[bytes, tuple[int, int]]:
@@ -145,27 +144,37 @@ def _merge_failed(out: Path) -> None:
     atomic_write_text(out / "failed.jsonl", text)
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.shard_size < 1:
-        raise UserError(f"--shard-size must be >= 1, got {args.shard_size}")
-    manifest = read_manifest(args.manifest)
-    entries = manifest.entries
-    synonyms = None
+def shard_manifest(
+    manifest: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    queries: Optional[str | os.PathLike] = None,
+    synonyms: Optional[str | os.PathLike] = None,
+    shard_size: int = 1000,
+) -> dict:
+    """:func:`write_shards` of a manifest into ``out`` (this process's share under torchrun), with
+    ``out/vocab.json``. The query boxes come from the cache folder ``queries`` or the manifest's
+    lines; the classes from the lines' labels, or their tags mapped by ``synonyms`` (default:
+    ``synonyms.json`` beside the manifest). Prints one summary line and the first failed images;
+    returns the counts."""
+    m = read_manifest(manifest)
+    entries = m.entries
+    tags = None
     if not all(e.labels is not None for e in entries):
-        path = Path(args.synonyms) if args.synonyms else manifest.path.parent / "synonyms.json"
+        path = Path(synonyms) if synonyms else m.path.parent / "synonyms.json"
         if not path.is_file():
-            raise UserError(f"{manifest.path}: lines carry tags but no labels; give --synonyms (not found: {path})")
-        synonyms = load_synonyms(path)
-    vocab = build_vocab(entries, synonyms, 1)
-    cache = QueryCache(args.queries) if args.queries else None
+            raise UserError(f"{m.path}: lines carry tags but no labels; give --synonyms (not found: {path})")
+        tags = load_synonyms(path)
+    vocab = build_vocab(entries, tags, 1)
+    cache = QueryCache(queries) if queries else None
     if cache is None and not any(e.queries is not None for e in entries):
-        raise UserError(f"{manifest.path}: no query boxes: pass --queries DIR from `predet data queries`")
+        raise UserError(f"{m.path}: no query boxes: pass --queries DIR from `predet data queries`")
     rank, world = env_rank()
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         write_json(out / "vocab.json", vocab.to_json())
-    counts = write_shards(entries, vocab.labels, out, cache=cache, shard_size=args.shard_size, rank=rank, world_size=world)
+    counts = write_shards(entries, vocab.labels, out, cache=cache, shard_size=shard_size, rank=rank, world_size=world)
     print(
         f"rank {rank}/{world}: {counts['written']} images in {counts['shards_written']} new shards "
         f"({counts['shards_skipped']} finished shards skipped"
@@ -177,4 +186,4 @@ def run(args: argparse.Namespace) -> int:
     for line in failed_path.read_text().splitlines()[:10]:
         rec = json.loads(line)
         print(f"  failed: {rec['image']}: {rec['reason']}")
-    return 0
+    return counts

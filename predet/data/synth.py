@@ -27,7 +27,6 @@ number of worker processes writes identical bytes; JSON is written with sorted k
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -51,7 +50,6 @@ __all__ = [
     "measure_tag_noise",
     "render_scene",
     "generate_world",
-    "run",
 ]
 
 # Preset: image side, image counts per split, and how many shapes/appearances make the classes.
@@ -511,26 +509,3 @@ def _run_jobs(
         if bar is not None:
             bar.close()
     return records
-
-
-def run(args: argparse.Namespace) -> int:
-    """``predet data synth``: generate the world, print one summary line."""
-    summary = generate_world(
-        args.out,
-        args.preset,
-        args.seed,
-        size=args.size,
-        drop=args.drop,
-        add=args.add,
-        workers=args.workers,
-        overwrite=args.overwrite,
-        progress=sys.stderr.isatty(),
-    )
-    c, m = summary["counts"], summary["measured"]
-    print(
-        f"wrote {summary['out']}: {len(summary['classes'])} classes, "
-        f"{c['pretrain']} pre-training images (tags: measured drop {m['drop']:.3f}, "
-        f"add {m['add']:.3f}), detection {c['det_train']} train / {c['det_val']} val, "
-        f"in {summary['seconds']:.1f} s"
-    )
-    return 0

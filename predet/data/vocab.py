@@ -11,7 +11,6 @@ is never one of the input files, and existing outputs are replaced only with ``-
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -28,7 +27,7 @@ from predet.errors import UserError
 
 __all__ = [
     "Vocab", "build_vocab", "normalize_tag", "load_synonyms", "tag_to_classes", "resolve_labels", "LabelResolver",
-    "ClassCounter", "file_key", "run",
+    "ClassCounter", "file_key", "write_vocab",
 ]  # fmt: skip
 
 
@@ -293,32 +292,37 @@ def _repeats(keys: np.ndarray, lines: np.ndarray) -> tuple[int, int, int]:
     return int(later.sum()), int(lines[order[first_rep]]), int(lines[order[start]])
 
 
-def run(args: argparse.Namespace) -> int:
-    """Two streamed passes over the manifest (classes, then the labelled manifest): memory grows
-    with the classes and 16 bytes per line, not with the lines' text."""
-    check_outputs(args.out, [args.manifest, args.synonyms], args.overwrite)
-    check_min_images(args.min_images)
-    path = Path(args.manifest)
+def write_vocab(
+    manifest: str | os.PathLike,
+    synonyms: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    min_images: int = 1,
+    overwrite: bool = False,
+) -> dict:
+    """``out/vocab.json`` (the classes with >= ``min_images`` images) and ``out/manifest.jsonl``
+    (the manifest's lines labelled with them) of a manifest and its synonyms JSON. Two streamed
+    passes over the manifest (classes, then the labelled manifest): memory grows with the classes
+    and 16 bytes per line, not with the lines' text.
+
+    Returns ``{"vocab": Vocab, "read", "kept", "no_class": lines, "repeats": lines naming an image
+    of an earlier line, "repeat_line", "repeat_first": the first of them and the line it repeats}``.
+    """
+    check_outputs(out, [manifest, synonyms], overwrite)
+    check_min_images(min_images)
+    path = Path(manifest)
     if not path.is_file():
         raise UserError(f"manifest not found: {path}")
-    synonyms = load_synonyms(args.synonyms)
-    vocab, n, (repeats, line, first) = _first_pass(path, synonyms, args.min_images)
+    tags = load_synonyms(synonyms)
+    vocab, n, (repeats, line, first) = _first_pass(path, tags, min_images)
     if not vocab.classes:
         raise UserError(
-            f"no class has >= {args.min_images} images (--min-images); "
+            f"no class has >= {min_images} images (--min-images); "
             f"{len(vocab.dropped)} classes were seen"
         )
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)  # check_outputs: not an existing file
     _write_text(out / "vocab.json", json.dumps(vocab.to_json(), indent=2) + "\n")  # as predet.utils.write_json
-    kept, no_class = write_labelled_manifest(_entries(path), LabelResolver(synonyms), vocab.classes, out)
-    top = ", ".join(f"{t} ({c})" for t, c in list(vocab.unknown_tags.items())[:8])
-    print(f"images: {n} read, {kept} kept, {no_class} with no class left")
-    if repeats:  # counted once per class; kept in the manifest as given (trained on as often)
-        print(f"repeated images: {repeats} lines name an image of an earlier line (first: line {line} "
-              f"repeats line {first}); each counts once towards --min-images")  # fmt: skip
-    print(f"classes: {len(vocab.classes)} kept, {len(vocab.dropped)} dropped (< {args.min_images} images)")
-    shown = "" if len(vocab.unknown_tags) <= 8 else " (the 8 most frequent)"
-    print(f"tags never seen in the synonyms: {len(vocab.unknown_tags)} distinct" + (f"{shown}: {top}" if top else ""))
-    print(f"wrote {out / 'vocab.json'} and {out / 'manifest.jsonl'}")
-    return 0
+    kept, no_class = write_labelled_manifest(_entries(path), LabelResolver(tags), vocab.classes, out)
+    return {"vocab": vocab, "read": n, "kept": kept, "no_class": no_class, "repeats": repeats,
+            "repeat_line": line, "repeat_first": first}  # fmt: skip

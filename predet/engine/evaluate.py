@@ -59,7 +59,6 @@ __all__ = [
     "evaluate_predictions",
     "evaluate_run",
     "predict",
-    "run",
     "subset_images",
 ]
 
@@ -377,12 +376,3 @@ def format_results(results: dict) -> str:
         vals = " ".join(f"{k} {'-' if v is None else f'{v:.1f}'}" for k, v in res.items())
         lines.append(f"{iou_type}: {vals}")
     return "\n".join(lines)
-
-
-def run(args) -> int:
-    if distributed.rank() != 0:
-        return 0
-    results = evaluate_run(args.run, args.data, args.images, ckpt=args.ckpt)
-    print(format_results(results))
-    print(f"wrote {Path(args.run) / 'results.json'} and predictions.json")
-    return 0

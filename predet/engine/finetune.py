@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from predet import distributed
-from predet.config import FinetuneConfig, load_config, save_config, to_dict
+from predet.config import FinetuneConfig, save_config, to_dict
 from predet.data.detection import DetectionDataset, collate_detection, load_gt, resolve_split
 from predet.data.stream import StepBatchSampler
 from predet.engine import trainer
@@ -63,7 +63,7 @@ from predet.modeling.detectors import build_detector, init_widths, load_init
 from predet.utils import absolute_path, seed_everything, write_json
 
 __all__ = ["finetune", "resolve_init_widths", "resolve_lr", "schedule", "StepBatchSampler",
-           "build_optimizer", "run"]  # fmt: skip
+           "build_optimizer", "default_run_folder"]  # fmt: skip
 
 COCO_TRAIN_IMAGES = 118_287
 COCO_1X_ITERS, COCO_1X_BATCH = 90_000, 16
@@ -330,23 +330,6 @@ def _on_device(loader: DataLoader, device: torch.device) -> Iterator[tuple[list,
         yield images, targets
 
 
-def _default_out(config: str, init: str) -> Path:
+def default_run_folder(config: str | Path, init: str | Path) -> Path:
+    """``runs/finetune-<config>-<init>``: the run folder of ``predet finetune`` without ``--out``."""
     return Path("runs") / f"finetune-{Path(config).stem}-{'scratch' if init == 'scratch' else Path(init).stem}"
-
-
-def run(args) -> int:
-    cfg = load_config(FinetuneConfig, args.config, args.overrides)
-    if args.init != "scratch" and Path(args.init).is_dir():
-        hint = (f": export it first, e.g. `predet export --run {args.init} --format torchvision --out "
-                f"{Path(args.init) / 'backbone.pth'}`") if (Path(args.init) / "checkpoints").is_dir() else ""
-        raise UserError(f"--init: {args.init} is a folder, not a backbone file{hint}")
-    if args.init != "scratch" and not Path(args.init).is_file():
-        raise UserError(f"--init: file not found: {args.init} (or pass 'scratch')")
-    out = Path(args.out) if args.out else _default_out(args.config, args.init)
-    try:
-        finetune(cfg, args.init, out, resume=args.resume, overwrite=args.overwrite)
-    finally:
-        distributed.cleanup()
-    if distributed.is_main():
-        print(f"run folder: {out}")
-    return 0

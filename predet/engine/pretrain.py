@@ -18,7 +18,6 @@ the data position, so ``--resume`` continues bit-for-bit where the run stopped.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from predet import distributed as dist_utils
-from predet.config import LOSS_SWITCHES, PretrainConfig, load_config, save_config, to_dict
+from predet.config import LOSS_SWITCHES, save_config, to_dict
 from predet.data.datasets import PretrainData, build_pretrain_data
 from predet.data.stream import BatchStream, StreamPosition, check_batch_fits
 from predet.engine.common import (
@@ -61,14 +60,7 @@ from predet.errors import UserError
 from predet.modeling.predet import build_predet, check_num_classes
 from predet.utils import absolute_path, seed_everything, write_json
 
-__all__ = ["run", "pretrain"]
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
-    out = Path(args.out) if args.out else Path("runs") / f"pretrain-{Path(args.config).stem}"
-    pretrain(cfg, out, resume=args.resume, overwrite=args.overwrite)
-    return 0
+__all__ = ["pretrain"]
 
 
 def pretrain(

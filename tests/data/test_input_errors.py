@@ -3,7 +3,6 @@ skipped and counted; query and data shards recomputed when their manifest entrie
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import tarfile
@@ -15,7 +14,6 @@ from PIL import Image
 
 from predet.cli import main
 from predet.config import PretrainConfig, load_config
-from predet.data import vocab as vocab_cli
 from predet.data.datasets import build_pretrain_data
 from predet.data.detection import (
     DetectionDataset,
@@ -33,6 +31,7 @@ from predet.data.queries import (
     write_query_file,
 )
 from predet.data.shards import write_shards
+from predet.data.vocab import write_vocab
 from predet.errors import UserError
 
 
@@ -226,10 +225,8 @@ def test_vocab_refuses_to_overwrite_its_input_or_earlier_outputs(tmp_path: Path,
     assert main([*args, "--out", str(out)]) == 2
     assert f"{out / 'vocab.json'} exists; pass --overwrite" in _one_line_error(capsys)
     # the output manifest as the next input, into the same folder: refused even with overwrite
-    ns = argparse.Namespace(manifest=str(out / "manifest.jsonl"), synonyms=str(syn), min_images=2, out=str(out),
-                            overwrite=True)  # fmt: skip
     with pytest.raises(UserError, match="would overwrite the input"):
-        vocab_cli.run(ns)
+        write_vocab(out / "manifest.jsonl", syn, out, min_images=2, overwrite=True)
     syn.write_text(json.dumps({"dog": [], "cat": [], "cow": []}))
     assert main([*args, "--out", str(out), "--overwrite"]) == 0  # --overwrite replaces the earlier outputs
     assert json.loads((out / "vocab.json").read_text())["classes"] == ["cat", "cow", "dog"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from predet.config import PretrainConfig, load_config
+from predet.data.stream import BatchStream, EpochBatchSampler, StreamPosition
 from predet.engine.common import (
     NonFiniteLossError,
     WarmupCosineSchedule,
@@ -21,7 +22,6 @@ from predet.engine.common import (
     set_rng_state,
     uniform_milestones,
 )
-from predet.data.stream import BatchStream, EpochBatchSampler, StreamPosition
 from predet.engine.pretrain import pretrain
 from predet.errors import UserError
 from predet.utils import load_checkpoint
