@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 
 from predet import distributed
 from predet.config import FinetuneConfig, save_config, to_dict
+from predet.config.finetune import SCHEDULE
 from predet.data.detection import DetectionDataset, collate_detection, load_gt, resolve_split
 from predet.data.stream import StepBatchSampler
 from predet.engine import trainer
@@ -75,13 +76,11 @@ COCO_1X_ITERS, COCO_1X_BATCH = 90_000, 16
 def schedule(cfg: FinetuneConfig, num_images: int, world_size: int = 1) -> tuple[int, list[int]]:
     """(total steps, lr-drop steps) for ``cfg.train`` on ``num_images`` training images."""
     t = cfg.train
-    global_batch = t.batch_size * world_size
+    global_batch = trainer.global_batch(t, world_size)  # accumulated micro-batches included
     if t.steps is not None:
         total = t.steps
     else:
-        m = re.fullmatch(r"(\d+(?:\.\d+)?)x", t.schedule)
-        if not m:
-            raise UserError(f"train.schedule='{t.schedule}': expected a multiple of 1x such as 1x, 2x, 9x")
+        m = re.fullmatch(SCHEDULE, t.schedule)  # load_config checked it
         per_x = t.iters_per_x or math.ceil(
             COCO_1X_ITERS * COCO_1X_BATCH / COCO_TRAIN_IMAGES * num_images / global_batch
         )  # same epochs as COCO's 1x
