@@ -339,7 +339,8 @@ class CRPNHead(nn.Module):
     def full_regression(self, features: list[Tensor], query_feats: Tensor) -> Tensor:
         """Deltas for every (query, anchor) pair, ``[B, Q, T, 4]`` (grouped conv with 4A groups).
 
-        Used for analysis and to check ``regression``; training uses the gathered form.
+        The reference the tests check ``regression`` and the proposal selection against; nothing
+        calls it at run time (training and ``propose`` use the gathered form).
         """
         B, Q = query_feats.shape[:2]
         A, D = self.num_anchors, self.embed_dim
